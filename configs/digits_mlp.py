@@ -1,0 +1,59 @@
+"""Seed MLP (64-64-10) on the UCI handwritten digits, the default experiment.
+
+Command:   python main.py --config=configs/digits_mlp.py
+Runtime:   ~30 s on 2 CPU cores (3,000 steps of batch 64, Adam).
+Expected:  final eval accuracy ~0.97 on the 360 held-out images (>= 0.95).
+
+Variants (after ':'):
+  smoke   20 steps, for tests and a quick check of a new install.
+  sgd     SGD with Nesterov momentum 0.9 instead of Adam; ~0.97 as well.
+"""
+
+import ml_collections
+
+VARIANTS = ('default', 'smoke', 'sgd')
+
+
+def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
+  variant = variant or 'default'
+  if variant not in VARIANTS:
+    raise ValueError(f'config variant {variant!r} is unknown in '
+                     f'configs/digits_mlp.py; valid: {", ".join(VARIANTS)}')
+  config = ml_collections.ConfigDict()
+  config.trainer = 'classifier'
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'digits'
+  config.data.pipeline = 'per_host'   # or 'global'
+  config.data.auto_shard = 'data'     # used by pipeline='global'
+
+  config.model = ml_collections.ConfigDict()
+  config.model.input_dim = 64
+  config.model.hidden_sizes = (64, 64)
+  config.model.num_classes = 10
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 3000
+  config.train.global_batch_size = 64
+  config.train.steps_per_loop = 100
+  config.train.clip_norm = 0.0        # global-norm clipping; 0 disables
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.global_batch_size = 256
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'adam'
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.momentum = 0.0
+  config.optimizer.nesterov = False
+
+  if variant == 'smoke':
+    config.train.steps = 20
+    config.train.steps_per_loop = 10
+  elif variant == 'sgd':
+    config.optimizer.name = 'sgd'
+    config.optimizer.learning_rate = 0.05
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = True
+  return config

@@ -1,0 +1,1 @@
+"""Input pipelines: shipped digits, synthetic data, shared pipeline finishing."""

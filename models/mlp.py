@@ -1,0 +1,14 @@
+"""A multi-layer perceptron: Dense(relu) x len(hidden) then Dense(num_classes)."""
+
+import tensorflow as tf
+
+
+def build_mlp(*, input_dim: int, hidden_sizes, num_classes: int,
+              name: str = 'mlp') -> tf.keras.Model:
+  """Returns a Keras model mapping float [B, input_dim] to logits [B, classes]."""
+  layers = [tf.keras.Input(shape=(input_dim,))]
+  for i, width in enumerate(hidden_sizes):
+    layers.append(tf.keras.layers.Dense(width, activation='relu',
+                                        name=f'dense_{i}'))
+  layers.append(tf.keras.layers.Dense(num_classes, name='logits'))
+  return tf.keras.Sequential(layers, name=name)

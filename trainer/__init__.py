@@ -1,0 +1,1 @@
+"""distloop: a distribution-correct custom training loop for TensorFlow 2."""

@@ -1,0 +1,124 @@
+"""--strategy / --tpu / --num_cpu_devices / TF_CONFIG -> tf.distribute.Strategy."""
+
+import json
+import os
+import threading
+
+from absl import logging
+import tensorflow as tf
+
+from trainer.errors import UserError
+
+STRATEGIES = ('default', 'one_device', 'mirrored', 'multi_worker_mirrored',
+              'tpu')
+
+
+def configure_cpu_devices(num_cpu_devices: int) -> None:
+  """Splits the host CPU into `num_cpu_devices` logical devices.
+
+  Must run before TensorFlow initialises its devices (before the first op or
+  strategy). With N logical CPUs, `mirrored` runs N replicas on any machine:
+  the standard way to test multi-replica code without accelerators.
+  """
+  if num_cpu_devices < 1:
+    raise UserError(f'flag --num_cpu_devices={num_cpu_devices} must be >= 1')
+  if num_cpu_devices == 1:
+    return
+  cpu = tf.config.list_physical_devices('CPU')[0]
+  try:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
+  except RuntimeError as e:
+    current = len(tf.config.list_logical_devices('CPU'))
+    if current != num_cpu_devices:
+      raise RuntimeError(
+          f'--num_cpu_devices={num_cpu_devices}: TensorFlow already initialised '
+          f'{current} CPU devices; split them before any TF op runs') from e
+
+
+def _local_devices():
+  """GPUs when there are any, otherwise every logical CPU."""
+  gpus = tf.config.list_logical_devices('GPU')
+  return [d.name for d in (gpus or tf.config.list_logical_devices('CPU'))]
+
+
+def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0):
+  """Returns the tf.distribute.Strategy for the --strategy flag.
+
+  Args:
+    name: one of STRATEGIES.
+    tpu: --tpu: a TPU name, grpc://HOST:PORT, or 'local' on a TPU VM. Only
+      valid with name='tpu'.
+    tpu_timeout: seconds to wait for the TPU connection and initialisation.
+  Raises:
+    UserError: unknown name, --tpu without --strategy=tpu or the reverse, bad
+      TF_CONFIG, or a TPU that cannot be reached.
+  """
+  if name not in STRATEGIES:
+    raise UserError(f'flag --strategy={name!r} is unknown; valid: '
+                    f'{", ".join(STRATEGIES)}')
+  if tpu and name != 'tpu':
+    raise UserError(f'flag --tpu={tpu!r} needs --strategy=tpu (got '
+                    f'--strategy={name}); drop --tpu or pass --strategy=tpu')
+  if name == 'default':
+    return tf.distribute.get_strategy()
+  if name == 'one_device':
+    return tf.distribute.OneDeviceStrategy(_local_devices()[0])
+  if name == 'mirrored':
+    return tf.distribute.MirroredStrategy(_local_devices())
+  if name == 'multi_worker_mirrored':
+    _check_tf_config()
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if not tpu:
+    raise UserError('flag --strategy=tpu needs --tpu=NAME, '
+                    '--tpu=grpc://HOST:PORT or --tpu=local (on a TPU VM)')
+  return _tpu_strategy(tpu, tpu_timeout)
+
+
+def _check_tf_config():
+  raw = os.environ.get('TF_CONFIG', '')
+  if not raw:
+    raise UserError('--strategy=multi_worker_mirrored needs the TF_CONFIG '
+                    'environment variable ({"cluster": {"worker": [...]}, '
+                    '"task": {"type": "worker", "index": i}})')
+  try:
+    json.loads(raw)
+  except json.JSONDecodeError as e:
+    raise UserError(f'TF_CONFIG is not valid JSON ({e}); value: {raw!r}') from e
+
+
+def _tpu_strategy(tpu: str, timeout: float):
+  """Connects to and initialises a TPU system, giving up after `timeout` s.
+
+  TPUClusterResolver fails at once off Google Cloud for a TPU name, and
+  initialize_tpu_system hangs forever when nothing listens at a grpc address,
+  so both run in a daemon thread that we stop waiting for.
+  """
+  result = {}
+
+  def connect():
+    try:
+      resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+          tpu='' if tpu == 'local' else tpu)
+      if tpu != 'local':
+        tf.config.experimental_connect_to_cluster(resolver)
+      tf.tpu.experimental.initialize_tpu_system(resolver)
+      result['strategy'] = tf.distribute.TPUStrategy(resolver)
+    except Exception as e:  # pylint: disable=broad-except
+      result['error'] = e
+
+  thread = threading.Thread(target=connect, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  if thread.is_alive():
+    raise UserError(f'flag --tpu={tpu}: no TPU answered within {timeout:g}s '
+                    '(--tpu_timeout); check the TPU name/address and that it '
+                    'is reachable from this host')
+  if 'error' in result:
+    first_line = str(result['error']).strip().splitlines()[0][:200] \
+        if str(result['error']).strip() else type(result['error']).__name__
+    raise UserError(f'flag --tpu={tpu}: could not connect to the TPU '
+                    f'({type(result["error"]).__name__}: {first_line}); check '
+                    'the TPU name/address, or use --tpu=local on a TPU VM')
+  logging.info('Connected to TPU %s', tpu)
+  return result['strategy']
