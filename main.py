@@ -13,16 +13,24 @@ A bad flag or config value exits with status 2 and a one-line error.
 import os
 import sys
 
+# Hide TensorFlow's C++ INFO banner lines; warnings and errors still show.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from trainer import cli
+from trainer import experiment
 from trainer import strategies
+from trainer.controller import format_metrics
 from trainer.errors import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, 'configs', 'digits_mlp.py')
 
+cli.use_default_config(sys.argv, DEFAULT_CONFIG)
 config_flags.DEFINE_config_file(
     'config', DEFAULT_CONFIG,
     'Experiment config: configs/FILE.py[:VARIANT]; override keys with '
@@ -42,52 +50,23 @@ flags.DEFINE_bool('print_config', False, 'Print the resolved config and exit.')
 FLAGS = flags.FLAGS
 
 
-def fail(message: str):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(UserError.EXIT_CODE)
-
-
-def parse_flags(argv):
-  """absl flag parsing, with every mistake reported in one line."""
-  try:
-    rest = FLAGS(argv)
-    FLAGS.config  # pylint: disable=pointless-statement  (loads the file now)
-  except (flags.Error, IOError, ValueError, TypeError, KeyError,
-          AttributeError) as e:
-    fail(one_line(e))
-  if len(rest) > 1:
-    fail(f'unexpected argument(s) {rest[1:]}; flags take the form --name=value')
-  return rest
-
-
-def one_line(error: Exception) -> str:
-  """The informative last line of a (possibly multi-line) error message."""
-  lines = [l.strip() for l in str(error).strip().splitlines() if l.strip()]
-  return lines[-1] if lines else type(error).__name__
-
-
 def main(argv):
   del argv
   config = FLAGS.config
   if FLAGS.print_config:
     print(config)
     return
-  # Imported here: TensorFlow starts only once flags are known to be valid.
-  from trainer import experiment  # pylint: disable=import-outside-toplevel
-  from trainer.controller import format_metrics  # pylint: disable=import-outside-toplevel
+  model_dir = FLAGS.model_dir or experiment.default_model_dir(
+      config_flags.get_config_filename(FLAGS['config']))
   try:
     strategies.configure_cpu_devices(FLAGS.num_cpu_devices)
     metrics = experiment.run(
-        config,
-        model_dir=FLAGS.model_dir or experiment.default_model_dir(
-            FLAGS['config'].config_filename if hasattr(
-                FLAGS['config'], 'config_filename') else 'config'),
-        strategy_name=FLAGS.strategy, tpu=FLAGS.tpu,
+        config, model_dir=model_dir, strategy_name=FLAGS.strategy, tpu=FLAGS.tpu,
         tpu_timeout=FLAGS.tpu_timeout, deterministic=FLAGS.deterministic)
   except UserError as e:
-    fail(str(e))
+    cli.fail(str(e))
   print(f'final eval: {format_metrics(metrics)}')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
