@@ -76,7 +76,7 @@ def compare(trainer_cls, config, *, num_replicas: int, steps: int,
   weights_1, metrics_1 = run_weights(one, steps)
   many = trainer_cls(
       config=config,
-      strategy=tf.distribute.MirroredStrategy(devices[:num_replicas]))
+      strategy=strategies.mirrored_strategy(devices[:num_replicas]))
   weights_n, metrics_n = run_weights(many, steps, initial)
 
   report, ok = [], True

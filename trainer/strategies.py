@@ -1,5 +1,6 @@
 """--strategy / --tpu / --num_cpu_devices / TF_CONFIG -> tf.distribute.Strategy."""
 
+import itertools
 import json
 import os
 import threading
@@ -9,6 +10,7 @@ import tensorflow as tf
 
 from trainer.errors import UserError
 
+_MIRRORED_KEY_BASES = itertools.count(0, 100_000)
 STRATEGIES = ('default', 'one_device', 'mirrored', 'multi_worker_mirrored',
               'tpu')
 
@@ -42,6 +44,20 @@ def _local_devices():
   return [d.name for d in (gpus or tf.config.list_logical_devices('CPU'))]
 
 
+def mirrored_strategy(devices) -> tf.distribute.MirroredStrategy:
+  """MirroredStrategy over `devices` that can coexist with others in a process.
+
+  On CPUs MirroredStrategy all-reduces with collective ops whose group keys
+  start at 1 in every instance; a second instance over a different device set
+  then joins the first one's group and aborts ("joining a group with size 4,
+  but that group has size 2"). Each instance made here gets its own key range
+  (TF's own tests do the same through `_collective_key_base`).
+  """
+  tf.distribute.MirroredStrategy._collective_key_base = next(  # pylint: disable=protected-access
+      _MIRRORED_KEY_BASES)
+  return tf.distribute.MirroredStrategy(devices)
+
+
 def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0):
   """Returns the tf.distribute.Strategy for the --strategy flag.
 
@@ -65,7 +81,7 @@ def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0):
   if name == 'one_device':
     return tf.distribute.OneDeviceStrategy(_local_devices()[0])
   if name == 'mirrored':
-    return tf.distribute.MirroredStrategy(_local_devices())
+    return mirrored_strategy(_local_devices())
   if name == 'multi_worker_mirrored':
     _check_tf_config()
     return tf.distribute.MultiWorkerMirroredStrategy()

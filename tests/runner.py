@@ -1,0 +1,51 @@
+"""Running main.py in a subprocess and reading what it leaves on disk."""
+
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(REPO, 'main.py')
+
+
+def main_command(*args):
+  return [sys.executable, MAIN, *args]
+
+
+def run_main(*args, timeout=300, cwd=None):
+  """Runs `python main.py ARGS`; returns the CompletedProcess (text)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run(main_command(*args), capture_output=True, text=True,
+                        timeout=timeout, cwd=cwd or REPO, env=env, check=False)
+
+
+def start_main(*args, cwd=None):
+  """Starts `python main.py ARGS` without waiting (for parallel runs)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.Popen(main_command(*args), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=cwd or REPO,
+                          env=env)
+
+
+def final_eval(stdout: str) -> dict[str, float]:
+  """Parses the last line, 'final eval: k=v k=v', into a dict."""
+  last = stdout.strip().splitlines()[-1]
+  assert last.startswith('final eval: '), last
+  return {k: float(v) for k, v in
+          (pair.split('=') for pair in last[len('final eval: '):].split())}
+
+
+def checkpoint_values(model_dir: str, prefix: str = 'model/') -> dict:
+  """{checkpoint key: numpy value} of the latest checkpoint in model_dir."""
+  path = tf.train.latest_checkpoint(model_dir)
+  assert path, f'no checkpoint in {model_dir}: {os.listdir(model_dir)}'
+  reader = tf.train.load_checkpoint(path)
+  return {key: reader.get_tensor(key)
+          for key in reader.get_variable_to_shape_map()
+          if key.startswith(prefix) and 'OPTIMIZER_SLOT' not in key}
+
+
+def error_lines(stderr: str) -> list[str]:
+  return [l for l in stderr.splitlines() if l.startswith('error: ')]

@@ -1,0 +1,230 @@
+"""Trainer: same weights and metrics on 1, 2 and 4 replicas; contract checks."""
+
+import logging as std_logging
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models.classifier import ClassifierTrainer
+from trainer import optimization
+from trainer import strategies
+from trainer.errors import UserError
+
+CPUS = [d.name for d in tf.config.list_logical_devices('CPU')]
+STEPS = 24
+
+
+def make_config(optimizer='sgd', data='synthetic', pipeline='per_host',
+                batch=32, clip_norm=0.0):
+  config = ml_collections.ConfigDict()
+  config.trainer = 'classifier'
+  config.seed = 3
+  config.data = dict(name=data, pipeline=pipeline, auto_shard='data')
+  input_dim = 64 if data == 'digits' else 100
+  config.model = dict(input_dim=input_dim, hidden_sizes=(16, 16),
+                      num_classes=10)
+  config.train = dict(steps=STEPS, global_batch_size=batch, steps_per_loop=8,
+                      clip_norm=clip_norm)
+  config.eval = dict(global_batch_size=96)
+  if optimizer == 'sgd':
+    config.optimizer = dict(name='sgd', learning_rate=0.1, momentum=0.9,
+                            nesterov=False)
+  else:
+    config.optimizer = dict(name='adam', learning_rate=0.01)
+  return config
+
+
+def strategy_for(num_replicas):
+  if num_replicas == 1:
+    return tf.distribute.OneDeviceStrategy(CPUS[0])
+  return strategies.mirrored_strategy(CPUS[:num_replicas])
+
+
+def train(config, num_replicas, initial=None, trainer_cls=ClassifierTrainer,
+          loops=(8, 8, 8)):
+  """Returns (trainer, per-loop metrics) after sum(loops) steps."""
+  tf.keras.utils.set_random_seed(config.seed)
+  trainer = trainer_cls(config=config, strategy=strategy_for(num_replicas))
+  if initial is not None:
+    trainer.model.set_weights(initial)
+  iterator = iter(trainer.distribute_dataset(
+      'train', batch_size=trainer.global_batch_size))
+  metrics = [trainer.train(iterator, n) for n in loops]
+  return trainer, metrics
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam'])
+@pytest.mark.parametrize('pipeline', ['per_host', 'global'])
+def test_weights_match_across_replica_counts(optimizer, pipeline):
+  config = make_config(optimizer, pipeline=pipeline)
+  reference, _ = train(config, 1)
+  initial_check = reference.model.get_weights()
+  assert reference.global_step.numpy() == STEPS
+  for n in (2, 4):
+    tf.keras.utils.set_random_seed(config.seed)
+    fresh = ClassifierTrainer(config=config, strategy=strategy_for(1))
+    trainer, _ = train(config, n, initial=fresh.model.get_weights())
+    assert trainer.global_step.numpy() == STEPS
+    for a, b in zip(initial_check, trainer.model.get_weights()):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_training_moves_the_weights():
+  # Guards the equality test above against a step that updates nothing.
+  config = make_config('sgd')
+  tf.keras.utils.set_random_seed(config.seed)
+  before = ClassifierTrainer(config=config,
+                             strategy=strategy_for(1)).model.get_weights()
+  trainer, metrics = train(config, 2, initial=before)
+  changed = [not np.allclose(a, b) for a, b in
+             zip(before, trainer.model.get_weights())]
+  assert all(changed)
+  assert metrics[-1]['loss'] < metrics[0]['loss']
+
+
+class DoubleSumTrainer(ClassifierTrainer):
+  """Leaves Keras' own aggregation on after the explicit all-reduce."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    cls = type(self.optimizer)
+    self.optimizer._all_reduce_sum_gradients = (  # pylint: disable=protected-access
+        lambda gv: cls._all_reduce_sum_gradients(self.optimizer, gv))
+
+
+def test_gradients_summed_twice_change_the_weights():
+  # The mistake the equality test exists to catch (DESIGN.md fact 1) really
+  # changes the result, so the equality above is not vacuous.
+  config = make_config('sgd')
+  single, _ = train(config, 1, trainer_cls=DoubleSumTrainer)
+  tf.keras.utils.set_random_seed(config.seed)
+  initial = ClassifierTrainer(config=config,
+                              strategy=strategy_for(1)).model.get_weights()
+  double, _ = train(config, 2, initial=initial, trainer_cls=DoubleSumTrainer)
+  assert not all(np.allclose(a, b, rtol=1e-3) for a, b in
+                 zip(single.model.get_weights(), double.model.get_weights()))
+
+
+def test_optimizer_applies_the_given_gradient_once():
+  # Two replicas with different gradients: SGD lr 1 from ones must give
+  # ones - (g0 + g1), the sum taken once by the Trainer's all-reduce.
+  strategy = strategy_for(2)
+  config = ml_collections.ConfigDict(dict(name='sgd', learning_rate=1.0,
+                                          momentum=0.0, nesterov=False))
+  with strategy.scope():
+    var = tf.Variable(tf.ones([4]))
+    optimizer = optimization.build_optimizer(config)
+    optimizer.build([var])
+
+  @tf.function
+  def step():
+    def replica_fn():
+      ctx = tf.distribute.get_replica_context()
+      grad = tf.one_hot(ctx.replica_id_in_sync_group, 4)
+      grad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grad)
+      optimizer.apply_gradients([(grad, var)])
+    strategy.run(replica_fn)
+
+  step()
+  np.testing.assert_array_equal(var.numpy(), [0, 0, 1, 1])
+
+
+def test_metrics_identical_across_replica_counts():
+  config = make_config('adam')
+  tf.keras.utils.set_random_seed(config.seed)
+  initial = ClassifierTrainer(config=config,
+                              strategy=strategy_for(1)).model.get_weights()
+  results = {n: train(config, n, initial=initial)[1] for n in (1, 2, 4)}
+  for n in (2, 4):
+    for loop_1, loop_n in zip(results[1], results[n]):
+      assert loop_n['examples'] == loop_1['examples'] == 8 * 32
+      for key in ('loss', 'accuracy'):
+        assert loop_n[key] == pytest.approx(loop_1[key], rel=1e-5)
+
+
+def test_eval_counts_each_example_once_on_3_replicas():
+  # 360 test images in global batches of 96: the last batch is partial (72)
+  # and is split unevenly across 3 replicas.
+  config = make_config('sgd', data='digits', batch=96)
+  tf.keras.utils.set_random_seed(config.seed)
+  one = ClassifierTrainer(config=config, strategy=strategy_for(1))
+  three = ClassifierTrainer(config=config,
+                            strategy=strategies.mirrored_strategy(CPUS[:3]))
+  three.model.set_weights(one.model.get_weights())
+  from input import digits  # pylint: disable=import-outside-toplevel
+  features, labels = digits.load('test')
+  logits = one.model(features, training=False)
+  loss = tf.keras.losses.sparse_categorical_crossentropy(
+      labels, logits, from_logits=True).numpy().mean()
+  accuracy = (np.argmax(logits, -1) == labels).mean()
+  for trainer in (one, three):
+    metrics = trainer.evaluate('test')
+    assert metrics['examples'] == 360
+    assert metrics['loss'] == pytest.approx(loss, rel=1e-5)
+    assert metrics['accuracy'] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_clipping_after_all_reduce_matches_across_replicas():
+  config = make_config('sgd', clip_norm=0.05)
+  tf.keras.utils.set_random_seed(config.seed)
+  initial = ClassifierTrainer(config=config,
+                              strategy=strategy_for(1)).model.get_weights()
+  one, _ = train(config, 1, initial=initial)
+  four, _ = train(config, 4, initial=initial)
+  unclipped, _ = train(make_config('sgd'), 1, initial=initial)
+  for a, b in zip(one.model.get_weights(), four.model.get_weights()):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  assert not all(np.allclose(a, b) for a, b in
+                 zip(one.model.get_weights(), unclipped.model.get_weights()))
+
+
+class ScalarLossTrainer(ClassifierTrainer):
+
+  def compute_loss(self, batch, outputs):
+    return tf.reduce_mean(super().compute_loss(batch, outputs))
+
+
+def test_scalar_loss_is_rejected():
+  with pytest.raises(ValueError, match='per-example loss'):
+    train(make_config(), 1, trainer_cls=ScalarLossTrainer, loops=(1,))
+
+
+class UndeclaredMetricTrainer(ClassifierTrainer):
+  metric_names = ()
+
+
+def test_undeclared_metric_is_rejected():
+  with pytest.raises(ValueError, match='metric_names'):
+    train(make_config(), 1, trainer_cls=UndeclaredMetricTrainer, loops=(1,))
+
+
+def test_no_retrace_after_warmup(caplog):
+  config = make_config('adam')
+  trainer, _ = train(config, 2, loops=(8, 8, 3, 5))
+  trainer.evaluate('test')
+  trainer.evaluate('test')
+  assert dict(trainer.trace_counts) == {'train_loop': 1, 'eval_loop': 1}
+  assert 'retraced' not in caplog.text
+
+
+def test_retrace_after_warmup_is_logged(caplog):
+  trainer, _ = train(make_config(), 1, loops=(2,))
+  iterator = iter(trainer.distribute_dataset('train', batch_size=32))
+  with caplog.at_level(std_logging.WARNING):
+    trainer._train_loop(iterator, tf.constant(2, tf.int64))  # pylint: disable=protected-access
+  assert trainer.trace_counts['train_loop'] == 2
+  assert "'train_loop' retraced" in caplog.text
+
+
+def test_batch_not_divisible_by_replicas_is_an_error():
+  with pytest.raises(UserError, match=r'train.global_batch_size=30 must be a '
+                     r'positive multiple of the 4 replicas.*=32'):
+    ClassifierTrainer(config=make_config(batch=30), strategy=strategy_for(4))
+
+
+def test_unknown_pipeline_is_an_error():
+  with pytest.raises(UserError, match="data.pipeline='files'.*per_host"):
+    ClassifierTrainer(config=make_config(pipeline='files'),
+                      strategy=strategy_for(1))
