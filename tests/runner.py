@@ -1,10 +1,13 @@
 """Running main.py in a subprocess and reading what it leaves on disk."""
 
+import json
 import os
 import subprocess
 import sys
 
 import tensorflow as tf
+
+from models import mlp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, 'main.py')
@@ -37,14 +40,28 @@ def final_eval(stdout: str) -> dict[str, float]:
           (pair.split('=') for pair in last[len('final eval: '):].split())}
 
 
-def checkpoint_values(model_dir: str, prefix: str = 'model/') -> dict:
-  """{checkpoint key: numpy value} of the latest checkpoint in model_dir."""
+def checkpoint_values(model_dir: str) -> dict:
+  """{checkpoint key: numpy value} of every tensor in the latest checkpoint."""
   path = tf.train.latest_checkpoint(model_dir)
   assert path, f'no checkpoint in {model_dir}: {os.listdir(model_dir)}'
   reader = tf.train.load_checkpoint(path)
   return {key: reader.get_tensor(key)
           for key in reader.get_variable_to_shape_map()
-          if key.startswith(prefix) and 'OPTIMIZER_SLOT' not in key}
+          if key != '_CHECKPOINTABLE_OBJECT_GRAPH'}
+
+
+def restored_model_weights(model_dir: str) -> list:
+  """Weights of an MLP rebuilt from model_dir/config.json and restored from
+  the latest checkpoint's `model` key, as a user would load them."""
+  with open(os.path.join(model_dir, 'config.json')) as f:
+    config = json.load(f)['model']
+  model = mlp.build_mlp(input_dim=config['input_dim'],
+                        hidden_sizes=config['hidden_sizes'],
+                        num_classes=config['num_classes'])
+  status = tf.train.Checkpoint(model=model).read(
+      tf.train.latest_checkpoint(model_dir))
+  status.expect_partial().assert_existing_objects_matched()
+  return model.get_weights()
 
 
 def error_lines(stderr: str) -> list[str]:

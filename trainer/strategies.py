@@ -3,7 +3,7 @@
 import itertools
 import json
 import os
-import threading
+import socket
 
 from absl import logging
 import tensorflow as tf
@@ -104,37 +104,41 @@ def _check_tf_config():
 
 
 def _tpu_strategy(tpu: str, timeout: float):
-  """Connects to and initialises a TPU system, giving up after `timeout` s.
+  """Connects to and initialises a TPU system.
 
   TPUClusterResolver fails at once off Google Cloud for a TPU name, and
-  initialize_tpu_system hangs forever when nothing listens at a grpc address,
-  so both run in a daemon thread that we stop waiting for.
+  initialize_tpu_system waits forever when nothing listens at a grpc address
+  (TensorFlow holds the GIL meanwhile, so no Python thread or signal handler
+  can interrupt it). A grpc address is therefore probed with a plain TCP
+  connection, under `timeout`, before TensorFlow is asked to connect.
   """
-  result = {}
-
-  def connect():
-    try:
-      resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-          tpu='' if tpu == 'local' else tpu)
-      if tpu != 'local':
-        tf.config.experimental_connect_to_cluster(resolver)
-      tf.tpu.experimental.initialize_tpu_system(resolver)
-      result['strategy'] = tf.distribute.TPUStrategy(resolver)
-    except Exception as e:  # pylint: disable=broad-except
-      result['error'] = e
-
-  thread = threading.Thread(target=connect, daemon=True)
-  thread.start()
-  thread.join(timeout)
-  if thread.is_alive():
-    raise UserError(f'flag --tpu={tpu}: no TPU answered within {timeout:g}s '
-                    '(--tpu_timeout); check the TPU name/address and that it '
-                    'is reachable from this host')
-  if 'error' in result:
-    first_line = str(result['error']).strip().splitlines()[0][:200] \
-        if str(result['error']).strip() else type(result['error']).__name__
+  if tpu.startswith('grpc://'):
+    _probe(tpu, timeout)
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu='' if tpu == 'local' else tpu)
+    if tpu != 'local':
+      tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    strategy = tf.distribute.TPUStrategy(resolver)
+  except Exception as e:  # pylint: disable=broad-except
+    lines = str(e).strip().splitlines()
     raise UserError(f'flag --tpu={tpu}: could not connect to the TPU '
-                    f'({type(result["error"]).__name__}: {first_line}); check '
-                    'the TPU name/address, or use --tpu=local on a TPU VM')
+                    f'({type(e).__name__}: {lines[0][:200] if lines else ""});'
+                    ' check the TPU name/address, or use --tpu=local on a TPU '
+                    'VM') from e
   logging.info('Connected to TPU %s', tpu)
-  return result['strategy']
+  return strategy
+
+
+def _probe(tpu: str, timeout: float) -> None:
+  host, _, port = tpu[len('grpc://'):].rpartition(':')
+  if not host or not port.isdigit():
+    raise UserError(f'flag --tpu={tpu} is not of the form grpc://HOST:PORT')
+  try:
+    socket.create_connection((host, int(port)), timeout=timeout).close()
+  except OSError as e:
+    raise UserError(f'flag --tpu={tpu}: nothing answered at {host}:{port} '
+                    f'within {timeout:g}s (--tpu_timeout) ({e}); check the '
+                    'address and that the TPU is reachable from this host'
+                    ) from e

@@ -1,0 +1,324 @@
+"""Training throughput: the Trainer against a hand-written loop and Keras fit.
+
+  python bench/throughput.py            # full run, ~2 min on 2 CPU cores
+  python bench/throughput.py --quick    # smoke check, ~30 s
+
+Measures examples/sec of the seed MLP (100 features, Dense 64 relu, Dense 64
+relu, Dense 10 logits; Adam lr 1e-3; sparse softmax cross-entropy; global batch
+64; in-memory data from input/synthetic.py), 100 steps per tf.function call,
+trained three ways:
+
+  trainer    ClassifierTrainer: `trainer.train(iterator, 100)`.
+  bare       the loop of the TF "custom training with tf.distribute" tutorial:
+             `for _ in tf.range(n): strategy.run(step, ...)`, GradientTape,
+             `tf.nn.compute_average_loss`, a plain Keras Adam (Keras' own
+             gradient aggregation), Keras Mean and SparseCategoricalAccuracy
+             metrics read and reset once per call.
+  keras_fit  `compile(..., steps_per_execution=100)`, `fit(steps_per_epoch=100)`.
+
+each under the default strategy and under MirroredStrategy on 2 logical CPUs
+(where keras_fit fails with Keras 3.15.1, keras#19246, and shows n/a).
+Logical CPUs must be split before TensorFlow initialises, so the parent runs
+each strategy in a child process (`--strategy=default`, `--strategy=mirrored
+--num_cpu_devices=2`) that prints one JSON line; the parent prints the table.
+
+Method: every method is warmed up with one call (tracing, not timed) and
+calibrated so that one timed segment lasts ~--seconds_per_round. Each of
+--rounds rounds then times one segment of every method in turn, rotating the
+order, so machine noise hits all methods alike. A method's throughput is the
+median of its per-round examples/sec; ratio a/b is median(a) / median(b) within
+one strategy ("per round" shows the min-max of trainer/bare within a round).
+All three start from the same weights and data, so their mean loss over the
+first 100 steps must agree: a check that they do the same work.
+
+Target: trainer >= 0.95 x bare, under each strategy.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+# pylint: disable=wrong-import-position
+from absl import app
+from absl import flags
+import ml_collections
+import tensorflow as tf
+
+from configs import digits_mlp
+from input import synthetic
+from models import classifier
+from models import mlp
+from trainer import strategies
+
+flags.DEFINE_enum('strategy', None, ['default', 'mirrored'],
+                  'Child mode: measure under this strategy and print one JSON '
+                  'line. Unset: parent mode, runs every strategy.')
+flags.DEFINE_integer('num_cpu_devices', 1, 'Child mode: logical CPU devices.')
+flags.DEFINE_bool('quick', False, 'Smoke check: 2 short rounds (~30 s).')
+flags.DEFINE_integer('rounds', 7, 'Timed rounds (ignored with --quick).')
+flags.DEFINE_float('seconds_per_round', 2.0, 'Seconds each method is timed '
+                   'per round, roughly (ignored with --quick).')
+FLAGS = flags.FLAGS
+
+METHODS = ('trainer', 'bare', 'keras_fit')
+CHILDREN = (('default', 1), ('mirrored', 2))
+RESULT_TAG = 'THROUGHPUT_RESULT '
+TARGET = 0.95
+QUICK_ROUNDS, QUICK_SECONDS = 2, 0.5
+
+GLOBAL_BATCH = 64
+STEPS_PER_LOOP = 100
+INPUT_DIM, HIDDEN_SIZES, NUM_CLASSES = 100, (64, 64), 10
+LEARNING_RATE = 1e-3
+SEED = 0
+
+
+def bench_config() -> ml_collections.ConfigDict:
+  """configs/digits_mlp.py with the benchmark's data, model and optimizer."""
+  config = digits_mlp.get_config()
+  config.seed = SEED
+  config.data.name = 'synthetic'
+  config.model.update(input_dim=INPUT_DIM, hidden_sizes=HIDDEN_SIZES,
+                      num_classes=NUM_CLASSES)
+  config.train.update(global_batch_size=GLOBAL_BATCH,
+                      steps_per_loop=STEPS_PER_LOOP, clip_norm=0.0)
+  config.optimizer.update(name='adam', learning_rate=LEARNING_RATE)
+  return config
+
+
+def train_dataset(input_context, batch_size):
+  """The synthetic training data, exactly as ClassifierTrainer reads it."""
+  return synthetic.dataset('train', input_context=input_context,
+                           batch_size=batch_size, training=True, seed=SEED)
+
+
+def build_model():
+  tf.keras.utils.set_random_seed(SEED)  # Same initial weights for all methods.
+  return mlp.build_mlp(input_dim=INPUT_DIM, hidden_sizes=HIDDEN_SIZES,
+                       num_classes=NUM_CLASSES)
+
+
+# Each method builder returns `run(num_calls) -> mean loss of the last call`,
+# where one call is STEPS_PER_LOOP optimizer steps.
+
+
+def trainer_method(strategy):
+  tf.keras.utils.set_random_seed(SEED)
+  trainer = classifier.ClassifierTrainer(config=bench_config(),
+                                         strategy=strategy)
+  iterator = iter(trainer.distribute_dataset('train',
+                                             batch_size=GLOBAL_BATCH))
+
+  def run(num_calls):
+    for _ in range(num_calls):
+      metrics = trainer.train(iterator, STEPS_PER_LOOP)
+    return metrics['loss']
+  return run
+
+
+def bare_method(strategy):
+  """The tutorial's custom loop, as an engineer would write it by hand."""
+  with strategy.scope():
+    model = build_model()
+    optimizer = tf.keras.optimizers.Adam(learning_rate=LEARNING_RATE)
+    # Needed under MirroredStrategy: slots created lazily inside the traced
+    # step fail with "must feed a value for placeholder" (keras#23085).
+    optimizer.build(model.trainable_variables)
+    train_loss = tf.keras.metrics.Mean(name='train_loss')
+    train_accuracy = tf.keras.metrics.SparseCategoricalAccuracy(
+        name='train_accuracy')
+  loss_object = tf.keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True, reduction=None)
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: train_dataset(ctx, ctx.get_per_replica_batch_size(
+          GLOBAL_BATCH)))
+  iterator = iter(dataset)
+
+  def step(batch):
+    features, labels = batch
+    with tf.GradientTape() as tape:
+      logits = model(features, training=True)
+      per_example_loss = loss_object(labels, logits)
+      loss = tf.nn.compute_average_loss(per_example_loss,
+                                        global_batch_size=GLOBAL_BATCH)
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    train_loss.update_state(per_example_loss)
+    train_accuracy.update_state(labels, logits)
+
+  @tf.function
+  def train_loop(iterator, num_steps):
+    for _ in tf.range(num_steps):
+      strategy.run(step, args=(next(iterator),))
+
+  def run(num_calls):
+    for _ in range(num_calls):
+      train_loop(iterator, tf.constant(STEPS_PER_LOOP))
+      loss = float(train_loss.result())
+      _ = float(train_accuracy.result())
+      train_loss.reset_state()
+      train_accuracy.reset_state()
+    return loss
+  return run
+
+
+def keras_fit_method(strategy):
+  with strategy.scope():
+    model = build_model()
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(learning_rate=LEARNING_RATE),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=['accuracy'], steps_per_execution=STEPS_PER_LOOP)
+  dataset = train_dataset(tf.distribute.InputContext(), GLOBAL_BATCH)
+
+  def run(num_calls):  # One fit per segment, one epoch (100 steps) per call.
+    history = model.fit(dataset, epochs=num_calls,
+                        steps_per_epoch=STEPS_PER_LOOP, verbose=0)
+    return history.history['loss'][-1]
+  return run
+
+
+BUILDERS = {'trainer': trainer_method, 'bare': bare_method,
+            'keras_fit': keras_fit_method}
+
+
+def measure(strategy, rounds: int, seconds_per_round: float) -> dict:
+  """Warms up, calibrates and times every method; returns the JSON result.
+
+  A method whose warm-up call fails (e.g. Keras fit with steps_per_execution
+  under MirroredStrategy, keras#19246) is reported in 'failed', not timed.
+  """
+  runs, calls, first_loss, failed = {}, {}, {}, {}
+  for name in METHODS:
+    run = BUILDERS[name](strategy)
+    try:
+      first_loss[name] = float(run(1))  # Traces; not timed.
+    except tf.errors.OpError as e:
+      failed[name] = _first_error_line(e)
+      continue
+    start = time.perf_counter()
+    run(2)
+    per_call = (time.perf_counter() - start) / 2
+    runs[name] = run
+    calls[name] = max(1, round(seconds_per_round / per_call))
+
+  names = list(runs)
+  rates = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      start = time.perf_counter()
+      runs[name](calls[name])
+      elapsed = time.perf_counter() - start
+      rates[name].append(calls[name] * STEPS_PER_LOOP * GLOBAL_BATCH / elapsed)
+
+  return {
+      'strategy': FLAGS.strategy,
+      'replicas': strategy.num_replicas_in_sync,
+      'calls_per_round': calls,
+      'first_loss': first_loss,  # Mean loss of steps 1-100: should agree.
+      'rates': rates,
+      'median': {name: statistics.median(rates[name]) for name in names},
+      'failed': failed,
+  }
+
+
+def _first_error_line(error: tf.errors.OpError) -> str:
+  lines = [line.strip() for line in error.message.splitlines() if line.strip()]
+  root = [line for line in lines if line.startswith('(0)')]
+  return f'{type(error).__name__}: {(root or lines or [""])[0][:200]}'
+
+
+def run_child():
+  strategies.configure_cpu_devices(FLAGS.num_cpu_devices)
+  strategy = strategies.build_strategy(FLAGS.strategy)
+  rounds, seconds = ((QUICK_ROUNDS, QUICK_SECONDS) if FLAGS.quick else
+                     (FLAGS.rounds, FLAGS.seconds_per_round))
+  result = measure(strategy, rounds, seconds)
+  print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def launch_child(strategy_name: str, num_cpu_devices: int) -> dict:
+  """Runs one child process and returns its parsed JSON result."""
+  command = [sys.executable, os.path.abspath(__file__),
+             f'--strategy={strategy_name}',
+             f'--num_cpu_devices={num_cpu_devices}',
+             f'--rounds={FLAGS.rounds}',
+             f'--seconds_per_round={FLAGS.seconds_per_round}']
+  if FLAGS.quick:
+    command.append('--quick')
+  proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                        check=False)
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_TAG):
+      return json.loads(line[len(RESULT_TAG):])
+  sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+  raise SystemExit(f'child {" ".join(command[2:])} failed with exit status '
+                   f'{proc.returncode} and printed no result')
+
+
+def _ratio(median, a, b) -> str:
+  return f'{median[a] / median[b]:.3f}' if a in median and b in median else 'n/a'
+
+
+def print_table(results) -> None:
+  """Prints examples/sec and ratios, then failures, the loss check, verdicts."""
+  rounds = len(results[0]['rates']['trainer'])
+  print(f'\nexamples/sec, median of {rounds} rounds (global batch '
+        f'{GLOBAL_BATCH}, {STEPS_PER_LOOP} steps per call)\n')
+  widths = (24, 9, 9, 11, 14, 12, 13, 10)
+  rows = [('strategy', *METHODS, 'trainer/bare', 'per round', 'trainer/fit',
+           'bare/fit')]
+  for result in results:
+    med, rates = result['median'], result['rates']
+    per_round = [t / b for t, b in zip(rates['trainer'], rates['bare'])]
+    replicas = result['replicas']
+    rows.append((
+        f'{result["strategy"]} ({replicas} replica{"s" * (replicas > 1)})',
+        *[f'{med[name]:,.0f}' if name in med else 'n/a' for name in METHODS],
+        _ratio(med, 'trainer', 'bare'),
+        f'{min(per_round):.2f}-{max(per_round):.2f}',
+        _ratio(med, 'trainer', 'keras_fit'), _ratio(med, 'bare', 'keras_fit')))
+  for i, row in enumerate(rows):
+    print(row[0].ljust(widths[0]) +
+          ''.join(cell.rjust(w) for cell, w in zip(row[1:], widths[1:])))
+    if i == 0:
+      print('-' * sum(widths))
+  print()
+  for result in results:
+    name = result['strategy']
+    for method, error in result['failed'].items():
+      print(f'{name}: {method} failed at warm-up, not timed: {error}')
+    losses = ', '.join(f'{method} {loss:.4f}'
+                       for method, loss in result['first_loss'].items())
+    print(f'{name}: mean loss of steps 1-100 (must agree): {losses}')
+  for result in results:
+    ratio = result['median']['trainer'] / result['median']['bare']
+    verdict = 'meets' if ratio >= TARGET else 'is BELOW'
+    print(f'{result["strategy"]}: trainer/bare = {ratio:.3f} {verdict} the '
+          f'target {TARGET}')
+
+
+def main(argv):
+  del argv
+  if FLAGS.strategy:
+    run_child()
+    return
+  results = []
+  start = time.perf_counter()
+  for strategy_name, num_cpu_devices in CHILDREN:
+    print(f'measuring --strategy={strategy_name} '
+          f'--num_cpu_devices={num_cpu_devices} ...', flush=True)
+    results.append(launch_child(strategy_name, num_cpu_devices))
+  print_table(results)
+  print(f'\ntotal {time.perf_counter() - start:.0f} s')
+
+
+if __name__ == '__main__':
+  app.run(main)

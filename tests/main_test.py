@@ -1,0 +1,139 @@
+"""main.py end to end, in subprocesses: results, files on disk, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests import runner
+
+SMOKE = '--config=configs/digits_mlp.py:smoke'
+
+
+def test_default_run_reaches_accuracy_bound(tmp_path):
+  model_dir = tmp_path / 'run'
+  result = runner.run_main(f'--model_dir={model_dir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = runner.final_eval(result.stdout)
+  assert metrics['accuracy'] >= 0.95
+  assert metrics['examples'] == 360
+  weights = runner.restored_model_weights(str(model_dir))
+  assert [w.shape for w in weights] == [(64, 64), (64,), (64, 64), (64,),
+                                        (64, 10), (10,)]
+  config = json.loads((model_dir / 'config.json').read_text())
+  assert config['train']['steps'] == 3000
+  assert config['data']['name'] == 'digits'
+
+
+def test_default_model_dir_is_under_runs(tmp_path):
+  # Run from an empty working directory so the default lands there.
+  result = runner.run_main(
+      f'--config={runner.REPO}/configs/digits_mlp.py:smoke', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (run_dir,) = (tmp_path / 'runs').iterdir()
+  assert run_dir.name.startswith('digits_mlp-smoke-')
+  assert (run_dir / 'config.json').exists()
+  assert runner.restored_model_weights(str(run_dir))
+
+
+@pytest.mark.parametrize('optimizer_flags', [
+    ('--config.optimizer.name=sgd', '--config.optimizer.momentum=0.9',
+     '--config.optimizer.learning_rate=0.05'),
+    ('--config.optimizer.name=adam',),
+], ids=['sgd_momentum', 'adam'])
+def test_replica_counts_give_same_weights_through_main(tmp_path,
+                                                       optimizer_flags):
+  processes = {}
+  for n in (1, 2, 4):
+    processes[n] = runner.start_main(
+        SMOKE, '--config.train.steps=24', '--config.train.steps_per_loop=8',
+        *optimizer_flags, '--strategy=mirrored', f'--num_cpu_devices={n}',
+        f'--model_dir={tmp_path / str(n)}')
+  outputs = {n: p.communicate(timeout=300) for n, p in processes.items()}
+  for n, p in processes.items():
+    assert p.returncode == 0, outputs[n][1][-3000:]
+  weights = {n: runner.restored_model_weights(str(tmp_path / str(n)))
+             for n in processes}
+  for n in (2, 4):
+    for i, (a, b) in enumerate(zip(weights[1], weights[n])):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6,
+                                 err_msg=f'weight {i} on {n} replicas')
+  evals = {n: runner.final_eval(outputs[n][0]) for n in processes}
+  for n in (2, 4):
+    assert evals[n]['accuracy'] == pytest.approx(evals[1]['accuracy'],
+                                                 abs=1e-6)
+    assert evals[n]['loss'] == pytest.approx(evals[1]['loss'], rel=1e-5)
+
+
+def test_deterministic_runs_write_bitwise_identical_checkpoints(tmp_path):
+  processes = [runner.start_main(SMOKE, '--deterministic',
+                                 f'--model_dir={tmp_path / str(i)}')
+               for i in range(2)]
+  for p in processes:
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+  first = runner.checkpoint_values(str(tmp_path / '0'))
+  second = runner.checkpoint_values(str(tmp_path / '1'))
+  assert first.keys() == second.keys() and len(first) > 6
+  for key in first:
+    assert first[key].tobytes() == second[key].tobytes(), key
+
+
+def test_print_config_prints_and_writes_nothing(tmp_path):
+  model_dir = tmp_path / 'run'
+  result = runner.run_main(SMOKE, '--config.train.steps=7', '--print_config',
+                           f'--model_dir={model_dir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'steps: 7' in result.stdout
+  assert 'trainer: classifier' in result.stdout
+  assert not model_dir.exists()
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--strategy=gpu',), "flag --strategy='gpu' is unknown; valid: default"),
+    (('--tpu=my-tpu',), "flag --tpu='my-tpu' needs --strategy=tpu"),
+    (('--strategy=tpu',), 'flag --strategy=tpu needs --tpu='),
+    (('--config.train.stepz=5',),
+     "flag --config.train.stepz=5: config has no key 'train.stepz'"),
+    (('--config=configs/digits_mlp.py:tiny',),
+     "config variant 'tiny' is unknown in configs/digits_mlp.py; valid: "
+     'default, smoke, sgd'),
+    (('--config=configs/missing.py',),
+     "flag --config=configs/missing.py: no such file 'configs/missing.py'; "
+     'available: configs/digits_mlp.py'),
+    (('--strategy=mirrored', '--num_cpu_devices=4',
+      '--config.train.global_batch_size=30'),
+     'config key train.global_batch_size=30 must be a positive multiple of '
+     'the 4 replicas'),
+    (('--config.train.steps=many',),
+     'flag --config.train.steps=many: invalid literal'),
+    (('--config.optimizer.name=rmsprop',),
+     "config key optimizer.name='rmsprop' is unknown; valid: sgd, adam"),
+    (('--config.train.steps=0',), 'config key train.steps=0 must be'),
+], ids=['strategy', 'tpu_without_strategy', 'tpu_strategy_without_tpu',
+        'config_key', 'variant', 'config_file', 'batch_not_divisible',
+        'config_type', 'optimizer', 'steps'])
+def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, args,
+                                                        message):
+  model_dir = tmp_path / 'run'
+  config = [] if any(a.startswith('--config=') for a in args) else [SMOKE]
+  result = runner.run_main(*config, *args, f'--model_dir={model_dir}')
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = runner.error_lines(result.stderr)
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert message in errors[0]
+  assert result.stderr.strip().splitlines()[-1] == errors[0]
+  assert 'Traceback' not in result.stderr
+  assert not model_dir.exists()
+
+
+def test_unwritable_model_dir_is_one_line_error(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  result = runner.run_main(SMOKE, f'--model_dir={blocker}/run')
+  assert result.returncode == 2
+  (error,) = runner.error_lines(result.stderr)
+  assert f"flag --model_dir='{blocker}/run' is not a writable directory" in error
+  assert blocker.read_text() == 'not a directory'
+  assert os.listdir(tmp_path) == ['file']
