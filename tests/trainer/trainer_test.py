@@ -228,3 +228,35 @@ def test_unknown_pipeline_is_an_error():
   with pytest.raises(UserError, match="data.pipeline='files'.*per_host"):
     ClassifierTrainer(config=make_config(pipeline='files'),
                       strategy=strategy_for(1))
+
+
+class UnregularizedTrainer(ClassifierTrainer):
+  l2 = None
+
+  def build_model(self):
+    regularizer = tf.keras.regularizers.L2(self.l2) if self.l2 else None
+    return tf.keras.Sequential([
+        tf.keras.Input((100,)),
+        tf.keras.layers.Dense(16, activation='relu',
+                              kernel_regularizer=regularizer),
+        tf.keras.layers.Dense(10)])
+
+
+class RegularizedTrainer(UnregularizedTrainer):
+  """An L2 kernel penalty, which reaches the loss through model.losses."""
+  l2 = 0.1
+
+
+def test_regularization_loss_is_scaled_once_across_replicas():
+  config = make_config('sgd')
+  tf.keras.utils.set_random_seed(config.seed)
+  initial = RegularizedTrainer(config=config,
+                               strategy=strategy_for(1)).model.get_weights()
+  one, _ = train(config, 1, initial=initial, trainer_cls=RegularizedTrainer)
+  four, _ = train(config, 4, initial=initial, trainer_cls=RegularizedTrainer)
+  for a, b in zip(one.model.get_weights(), four.model.get_weights()):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  # The penalty is really in the update: without it the kernel ends larger.
+  free, _ = train(config, 1, initial=initial, trainer_cls=UnregularizedTrainer)
+  assert (np.linalg.norm(one.model.get_weights()[0]) <
+          np.linalg.norm(free.model.get_weights()[0]))
