@@ -31,6 +31,9 @@ from trainer import optimization
 from trainer.errors import UserError
 
 SUM = tf.distribute.ReduceOp.SUM
+# Status of a train step, agreed by all replicas and workers (see
+# apply_gradients): the inner loop stops early on anything but OK.
+OK, STOP_REQUESTED, NONFINITE = 0, 1, 2
 PIPELINES = ('per_host', 'global')
 AUTO_SHARD = {
     'auto': tf.data.experimental.AutoShardPolicy.AUTO,
@@ -75,6 +78,7 @@ class Trainer:
     self.clip_norm = float(config.train.get('clip_norm', 0.0))
     self.trace_counts = collections.Counter()
     self._warm = set()
+    self._step_status = None  # Set while tracing a step by apply_gradients.
 
     # Everything stateful is created here, under the scope and before the
     # first trace: optimizer slots created inside a traced step fail under a
@@ -85,6 +89,16 @@ class Trainer:
       self.optimizer.build(self.model.trainable_variables)
       self.global_step = tf.Variable(
           0, dtype=tf.int64, trainable=False, name='global_step',
+          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      # Global batches taken from the training stream. Equal to global_step
+      # unless a non-finite step was skipped (see the controller's recovery).
+      self.data_position = tf.Variable(
+          0, dtype=tf.int64, trainable=False, name='data_position',
+          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      # Set to 1 from the host (a SIGTERM watcher thread) while a loop runs;
+      # every replica reads it each step and the all-reduce makes them agree.
+      self.stop_requested = tf.Variable(
+          0.0, trainable=False, name='stop_requested',
           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
       # Layout: [sum of per-example loss, example count, one sum per metric].
       self._train_sums = self._accumulator('train_sums')
@@ -139,6 +153,25 @@ class Trainer:
     """
     return self.model(batch[0], training=training)
 
+  def serving_input_signature(self):
+    """TensorSpecs of the exported serving function's inputs.
+
+    The default reads the Keras model's inputs with a free batch dimension;
+    override when the model has no static inputs (subclassed models).
+    """
+    return [tf.TensorSpec([None, *x.shape[1:]], x.dtype, name=f'input_{i}')
+            for i, x in enumerate(self.model.inputs)]
+
+  def serve(self, *inputs):
+    """The exported serving computation (traced; no strategy, no training).
+
+    The default returns {'outputs': model(inputs)}; override to add
+    post-processing such as class ids or probabilities.
+    """
+    outputs = self.model(inputs[0] if len(inputs) == 1 else list(inputs),
+                         training=False)
+    return {'outputs': outputs}
+
   # ---------------------------------------------------------------------------
   # The replica step. Override `train_step` for an unusual update.
 
@@ -158,19 +191,65 @@ class Trainer:
       if self.model.losses:
         loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
     grads = tape.gradient(loss, self.model.trainable_variables)
-    self.apply_gradients(grads, self.model.trainable_variables)
+    self.apply_gradients(grads, self.model.trainable_variables, loss=loss)
     return {'loss': per_example_loss, **self.compute_metrics(batch, outputs)}
 
-  def apply_gradients(self, grads, variables) -> None:
+  def apply_gradients(self, grads, variables, *, loss=None) -> None:
     """All-reduces replica gradients (SUM), clips, applies (replica context).
 
     The optimizer's own aggregation is disabled (trainer/optimization.py), so
     this all-reduce is the only one: gradients are summed exactly once.
+
+    The same all-reduce carries two scalars: this replica's scaled `loss` and
+    the host's stop request. Every replica and worker therefore sees the same
+    global loss, gradient norm and stop flag, and takes the same decision:
+    a non-finite loss or gradient norm skips the update everywhere (the
+    weights stay as they were), and a stop request ends the inner loop after
+    this step on every worker at once.
+
+    Args:
+      grads: this replica's gradients, scaled by the global batch.
+      variables: the variables they belong to.
+      loss: this replica's scaled loss (optional; checked for finiteness).
     """
-    grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
+    extras = [tf.cast(self.stop_requested, tf.float32),
+              tf.zeros([]) if loss is None else tf.cast(loss, tf.float32)]
+    reduced = tf.distribute.get_replica_context().all_reduce(
+        SUM, list(grads) + extras)
+    grads, (stop, total_loss) = reduced[:-2], reduced[-2:]
+    grad_norm = tf.linalg.global_norm(grads)
+    finite = tf.math.is_finite(grad_norm) & tf.math.is_finite(total_loss)
     if self.clip_norm > 0:
-      grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
-    self.optimizer.apply_gradients(zip(grads, variables))
+      grads, _ = tf.clip_by_global_norm(grads, self.clip_norm,
+                                        use_norm=grad_norm)
+    self._apply_if(finite, grads, variables)
+    self._step_status = tf.where(
+        finite, tf.where(stop > 0, STOP_REQUESTED, OK), NONFINITE)
+
+  def _apply_if(self, finite, grads, variables):
+    """optimizer.apply_gradients only when `finite` (replica context).
+
+    A cond whose branch calls merge_call (as apply_gradients does under
+    MirroredStrategy) is not allowed in a replica context, so there the cond
+    runs in cross-replica context, as Keras' LossScaleOptimizer does.
+    """
+    def apply():
+      self.optimizer.apply_gradients(zip(grads, variables))
+
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+      tf.cond(finite, apply, lambda: None)
+      return
+
+    def cross_replica(distribution, finite, grads):
+      def apply_everywhere():
+        distribution.extended.call_for_each_replica(
+            lambda g: self.optimizer.apply_gradients(zip(g, variables)),
+            args=(grads,))
+      first = distribution.experimental_local_results(finite)[0]
+      tf.cond(first, apply_everywhere, lambda: None)
+
+    tf.distribute.get_replica_context().merge_call(
+        cross_replica, args=(finite, grads))
 
   def eval_step(self, batch) -> dict[str, tf.Tensor]:
     """Per-example loss and metrics of a batch (replica context, traced)."""
@@ -181,19 +260,41 @@ class Trainer:
   # ---------------------------------------------------------------------------
   # Input.
 
-  def distribute_dataset(self, split: str, *, batch_size: int):
-    """Returns the distributed dataset of `split` at `batch_size` (global)."""
+  def distribute_dataset(self, split: str, *, batch_size: int,
+                         skip_batches: int = 0):
+    """Returns the distributed dataset of `split` at `batch_size` (global).
+
+    Args:
+      split: passed to `dataset`.
+      batch_size: the global batch size.
+      skip_batches: global batches to skip: how training resumes exactly
+        where a checkpoint was taken (`data_position`). The pipeline is a
+        deterministic function of the seed, so skipping k batches of a fresh
+        pipeline yields what the k+1-th batch of the interrupted one would
+        have been, across epoch boundaries and reshuffles included. Skipping
+        reads and discards those batches: cheap for in-memory data, a
+        one-off cost proportional to the data already seen for heavy
+        pipelines.
+    """
     if self.pipeline == 'global':
       dataset = self.dataset(split, tf.distribute.InputContext(), batch_size)
+      if skip_batches:
+        dataset = dataset.skip(skip_batches)
       options = tf.data.Options()
       options.experimental_distribute.auto_shard_policy = self.auto_shard
       return self.strategy.experimental_distribute_dataset(
           dataset.with_options(options))
 
     def dataset_fn(input_context):
-      return self.dataset(
+      dataset = self.dataset(
           split, input_context,
           input_context.get_per_replica_batch_size(batch_size))
+      if skip_batches:
+        # Each step takes one batch per local replica from this pipeline.
+        per_step = (input_context.num_replicas_in_sync //
+                    input_context.num_input_pipelines)
+        dataset = dataset.skip(skip_batches * per_step)
+      return dataset
 
     return self.strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -201,17 +302,26 @@ class Trainer:
   # Loops: called from the host by the controller.
 
   def train(self, iterator, num_steps: int) -> dict[str, float]:
-    """Runs `num_steps` steps in one tf.function call; returns their metrics.
+    """Runs up to `num_steps` steps in one tf.function call.
+
+    The loop ends early, after the step in flight, when the host sets
+    `stop_requested` or a step's loss or gradient norm is not finite (that
+    step's update is skipped).
 
     Args:
       iterator: an iterator over `distribute_dataset('train', ...)`.
       num_steps: steps to run; passed as a tensor so no value retraces.
     Returns:
-      {'loss': mean per-example loss, metric: mean, 'examples': count} over
-      the examples of all replicas in these steps.
+      {'loss': mean per-example loss, metric: mean, 'examples': count,
+       'steps': steps applied, 'status': OK | STOP_REQUESTED | NONFINITE},
+      means over the examples of all replicas in these steps.
     """
-    sums = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
-    return self._means(sums.numpy())
+    sums, steps, status = self._train_loop(
+        iterator, tf.constant(num_steps, tf.int32))
+    metrics = self._means(sums.numpy())
+    metrics['steps'] = int(steps)
+    metrics['status'] = int(status)
+    return metrics
 
   def evaluate(self, split: str = 'test') -> dict[str, float]:
     """Loss and metrics over the whole of `split`, each example once."""
@@ -221,11 +331,18 @@ class Trainer:
     return self._means(sums.numpy())
 
   def _train_loop_fn(self, iterator, num_steps):
+    step_fn = self._accumulating(self.train_step, self._train_sums)
+    applied = tf.constant(0, tf.int64)
+    status = tf.constant(OK)
     for _ in tf.range(num_steps):
-      self.strategy.run(self._accumulating(self.train_step, self._train_sums),
-                        args=(next(iterator),))
-    self.global_step.assign_add(tf.cast(num_steps, tf.int64))
-    return self._reduce_and_reset(self._train_sums)
+      status = self.strategy.experimental_local_results(
+          self.strategy.run(step_fn, args=(next(iterator),)))[0]
+      self.data_position.assign_add(1)
+      applied += tf.cast(status != NONFINITE, tf.int64)
+      if status != OK:
+        break
+    self.global_step.assign_add(applied)
+    return self._reduce_and_reset(self._train_sums), applied, status
 
   def _eval_loop_fn(self, iterator):
     for batch in iterator:
@@ -243,8 +360,13 @@ class Trainer:
         aggregation=tf.VariableAggregation.SUM)
 
   def _accumulating(self, step_fn, sums):
-    """Wraps a replica step so its per-example outputs add into `sums`."""
+    """Wraps a replica step so its per-example outputs add into `sums`.
+
+    The wrapped step returns the step status (an int32 scalar, the same on
+    every replica).
+    """
     def step(batch):
+      self._step_status = None
       values = step_fn(batch)
       expected = {'loss', *self.metric_names}
       if set(values) != expected:
@@ -257,6 +379,13 @@ class Trainer:
       row += [tf.reduce_sum(tf.cast(values[k], tf.float32))
               for k in self.metric_names]
       sums.assign_add(tf.stack(row))
+      if self._step_status is not None:
+        return self._step_status
+      # A train_step that bypassed apply_gradients (or an eval step): decide
+      # from this replica's own view, which is exact on a single worker.
+      finite = tf.reduce_all(tf.math.is_finite(loss))
+      return tf.where(finite, tf.where(self.stop_requested > 0,
+                                       STOP_REQUESTED, OK), NONFINITE)
     return step
 
   def _reduce_and_reset(self, sums):
