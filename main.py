@@ -19,10 +19,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 # pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from trainer import cli
+from trainer import controller
 from trainer import experiment
+from trainer import preemption
 from trainer import strategies
 from trainer.controller import format_metrics
 from trainer.errors import UserError
@@ -35,6 +38,8 @@ config_flags.DEFINE_config_file(
     'config', DEFAULT_CONFIG,
     'Experiment config: configs/FILE.py[:VARIANT]; override keys with '
     '--config.KEY=VALUE.')
+flags.DEFINE_string('mode', 'train', 'One of: train, eval, train_and_eval, '
+                    'continuous_eval, export.')
 flags.DEFINE_string('model_dir', None, 'Output directory (default: '
                     'runs/<config>-<timestamp>).')
 flags.DEFINE_string('strategy', 'default',
@@ -61,11 +66,21 @@ def main(argv):
   try:
     strategies.configure_cpu_devices(FLAGS.num_cpu_devices)
     metrics = experiment.run(
-        config, model_dir=model_dir, strategy_name=FLAGS.strategy, tpu=FLAGS.tpu,
+        config, model_dir=model_dir, mode=FLAGS.mode, strategy_name=FLAGS.strategy, tpu=FLAGS.tpu,
         tpu_timeout=FLAGS.tpu_timeout, deterministic=FLAGS.deterministic)
   except UserError as e:
     cli.fail(str(e))
-  print(f'final eval: {format_metrics(metrics)}')
+  except preemption.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(preemption.EXIT_CODE)
+  except controller.NonFiniteLoss as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(controller.NonFiniteLoss.EXIT_CODE)
+  export_path = metrics.pop('export', None)
+  if export_path:
+    print(f'exported: {export_path}')
+  if metrics:
+    print(f'final eval: {format_metrics(metrics)}')
 
 
 if __name__ == '__main__':

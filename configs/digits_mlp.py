@@ -38,9 +38,24 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.train.global_batch_size = 64
   config.train.steps_per_loop = 100
   config.train.clip_norm = 0.0        # global-norm clipping; 0 disables
+  config.train.nan_retries = 0        # restore + skip the bad batch, K times
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 1000
+  config.checkpoint.max_to_keep = 3
+  config.checkpoint.async_save = True
 
   config.eval = ml_collections.ConfigDict()
   config.eval.global_batch_size = 256
+  config.eval.split = 'test'
+  config.eval.every_steps = 1000      # with --mode=train_and_eval
+  config.eval.timeout_secs = 300      # --mode=continuous_eval gives up after
+  config.eval.best_metric = 'accuracy'  # kept in model_dir/best; '' for none
+  config.eval.best_mode = 'max'
+  config.eval.patience = 0            # early stop after N evals; 0: never
+
+  config.export = ml_collections.ConfigDict()
+  config.export.at_end = False        # SavedModel in model_dir/export
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'
@@ -51,6 +66,8 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   if variant == 'smoke':
     config.train.steps = 20
     config.train.steps_per_loop = 10
+    config.checkpoint.every_steps = 10
+    config.eval.every_steps = 10
   elif variant == 'sgd':
     config.optimizer.name = 'sgd'
     config.optimizer.learning_rate = 0.05

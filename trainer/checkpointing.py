@@ -1,13 +1,223 @@
-"""Checkpoints in model_dir: the model under the key `model`, optimizer, step."""
+"""Checkpoints in model_dir: async saves, verified restore, the run record.
 
+What a checkpoint holds (a `tf.train.Checkpoint`): the Keras model under
+`model`, the optimizer (slots, iteration count) under `optimizer`, the step
+under `step`, and the data position (global batches taken from the training
+stream) under `data_position`. With a deterministic pipeline the data position
+is all it takes to continue the stream exactly (a `tf.distribute` iterator
+cannot be checkpointed: tensorflow#56372).
+
+Crash consistency: a checkpoint is only restored after every tensor in it has
+been read back (TensorFlow checks each tensor's CRC32C). A checkpoint cut
+short by `kill -9`, a full disk or a corrupted file is skipped with a warning
+and the next older complete one is used; if none is complete, the run stops
+with an error rather than start from scratch over a model_dir it would
+overwrite.
+"""
+
+import glob
+import json
+import os
+import re
+
+from absl import logging
 import tensorflow as tf
 
+from trainer.errors import UserError
 
-def checkpoint_manager(trainer, model_dir: str, *, max_to_keep: int = 3):
-  """Returns a CheckpointManager over model_dir for the trainer's state."""
-  checkpoint = tf.train.Checkpoint(model=trainer.model,
-                                   optimizer=trainer.optimizer,
-                                   step=trainer.global_step)
-  return tf.train.CheckpointManager(checkpoint, model_dir,
-                                    max_to_keep=max_to_keep,
-                                    step_counter=trainer.global_step)
+_CKPT_RE = re.compile(r'ckpt-(\d+)\.index$')
+
+
+def _fix_keras_async_copy():
+  """Lets TF's async checkpointer copy Keras 3 variables.
+
+  Keras 3.15's `Variable._copy_trackable_to_cpu` makes a new tf.Variable on
+  every call, which the async checkpointer's tf.function rejects ("only
+  supports singleton tf.Variables"). A Keras variable serializes exactly as
+  the tf.Variable it wraps, so mapping it to that variable's CPU copy is
+  equivalent and creates nothing new.
+  """
+  from keras.src.backend.tensorflow import core  # pylint: disable=import-outside-toplevel
+
+  def copy_to_cpu(self, object_map):
+    self.value._copy_trackable_to_cpu(object_map)  # pylint: disable=protected-access
+    object_map[self] = object_map[self.value]
+
+  core.Variable._copy_trackable_to_cpu = copy_to_cpu  # pylint: disable=protected-access
+
+
+_fix_keras_async_copy()
+
+
+def checkpoint_paths(directory: str) -> list[str]:
+  """Checkpoint prefixes in `directory` that have an index file, oldest first.
+
+  Found from the files themselves, not the `checkpoint` state file, which may
+  be stale or damaged after a crash.
+  """
+  found = []
+  for index in glob.glob(os.path.join(directory, 'ckpt-*.index')):
+    match = _CKPT_RE.search(os.path.basename(index))
+    if match:
+      found.append((int(match.group(1)), index[:-len('.index')]))
+  return [path for _, path in sorted(found)]
+
+
+def is_complete(path: str) -> bool:
+  """True when every tensor of checkpoint `path` reads back intact."""
+  try:
+    reader = tf.train.load_checkpoint(path)
+    for key in reader.get_variable_to_shape_map():
+      reader.get_tensor(key)
+  except (tf.errors.OpError, ValueError, OSError) as e:
+    logging.warning('checkpoint %s is incomplete or corrupt (%s: %s)', path,
+                    type(e).__name__, str(e).splitlines()[0][:200])
+    return False
+  return True
+
+
+class Checkpointer:
+  """Saves and restores a Trainer's state in one directory.
+
+  Args (keyword-only after trainer):
+    trainer: the Trainer whose model, optimizer, step and data position are
+      saved.
+    directory: where checkpoints go (model_dir for the chief).
+    max_to_keep: how many recent checkpoints to keep.
+    async_save: copy the variables to host memory and write them in a
+      background thread, so the training loop waits ~1 ms instead of the
+      whole write (~10 ms even for the seed MLP). `wait()` blocks until the
+      last write is on disk; the controller calls it before exiting.
+  """
+
+  def __init__(self, trainer, directory: str, *, max_to_keep: int = 3,
+               async_save: bool = True):
+    self.trainer = trainer
+    self.directory = directory
+    self.checkpoint = tf.train.Checkpoint(
+        model=trainer.model, optimizer=trainer.optimizer,
+        step=trainer.global_step, data_position=trainer.data_position)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, directory, max_to_keep=max_to_keep,
+        step_counter=trainer.global_step)
+    self.async_save = async_save
+    self.options = tf.train.CheckpointOptions(
+        experimental_enable_async_checkpoint=async_save)
+    self.last_saved_step = None
+
+  def save(self) -> str:
+    """Saves the current state as ckpt-<step>; returns its path."""
+    step = int(self.trainer.global_step.numpy())
+    path = self.manager.save(checkpoint_number=step, options=self.options)
+    self.last_saved_step = step
+    logging.info('saved checkpoint %s', path)
+    return path
+
+  def wait(self) -> None:
+    """Blocks until every checkpoint write started so far is on disk."""
+    if self.async_save:
+      self.checkpoint.sync()
+
+  def restore_latest(self, *, model_only: bool = False):
+    """Restores the newest complete checkpoint; returns its path or None.
+
+    Args:
+      model_only: restore only what evaluation needs (eval and export).
+    Raises:
+      RuntimeError: checkpoints exist but none is complete.
+    """
+    paths = checkpoint_paths(self.directory)
+    for path in reversed(paths):
+      if not is_complete(path):
+        logging.warning('skipping %s; falling back to an older checkpoint',
+                        path)
+        continue
+      self.restore(path, model_only=model_only)
+      if path != paths[-1]:
+        logging.warning('restored %s: newer checkpoints were incomplete', path)
+      return path
+    if paths:
+      raise UserError(
+          f'no complete checkpoint in --model_dir={self.directory} '
+          f'({len(paths)} found, all unreadable); move them away to start '
+          'over, or pass another --model_dir')
+    return None
+
+  def restore(self, path: str, *, model_only: bool = False) -> None:
+    """Restores checkpoint `path` under the strategy scope."""
+    with self.trainer.strategy.scope():
+      if model_only:
+        status = tf.train.Checkpoint(
+            model=self.trainer.model, step=self.trainer.global_step).read(path)
+        status.expect_partial().assert_existing_objects_matched()
+      else:
+        self.checkpoint.read(path).assert_existing_objects_matched()
+    logging.info('restored %s (step %d, data position %d)', path,
+                 int(self.trainer.global_step.numpy()),
+                 int(self.trainer.data_position.numpy()))
+
+
+# -----------------------------------------------------------------------------
+# The run record: what must not change when a run is resumed.
+
+RECORD = 'run.json'
+
+
+def run_record(config, trainer) -> dict:
+  """The settings a checkpoint's meaning depends on."""
+  return {
+      'trainer': config.trainer,
+      'seed': config.seed,
+      'train.global_batch_size': config.train.global_batch_size,
+      'optimizer.name': config.optimizer.name,
+      'data': config.data.to_dict(),
+      'model weights': {v.path: list(v.shape) for v in trainer.model.weights},
+  }
+
+
+def check_or_write_run_record(model_dir: str, record: dict, *,
+                              write: bool = True) -> None:
+  """Refuses to resume a run whose record differs; writes it for a new run.
+
+  Changing the model, global batch, data, seed, optimizer or trainer would
+  mix two different runs in one model_dir (the data position, for one, counts
+  global batches). Everything else (train.steps, learning rate, cadences) may
+  change between restarts.
+
+  Raises:
+    UserError: naming the first setting that changed, old and new values.
+  """
+  path = os.path.join(model_dir, RECORD)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    for key in record:
+      if key not in old or _jsonable(record[key]) == old[key]:
+        continue
+      if isinstance(old[key], dict) and isinstance(record[key], dict):
+        keys = sorted(set(old[key]) | set(record[key]))
+        sub = next(k for k in keys
+                   if _jsonable(record[key].get(k)) != old[key].get(k))
+        what = f'{key} {sub!r}: {old[key].get(sub)!r} -> {record[key].get(sub)!r}'
+      else:
+        what = f'{key}: {old[key]!r} -> {record[key]!r}'
+      raise UserError(
+          f'cannot resume --model_dir={model_dir}: {what} since the run '
+          f'started ({RECORD}); restore the old value or use a new --model_dir')
+    return
+  if write:
+    write_json_atomically(path, record)
+
+
+def write_json_atomically(path: str, value) -> None:
+  """Writes JSON to `path` so a reader never sees a partial file."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _jsonable(value):
+  return json.loads(json.dumps(value))

@@ -1,12 +1,50 @@
-"""The outer loop: runs inner loops of `steps_per_loop` steps and logs them.
+"""The outer loop: inner loops of `steps_per_loop` steps, and host work between.
 
-Host work (logging, and later checkpoints, summaries and eval) happens only
-between inner loops, never inside the tf.function.
+Host work (checkpoints, evaluation, the best checkpoint, early stopping,
+preemption, non-finite recovery, logging) happens only between inner loops,
+never inside the tf.function. An inner loop is cut short so that it ends
+exactly on every checkpoint and eval boundary.
 """
 
+import dataclasses
+import json
+import os
 import time
 
 from absl import logging
+
+from trainer import checkpointing
+from trainer import preemption
+from trainer import trainer as trainer_lib
+
+
+class NonFiniteLoss(Exception):
+  """The loss or gradient norm was NaN/Inf and recovery is off or exhausted."""
+
+  EXIT_CODE = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerOptions:
+  """Cadences and policies of the outer loop (0 disables a cadence).
+
+  Attributes:
+    checkpoint_every: save every this many steps (and always at the end).
+    eval_every: evaluate every this many steps (train_and_eval).
+    eval_split: the split `evaluate` reads.
+    best_metric: eval metric that picks the best checkpoint ('' for none).
+    best_mode: 'max' or 'min' for best_metric.
+    patience: stop after this many evals without a new best (0: never).
+    nan_retries: on a non-finite step, restore the last checkpoint and
+      continue with the data after the bad batch, at most this many times.
+  """
+  checkpoint_every: int = 0
+  eval_every: int = 0
+  eval_split: str = 'test'
+  best_metric: str = ''
+  best_mode: str = 'max'
+  patience: int = 0
+  nan_retries: int = 0
 
 
 class Controller:
@@ -14,48 +52,195 @@ class Controller:
 
   Args (keyword-only):
     trainer: a built Trainer.
+    checkpointer: a checkpointing.Checkpointer, or None to save nothing.
+    model_dir: where eval records and the best checkpoint go (None: nowhere).
     total_steps: train until trainer.global_step reaches this.
-    steps_per_loop: steps per tf.function call; the last loop may be shorter.
+    steps_per_loop: steps per tf.function call.
+    options: ControllerOptions.
     clock: returns seconds; injected so tests control time.
   """
 
-  def __init__(self, *, trainer, total_steps: int, steps_per_loop: int,
+  def __init__(self, *, trainer, checkpointer=None, model_dir=None,
+               total_steps: int, steps_per_loop: int,
+               options: ControllerOptions = ControllerOptions(),
                clock=time.monotonic):
     self.trainer = trainer
+    self.checkpointer = checkpointer
+    self.model_dir = model_dir
     self.total_steps = total_steps
     self.steps_per_loop = steps_per_loop
+    self.options = options
     self.clock = clock
     self.history = []
+    self.evals = []
+    self._best_value = None
+    self._evals_since_best = 0
+
+  @property
+  def step(self) -> int:
+    return int(self.trainer.global_step.numpy())
+
+  # ---------------------------------------------------------------------------
+  # Training.
 
   def train(self) -> dict[str, float]:
-    """Trains to total_steps; returns the last inner loop's metrics."""
-    trainer = self.trainer
-    step = int(trainer.global_step.numpy())
-    if step >= self.total_steps:
-      logging.info('step %d >= train.steps=%d: nothing to train', step,
-                   self.total_steps)
+    """Trains to total_steps; returns the last inner loop's metrics.
+
+    Raises:
+      preemption.Preempted: SIGTERM arrived; a checkpoint has been saved.
+      NonFiniteLoss: a non-finite step and no retries left; nothing saved.
+    """
+    if self.step >= self.total_steps:
+      logging.warning('already trained: step %d >= train.steps=%d in the '
+                      'checkpoint; nothing to train', self.step,
+                      self.total_steps)
       return {}
-    dataset = trainer.distribute_dataset('train',
-                                         batch_size=trainer.global_batch_size)
-    iterator = iter(dataset)
-    metrics = {}
-    while step < self.total_steps:
-      num_steps = min(self.steps_per_loop, self.total_steps - step)
-      start = self.clock()
-      metrics = trainer.train(iterator, num_steps)
-      seconds = max(self.clock() - start, 1e-9)
-      step = int(trainer.global_step.numpy())
-      metrics['examples_per_sec'] = metrics['examples'] / seconds
-      self.history.append((step, metrics))
-      logging.info('step %d/%d: %s', step, self.total_steps,
-                   format_metrics(metrics))
+    trainer = self.trainer
+    with trainer.strategy.scope():
+      trainer.stop_requested.assign(0.0)
+    if (self.checkpointer and self.options.nan_retries and
+        self.checkpointer.last_saved_step is None and self.step == 0):
+      self._save()  # Something to recover to if the very first steps fail.
+    iterator = self._iterator()
+    metrics, retries = {}, 0
+    with preemption.SigtermWatcher(self._request_stop) as watcher:
+      while self.step < self.total_steps:
+        if watcher.requested:
+          self._preempt()
+        num_steps = self._next_loop_length()
+        start = self.clock()
+        metrics = trainer.train(iterator, num_steps)
+        seconds = max(self.clock() - start, 1e-9)
+        metrics['examples_per_sec'] = metrics['examples'] / seconds
+        self.history.append((self.step, metrics))
+        status = metrics.pop('status')
+        logging.info('step %d/%d: %s', self.step, self.total_steps,
+                     format_metrics(metrics))
+        if status == trainer_lib.NONFINITE:
+          retries += 1
+          iterator = self._recover(retries)
+          continue
+        if status == trainer_lib.STOP_REQUESTED or watcher.requested:
+          self._preempt()
+        if self._due(self.options.checkpoint_every):
+          self._save()
+        if self._due(self.options.eval_every) and self.step < self.total_steps:
+          if self.evaluate_and_track():
+            break
+      if self.checkpointer and self.checkpointer.last_saved_step != self.step:
+        self._save()
+    if self.checkpointer:
+      self.checkpointer.wait()
     return metrics
 
-  def evaluate(self, split: str = 'test') -> dict[str, float]:
+  def _iterator(self):
+    trainer = self.trainer
+    dataset = trainer.distribute_dataset(
+        'train', batch_size=trainer.global_batch_size,
+        skip_batches=int(trainer.data_position.numpy()))
+    return iter(dataset)
+
+  def _next_loop_length(self) -> int:
+    """steps_per_loop, cut to end on the next checkpoint/eval boundary."""
+    step = self.step
+    end = min(step + self.steps_per_loop, self.total_steps)
+    for every in (self.options.checkpoint_every, self.options.eval_every):
+      if every:
+        end = min(end, (step // every + 1) * every)
+    return end - step
+
+  def _due(self, every: int) -> bool:
+    return bool(every) and self.step % every == 0
+
+  def _save(self):
+    if self.checkpointer:
+      self.checkpointer.save()
+
+  def _request_stop(self):
+    # Called from the watcher thread while an inner loop may be running.
+    with self.trainer.strategy.scope():
+      self.trainer.stop_requested.assign(1.0)
+
+  def _preempt(self):
+    path = self.checkpointer.save() if self.checkpointer else '(no checkpoint)'
+    if self.checkpointer:
+      self.checkpointer.wait()
+    raise preemption.Preempted(self.step, path)
+
+  def _recover(self, retries: int):
+    """Restores the last checkpoint after a non-finite step, or gives up."""
+    trainer = self.trainer
+    failed_step = self.step + 1
+    position = int(trainer.data_position.numpy())
+    if retries > self.options.nan_retries or not self.checkpointer:
+      raise NonFiniteLoss(
+          f'non-finite loss or gradient norm at step {failed_step}; the '
+          'update was not applied and no checkpoint was written after it '
+          f'(train.nan_retries={self.options.nan_retries}); lower the '
+          'learning rate, enable train.clip_norm, or set train.nan_retries')
+    self.checkpointer.wait()
+    path = self.checkpointer.restore_latest()
+    if path is None:
+      raise NonFiniteLoss(f'non-finite loss at step {failed_step} and no '
+                          'checkpoint to recover from')
+    # Continue with the data after the batch that failed: replaying it would
+    # fail the same way.
+    trainer.data_position.assign(position)
+    logging.warning('non-finite step %d: restored %s (step %d) and skipped '
+                    'to data position %d (retry %d of %d)', failed_step, path,
+                    self.step, position, retries, self.options.nan_retries)
+    return self._iterator()
+
+  # ---------------------------------------------------------------------------
+  # Evaluation.
+
+  def evaluate(self) -> dict[str, float]:
+    """Evaluates the current weights on options.eval_split; records it."""
+    split = self.options.eval_split
     metrics = self.trainer.evaluate(split)
-    logging.info('eval %s at step %d: %s', split,
-                 int(self.trainer.global_step.numpy()), format_metrics(metrics))
+    logging.info('eval %s at step %d: %s', split, self.step,
+                 format_metrics(metrics))
+    self.evals.append((self.step, metrics))
+    if self.model_dir:
+      record = {'step': self.step, 'split': split, **metrics}
+      os.makedirs(os.path.join(self.model_dir, 'eval'), exist_ok=True)
+      with open(os.path.join(self.model_dir, 'eval', 'metrics.jsonl'),
+                'a') as f:
+        f.write(json.dumps(record) + '\n')
     return metrics
+
+  def evaluate_and_track(self) -> bool:
+    """Evaluates, keeps the best checkpoint; True when patience ran out."""
+    metrics = self.evaluate()
+    name = self.options.best_metric
+    if not name or not self.model_dir:
+      return False
+    value = metrics[name]
+    better = (self._best_value is None or
+              (value > self._best_value if self.options.best_mode == 'max'
+               else value < self._best_value))
+    if better:
+      self._best_value, self._evals_since_best = value, 0
+      self._save_best(name, value)
+      return False
+    self._evals_since_best += 1
+    if self.options.patience and self._evals_since_best >= self.options.patience:
+      logging.warning('early stop at step %d: %s has not improved on %.6g for '
+                      '%d evals (eval.patience)', self.step, name,
+                      self._best_value, self._evals_since_best)
+      return True
+    return False
+
+  def _save_best(self, name: str, value: float):
+    """Writes best/ckpt-<step> then best/record.json (atomically, after)."""
+    best_dir = os.path.join(self.model_dir, 'best')
+    manager = checkpointing.Checkpointer(self.trainer, best_dir, max_to_keep=1,
+                                         async_save=False)
+    path = manager.save()
+    checkpointing.write_json_atomically(
+        os.path.join(best_dir, 'record.json'),
+        {'metric': name, 'mode': self.options.best_mode, 'value': value,
+         'step': self.step, 'checkpoint': os.path.basename(path)})
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -63,7 +248,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
   parts = []
   for key in sorted(metrics):
     value = metrics[key]
-    if key == 'examples':
+    if key in ('examples', 'steps'):
       parts.append(f'{key}={int(value)}')
     elif key.endswith('_per_sec'):
       parts.append(f'{key}={value:.0f}')

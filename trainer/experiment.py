@@ -5,6 +5,7 @@ Order matters for the promise that bad input writes nothing: every check
 created.
 """
 
+import dataclasses
 import datetime
 import os
 
@@ -13,11 +14,13 @@ import tensorflow as tf
 
 import models  # noqa: F401  (registers the trainers)
 from trainer import checkpointing
+from trainer import continuous_eval
 from trainer import controller as controller_lib
 from trainer import registry
 from trainer import strategies
 from trainer.errors import UserError
 
+MODES = ('train', 'eval', 'train_and_eval', 'continuous_eval', 'export')
 REQUIRED_KEYS = ('trainer', 'seed', 'train.steps', 'train.global_batch_size',
                  'train.steps_per_loop', 'optimizer.name',
                  'optimizer.learning_rate', 'eval.global_batch_size')
@@ -66,15 +69,51 @@ def build_trainer(config, strategy):
   return trainer_cls(config=config, strategy=strategy)
 
 
-def run(config, *, model_dir: str, strategy_name: str, tpu: str = '',
-        tpu_timeout: float = 300.0, deterministic: bool = False):
-  """Trains `config`, saves the final checkpoint, evaluates on 'test'.
+def controller_options(config, trainer) -> controller_lib.ControllerOptions:
+  """Reads the optional cadence/policy keys (defaults when absent)."""
+  ckpt = config.get('checkpoint', {})
+  evals = config.get('eval', {})
+  options = controller_lib.ControllerOptions(
+      checkpoint_every=ckpt.get('every_steps', 0),
+      eval_every=evals.get('every_steps', 0),
+      eval_split=evals.get('split', 'test'),
+      best_metric=evals.get('best_metric', ''),
+      best_mode=evals.get('best_mode', 'max'),
+      patience=evals.get('patience', 0),
+      nan_retries=config.train.get('nan_retries', 0))
+  for key, value in (('checkpoint.every_steps', options.checkpoint_every),
+                     ('eval.every_steps', options.eval_every),
+                     ('eval.patience', options.patience),
+                     ('train.nan_retries', options.nan_retries)):
+    if not isinstance(value, int) or value < 0:
+      raise UserError(f'config key {key}={value!r} must be an integer >= 0 '
+                      '(0 disables it)')
+  metrics = ('loss', *trainer.metric_names)
+  if options.best_metric and options.best_metric not in metrics:
+    raise UserError(f'config key eval.best_metric={options.best_metric!r} is '
+                    f'not an eval metric; valid: {", ".join(metrics)} or "" '
+                    'to keep no best checkpoint')
+  if options.best_mode not in ('max', 'min'):
+    raise UserError(f'config key eval.best_mode={options.best_mode!r} must be '
+                    '"max" or "min"')
+  return options
+
+
+def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
+        tpu: str = '', tpu_timeout: float = 300.0,
+        deterministic: bool = False):
+  """Runs one experiment in `mode`; see MODES.
 
   Returns:
-    The eval metrics on the held-out split.
+    The eval metrics (modes that evaluate), or {'export': path}.
   Raises:
     UserError: any bad flag or config value, before anything is written.
+    preemption.Preempted: SIGTERM; a checkpoint was saved.
+    controller.NonFiniteLoss: the loss diverged; nothing was saved after it.
   """
+  if mode not in MODES:
+    raise UserError(f'flag --mode={mode!r} is unknown; valid: '
+                    f'{", ".join(MODES)}')
   check_config(config)
   tf.keras.utils.set_random_seed(config.seed)
   if deterministic:
@@ -82,18 +121,61 @@ def run(config, *, model_dir: str, strategy_name: str, tpu: str = '',
   strategy = strategies.build_strategy(strategy_name, tpu=tpu,
                                        tpu_timeout=tpu_timeout)
   trainer = build_trainer(config, strategy)
-  logging.info('%s on %d replica(s) (%s), global batch %d',
+  options = controller_options(config, trainer)
+  if mode != 'train_and_eval':  # Only train_and_eval evaluates periodically.
+    options = dataclasses.replace(options, eval_every=0)
+  logging.info('%s on %d replica(s) (%s), global batch %d, mode %s',
                type(trainer).__name__, trainer.num_replicas,
-               type(strategy).__name__, trainer.global_batch_size)
+               type(strategy).__name__, trainer.global_batch_size, mode)
+  ckpt = config.get('checkpoint', {})
+  checkpointer = checkpointing.Checkpointer(
+      trainer, model_dir, max_to_keep=ckpt.get('max_to_keep', 3),
+      async_save=ckpt.get('async_save', True))
+  controller = controller_lib.Controller(
+      trainer=trainer, checkpointer=checkpointer, model_dir=model_dir,
+      total_steps=config.train.steps,
+      steps_per_loop=config.train.steps_per_loop, options=options)
+  record = checkpointing.run_record(config, trainer)
+
+  if mode == 'continuous_eval':
+    results = continuous_eval.run(
+        controller, checkpointer,
+        timeout_secs=config.get('eval', {}).get('timeout_secs', 600))
+    if not results:
+      raise UserError(f'--mode=continuous_eval found no checkpoint in '
+                      f'--model_dir={model_dir} within eval.timeout_secs')
+    return results[-1][1]
+
+  if mode in ('eval', 'export'):
+    if not os.path.isdir(model_dir):
+      raise UserError(f'--mode={mode} needs a trained run in --model_dir, '
+                      f'but {model_dir!r} does not exist')
+    checkpointing.check_or_write_run_record(model_dir, record, write=False)
+    if checkpointer.restore_latest(model_only=True) is None:
+      raise UserError(f'--mode={mode}: no checkpoint in --model_dir='
+                      f'{model_dir}; train first (--mode=train)')
+    if mode == 'eval':
+      return controller.evaluate()
+    return {'export': _export(trainer, model_dir)}
 
   prepare_model_dir(model_dir)
+  checkpointing.check_or_write_run_record(model_dir, record)
   with open(os.path.join(model_dir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-  controller = controller_lib.Controller(
-      trainer=trainer, total_steps=config.train.steps,
-      steps_per_loop=config.train.steps_per_loop)
+  checkpointer.restore_latest()
+  if mode == 'train_and_eval' and not options.eval_every:
+    logging.info('train_and_eval with eval.every_steps=0: one eval at the end')
   controller.train()
-  path = checkpointing.checkpoint_manager(trainer, model_dir).save()
-  logging.info('saved %s', path)
-  return controller.evaluate('test')
+  if mode == 'train_and_eval':
+    controller.evaluate_and_track()
+    metrics = controller.evals[-1][1]
+  else:
+    metrics = controller.evaluate()
+  if config.get('export', {}).get('at_end', False):
+    metrics['export'] = _export(trainer, model_dir)
+  return metrics
+
+
+def _export(trainer, model_dir: str) -> str:
+  from trainer import export  # pylint: disable=import-outside-toplevel
+  return export.export_saved_model(trainer, os.path.join(model_dir, 'export'))

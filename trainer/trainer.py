@@ -212,8 +212,10 @@ class Trainer:
       variables: the variables they belong to.
       loss: this replica's scaled loss (optional; checked for finiteness).
     """
-    extras = [tf.cast(self.stop_requested, tf.float32),
-              tf.zeros([]) if loss is None else tf.cast(loss, tf.float32)]
+    # tf.identity places the reads on this replica's device; a bare variable
+    # read has none, and the all-reduce then has no destination.
+    extras = [tf.identity(self.stop_requested),
+              tf.zeros([]) if loss is None else tf.identity(loss)]
     reduced = tf.distribute.get_replica_context().all_reduce(
         SUM, list(grads) + extras)
     grads, (stop, total_loss) = reduced[:-2], reduced[-2:]
