@@ -69,7 +69,9 @@ def is_complete(path: str) -> bool:
     reader = tf.train.load_checkpoint(path)
     for key in reader.get_variable_to_shape_map():
       reader.get_tensor(key)
-  except (tf.errors.OpError, ValueError, OSError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # Truncation raises IndexError, bad bytes DataLossError, a missing file
+    # NotFoundError...: any failure to read it back means "incomplete".
     logging.warning('checkpoint %s is incomplete or corrupt (%s: %s)', path,
                     type(e).__name__, str(e).splitlines()[0][:200])
     return False

@@ -35,6 +35,11 @@ SIGNATURE = 'serving_default'
 def export_saved_model(trainer, export_dir: str) -> str:
   """Writes `trainer.serve` and the model's variables as a SavedModel.
 
+  The `serving_default` signature takes the inputs of
+  `trainer.serving_input_signature()`, by their TensorSpec names (`input_0`,
+  ...), and returns the dict `trainer.serve` returns (`{'outputs': logits}` by
+  default). `serve` is traced with that signature while saving.
+
   The write is atomic for readers: the SavedModel is built in a hidden
   sibling directory and renamed into place only once complete (and synced to
   disk), so `export_dir` never holds a half-written export. An existing export
@@ -49,7 +54,7 @@ def export_saved_model(trainer, export_dir: str) -> str:
     export_dir: a local directory; created, or replaced if it is empty or
       holds a SavedModel. One export at a time per directory.
   Returns:
-    `export_dir`.
+    The absolute path of the export.
   Raises:
     UserError: `export_dir` exists and is neither empty nor a SavedModel (it
       is not deleted: the path is most likely a mistake).

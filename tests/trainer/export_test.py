@@ -22,6 +22,7 @@ from trainer.errors import UserError
 # on sys.path and any dependency on distloop code would fail to load.
 SERVE = '''
 import importlib.util
+import os
 import sys
 
 import numpy as np
@@ -30,15 +31,16 @@ import tensorflow as tf
 assert importlib.util.find_spec('trainer') is None, 'distloop is importable'
 features, out = np.load(sys.argv[1]), sys.argv[2]
 results = {}
-for i, export_dir in enumerate(sys.argv[3:]):
+for export_dir in sys.argv[3:]:
+  name = os.path.basename(export_dir)
   loaded = tf.saved_model.load(export_dir)
   assert type(loaded).__module__.startswith('tensorflow.'), type(loaded)
   serve = loaded.signatures['serving_default']
   _, spec = serve.structured_input_signature
-  results[f'{i}/input_shape'] = [-1 if d is None else d
-                                 for d in spec['input_0'].shape]
+  results[f'{name}/input_shape'] = [-1 if d is None else d
+                                    for d in spec['input_0'].shape]
   for n in (len(features), 1, 7):
-    results[f'{i}/{n}'] = serve(input_0=tf.constant(features[:n]))['outputs']
+    results[f'{name}/{n}'] = serve(input_0=tf.constant(features[:n]))['outputs']
 np.savez(out, **results)
 '''
 
@@ -91,17 +93,18 @@ def exports(tmp_path_factory):
   root = tmp_path_factory.mktemp('exports')
   features, _ = digits.load('test')
   trainers = {name: trained(make()) for name, make in STRATEGIES.items()}
-  dirs = []
+  paths = {}
   for name, (strategy, in_scope) in EXPORTS.items():
     trainer = trainers[strategy]
     with trainer.strategy.scope() if in_scope else contextlib.nullcontext():
-      dirs.append(export.export_saved_model(trainer, str(root / name)))
-  served = serve_in_fresh_process(root, features, dirs)
-  return {name: (trainers[strategy], path,
-                 {key.split('/')[1]: value for key, value in served.items()
-                  if key.startswith(f'{i}/')})
-          for i, (path, (name, (strategy, _))) in enumerate(
-              zip(dirs, EXPORTS.items()))}
+      paths[name] = export.export_saved_model(trainer, str(root / name))
+  served = serve_in_fresh_process(root, features, list(paths.values()))
+  results = {}
+  for name, (strategy, _) in EXPORTS.items():
+    mine = {key.split('/')[1]: value for key, value in served.items()
+            if key.split('/')[0] == name}
+    results[name] = (trainers[strategy], paths[name], mine)
+  return results
 
 
 def keras_predictions(trainer, features):

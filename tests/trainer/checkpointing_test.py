@@ -1,0 +1,140 @@
+"""Checkpointer: async saves hold the state at save time; verified restore."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models.classifier import ClassifierTrainer
+from tests.trainer.trainer_test import make_config, strategy_for
+from trainer import checkpointing
+from trainer.errors import UserError
+
+
+def build(replicas=1):
+  config = make_config()
+  tf.keras.utils.set_random_seed(config.seed)
+  return ClassifierTrainer(config=config, strategy=strategy_for(replicas))
+
+
+def train_steps(trainer, n):
+  iterator = iter(trainer.distribute_dataset(
+      'train', batch_size=trainer.global_batch_size,
+      skip_batches=int(trainer.data_position.numpy())))
+  trainer.train(iterator, n)
+
+
+def save_at(trainer, checkpointer, steps):
+  """Trains to each step in `steps` and saves; returns weights at each."""
+  weights = {}
+  for step in steps:
+    train_steps(trainer, step - int(trainer.global_step.numpy()))
+    checkpointer.save()
+    weights[step] = trainer.model.get_weights()
+  checkpointer.wait()
+  return weights
+
+
+@pytest.mark.parametrize('replicas', [1, 2])
+def test_async_save_holds_the_state_at_save_time(tmp_path, replicas):
+  trainer = build(replicas)
+  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path))
+  weights = save_at(trainer, checkpointer, [3, 6])
+  fresh = build(replicas)
+  restorer = checkpointing.Checkpointer(fresh, str(tmp_path))
+  restorer.restore(str(tmp_path / 'ckpt-3'))
+  assert int(fresh.global_step.numpy()) == 3
+  assert int(fresh.data_position.numpy()) == 3
+  for a, b in zip(weights[3], fresh.model.get_weights()):
+    np.testing.assert_array_equal(a, b)
+  assert restorer.restore_latest().endswith('ckpt-6')
+  for a, b in zip(weights[6], fresh.model.get_weights()):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_restored_run_continues_like_an_uninterrupted_one(tmp_path):
+  reference = build()
+  train_steps(reference, 10)
+  trainer = build()
+  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path))
+  save_at(trainer, checkpointer, [4])
+  resumed = build()
+  checkpointing.Checkpointer(resumed, str(tmp_path)).restore_latest()
+  train_steps(resumed, 6)
+  for a, b in zip(reference.model.get_weights(), resumed.model.get_weights()):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(reference.optimizer.variables, resumed.optimizer.variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def _truncate(path):
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip_bytes(path):
+  with open(path, 'r+b') as f:
+    data = bytearray(f.read())
+    for i in range(len(data) // 3, len(data) // 3 + 16):
+      data[i] ^= 0xFF
+    f.seek(0)
+    f.write(data)
+
+
+def test_restore_falls_back_past_truncated_and_corrupt(tmp_path):
+  trainer = build()
+  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path),
+                                            max_to_keep=5)
+  weights = save_at(trainer, checkpointer, [2, 4, 6])
+  _truncate(tmp_path / 'ckpt-6.data-00000-of-00001')
+  _flip_bytes(tmp_path / 'ckpt-4.data-00000-of-00001')
+  assert not checkpointing.is_complete(str(tmp_path / 'ckpt-6'))
+  assert not checkpointing.is_complete(str(tmp_path / 'ckpt-4'))
+  fresh = build()
+  path = checkpointing.Checkpointer(fresh, str(tmp_path)).restore_latest()
+  assert path.endswith('ckpt-2')
+  assert int(fresh.global_step.numpy()) == 2
+  for a, b in zip(weights[2], fresh.model.get_weights()):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_missing_index_file_is_not_a_checkpoint(tmp_path):
+  trainer = build()
+  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path))
+  save_at(trainer, checkpointer, [2, 4])
+  os.remove(tmp_path / 'ckpt-4.index')  # Killed before the index was written.
+  assert checkpointing.checkpoint_paths(str(tmp_path)) == [
+      str(tmp_path / 'ckpt-2')]
+
+
+def test_no_complete_checkpoint_is_an_error(tmp_path):
+  trainer = build()
+  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path))
+  save_at(trainer, checkpointer, [2])
+  _truncate(tmp_path / 'ckpt-2.data-00000-of-00001')
+  with pytest.raises(UserError, match=r'no complete checkpoint in '
+                     r'--model_dir=.*1 found, all unreadable'):
+    checkpointing.Checkpointer(build(), str(tmp_path)).restore_latest()
+
+
+def test_empty_dir_restores_nothing(tmp_path):
+  assert checkpointing.Checkpointer(build(), str(tmp_path)).restore_latest() \
+      is None
+
+
+def test_run_record_refuses_a_changed_setting(tmp_path):
+  trainer = build()
+  record = checkpointing.run_record(trainer.config, trainer)
+  checkpointing.check_or_write_run_record(str(tmp_path), record)
+  written = (tmp_path / 'run.json').read_text()
+  assert json.loads(written)['train.global_batch_size'] == 32
+  checkpointing.check_or_write_run_record(str(tmp_path), record)  # Same: ok.
+  changed = dict(record, **{'train.global_batch_size': 64})
+  with pytest.raises(UserError, match='train.global_batch_size: 32 -> 64'):
+    checkpointing.check_or_write_run_record(str(tmp_path), changed)
+  changed = dict(record, data=dict(record['data'], name='digits'))
+  with pytest.raises(UserError, match="data 'name': 'synthetic' -> 'digits'"):
+    checkpointing.check_or_write_run_record(str(tmp_path), changed)
+  assert (tmp_path / 'run.json').read_text() == written

@@ -1,0 +1,186 @@
+"""Controller: loop boundaries, NaN guard and recovery, best checkpoint, SIGTERM."""
+
+import json
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models.classifier import ClassifierTrainer
+from tests.trainer.trainer_test import make_config, strategy_for
+from trainer import checkpointing
+from trainer import continuous_eval
+from trainer import preemption
+from trainer.controller import Controller, ControllerOptions, NonFiniteLoss
+
+NAN_AT = 13  # 1-based step whose batch is poisoned.
+
+
+class PoisonedTrainer(ClassifierTrainer):
+  """Feeds NaN features in the NAN_AT-th training batch (1 replica)."""
+
+  def dataset(self, split, input_context, batch_size):
+    dataset = super().dataset(split, input_context, batch_size)
+    if split != 'train':
+      return dataset
+
+    def poison(index, batch):
+      features, labels = batch
+      bad = tf.fill(tf.shape(features), float('nan'))
+      return tf.where(index == NAN_AT - 1, bad, features), labels
+    return dataset.enumerate().map(poison)
+
+
+def build(config, trainer_cls=ClassifierTrainer, replicas=1):
+  tf.keras.utils.set_random_seed(config.seed)
+  return trainer_cls(config=config, strategy=strategy_for(replicas))
+
+
+def controller_for(trainer, model_dir, total_steps, steps_per_loop=5,
+                   **options):
+  checkpointer = checkpointing.Checkpointer(trainer, str(model_dir),
+                                            max_to_keep=50)
+  return Controller(trainer=trainer, checkpointer=checkpointer,
+                    model_dir=str(model_dir), total_steps=total_steps,
+                    steps_per_loop=steps_per_loop,
+                    options=ControllerOptions(**options))
+
+
+def saved_steps(model_dir):
+  return [int(p.rsplit('-', 1)[1])
+          for p in checkpointing.checkpoint_paths(str(model_dir))]
+
+
+def test_loops_end_on_checkpoint_and_eval_boundaries(tmp_path):
+  trainer = build(make_config())
+  controller = controller_for(trainer, tmp_path, total_steps=24,
+                              steps_per_loop=5, checkpoint_every=7,
+                              eval_every=10)
+  controller.train()
+  assert [step for step, _ in controller.history] == [
+      5, 7, 10, 14, 19, 20, 21, 24]
+  assert saved_steps(tmp_path) == [7, 14, 21, 24]
+  assert [step for step, _ in controller.evals] == [10, 20]
+  assert int(trainer.data_position.numpy()) == 24
+
+
+def test_nan_step_stops_without_update_and_keeps_checkpoint(tmp_path):
+  config = make_config()
+  trainer = build(config, PoisonedTrainer)
+  controller = controller_for(trainer, tmp_path, total_steps=30,
+                              checkpoint_every=10)
+  with pytest.raises(NonFiniteLoss, match=f'at step {NAN_AT};'):
+    controller.train()
+  controller.checkpointer.wait()
+  assert saved_steps(tmp_path) == [10]
+  assert int(trainer.global_step.numpy()) == NAN_AT - 1
+  # The poisoned update was skipped: weights equal a clean run of NAN_AT - 1
+  # steps, and are finite.
+  clean = build(config)
+  clean.model.set_weights(build(config, PoisonedTrainer).model.get_weights())
+  controller_for(clean, tmp_path / 'clean', total_steps=NAN_AT - 1).train()
+  for a, b in zip(trainer.model.get_weights(), clean.model.get_weights()):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nan_step_is_caught_on_two_replicas(tmp_path):
+  # With 2 replicas the poisoned batch index is per pipeline batch, i.e. step
+  # ceil(NAN_AT / 2); only one replica sees NaN, and both must stop.
+  trainer = build(make_config(), PoisonedTrainer, replicas=2)
+  controller = controller_for(trainer, tmp_path, total_steps=30)
+  with pytest.raises(NonFiniteLoss, match=f'at step {(NAN_AT + 1) // 2};'):
+    controller.train()
+  assert all(np.all(np.isfinite(w)) for w in trainer.model.get_weights())
+
+
+def test_nan_recovery_restores_and_skips_the_bad_batch(tmp_path):
+  trainer = build(make_config(), PoisonedTrainer)
+  controller = controller_for(trainer, tmp_path, total_steps=30,
+                              checkpoint_every=10, nan_retries=1)
+  controller.train()
+  assert int(trainer.global_step.numpy()) == 30
+  # Restored to step 10 at data position 13 (past the bad batch): 3 batches
+  # were skipped in all.
+  assert int(trainer.data_position.numpy()) == 33
+  assert all(np.all(np.isfinite(w)) for w in trainer.model.get_weights())
+
+
+def test_nan_recovery_gives_up_after_retries(tmp_path):
+  config = make_config()
+  config.optimizer.learning_rate = 1e30  # Diverges at every retry.
+  trainer = build(config)
+  controller = controller_for(trainer, tmp_path, total_steps=50,
+                              checkpoint_every=1, nan_retries=2)
+  with pytest.raises(NonFiniteLoss, match='train.nan_retries=2'):
+    controller.train()
+
+
+def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch):
+  trainer = build(make_config())
+  controller = controller_for(trainer, tmp_path, total_steps=100,
+                              eval_every=5, best_metric='accuracy',
+                              best_mode='max', patience=2)
+  scripted = iter([0.5, 0.7, 0.6, 0.65, 0.9])
+
+  def evaluate():
+    metrics = {'accuracy': next(scripted), 'loss': 1.0, 'examples': 10}
+    controller.evals.append((controller.step, metrics))
+    return metrics
+  monkeypatch.setattr(controller, 'evaluate', evaluate)
+  controller.train()
+  # Evals at 5, 10, 15, 20: best 0.7 at step 10, then two worse -> stop.
+  assert controller.step == 20
+  record = json.loads((tmp_path / 'best' / 'record.json').read_text())
+  assert record == {'metric': 'accuracy', 'mode': 'max', 'value': 0.7,
+                    'step': 10, 'checkpoint': 'ckpt-10'}
+  assert saved_steps(tmp_path / 'best') == [10]
+  assert saved_steps(tmp_path)[-1] == 20  # Final save after the early stop.
+
+
+def test_sigterm_stops_mid_loop_and_saves(tmp_path):
+  trainer = build(make_config())
+  controller = controller_for(trainer, tmp_path, total_steps=10**6,
+                              steps_per_loop=10**6)
+  timer = threading.Timer(2.0, os.kill, args=(os.getpid(), signal.SIGTERM))
+  timer.start()
+  with pytest.raises(preemption.Preempted) as raised:
+    controller.train()
+  timer.join()
+  step = raised.value.step
+  assert 0 < step < 10**6
+  assert saved_steps(tmp_path) == [step]
+  assert int(trainer.data_position.numpy()) == step
+  # The default handler is back once training stops.
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_continuous_eval_evaluates_each_checkpoint_once(tmp_path):
+  trainer = build(make_config(data='digits'))
+  controller_for(trainer, tmp_path, total_steps=20, checkpoint_every=5).train()
+  evaluator = build(make_config(data='digits'))
+  eval_controller = controller_for(evaluator, tmp_path, total_steps=20)
+  results = continuous_eval.run(
+      eval_controller, eval_controller.checkpointer, timeout_secs=60,
+      sleep=pytest.fail)  # Everything is there: it must never wait.
+  assert [step for step, _ in results] == [5, 10, 15, 20]
+  assert all(m['examples'] == 360 for _, m in results)
+  lines = (tmp_path / 'eval' / 'metrics.jsonl').read_text().splitlines()
+  assert [json.loads(l)['step'] for l in lines] == [5, 10, 15, 20]
+
+
+def test_continuous_eval_stops_after_timeout_without_final(tmp_path):
+  trainer = build(make_config(data='digits'))
+  controller_for(trainer, tmp_path, total_steps=10, checkpoint_every=5).train()
+  evaluator = build(make_config(data='digits'))
+  eval_controller = controller_for(evaluator, tmp_path, total_steps=100)
+  now = [0.0]
+  results = continuous_eval.run(
+      eval_controller, eval_controller.checkpointer, timeout_secs=30,
+      poll_secs=10, clock=lambda: now[0],
+      sleep=lambda s: now.__setitem__(0, now[0] + s))
+  assert [step for step, _ in results] == [5, 10]
+  assert now[0] > 30
