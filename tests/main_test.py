@@ -137,3 +137,34 @@ def test_unwritable_model_dir_is_one_line_error(tmp_path):
   assert f"flag --model_dir='{blocker}/run' is not a writable directory" in error
   assert blocker.read_text() == 'not a directory'
   assert os.listdir(tmp_path) == ['file']
+
+
+def test_eval_and_export_modes_read_the_trained_run(tmp_path):
+  model_dir = tmp_path / 'run'
+  trained = runner.run_main(SMOKE, f'--model_dir={model_dir}')
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  evaluated = runner.run_main(SMOKE, '--mode=eval', f'--model_dir={model_dir}')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert runner.final_eval(evaluated.stdout) == runner.final_eval(
+      trained.stdout)
+  exported = runner.run_main(SMOKE, '--mode=export',
+                             f'--model_dir={model_dir}')
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  assert exported.stdout.strip() == f'exported: {model_dir / "export"}'
+  assert (model_dir / 'export' / 'saved_model.pb').exists()
+
+
+def test_eval_without_a_run_is_one_line_error(tmp_path):
+  result = runner.run_main(SMOKE, '--mode=eval',
+                           f'--model_dir={tmp_path / "none"}')
+  assert result.returncode == 2
+  (error,) = runner.error_lines(result.stderr)
+  assert '--mode=eval needs a trained run in --model_dir' in error
+  assert not (tmp_path / 'none').exists()
+
+
+def test_unknown_mode_is_one_line_error(tmp_path):
+  result = runner.run_main(SMOKE, '--mode=serve', f'--model_dir={tmp_path}/r')
+  assert result.returncode == 2
+  (error,) = runner.error_lines(result.stderr)
+  assert "flag --mode='serve' is unknown; valid: train, eval" in error
