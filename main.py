@@ -27,6 +27,7 @@ from trainer import controller
 from trainer import experiment
 from trainer import preemption
 from trainer import strategies
+from trainer import tf_config
 from trainer.controller import format_metrics
 from trainer.errors import UserError
 
@@ -44,6 +45,10 @@ flags.DEFINE_string('model_dir', None, 'Output directory (default: '
                     'runs/<config>-<timestamp>).')
 flags.DEFINE_string('strategy', 'default',
                     f'One of: {", ".join(strategies.STRATEGIES)}.')
+flags.DEFINE_string('worker_hosts', '', 'With --strategy=multi_worker_mirrored '
+                    'and no TF_CONFIG: host:port of every worker, in order.')
+flags.DEFINE_integer('task_index', None, "With --worker_hosts: this worker's "
+                     'position in it, 0..N-1.')
 flags.DEFINE_string('tpu', '', 'With --strategy=tpu: a TPU name, '
                     'grpc://HOST:PORT, or "local" on a TPU VM.')
 flags.DEFINE_float('tpu_timeout', 300.0, 'Seconds to wait for the TPU.')
@@ -64,6 +69,8 @@ def main(argv):
   model_dir = FLAGS.model_dir or experiment.default_model_dir(
       config_flags.get_config_filename(FLAGS['config']))
   try:
+    tf_config.set_from_flags(FLAGS.worker_hosts, FLAGS.task_index,
+                             strategy=FLAGS.strategy)
     strategies.configure_cpu_devices(FLAGS.num_cpu_devices)
     metrics = experiment.run(
         config, model_dir=model_dir, mode=FLAGS.mode, strategy_name=FLAGS.strategy, tpu=FLAGS.tpu,

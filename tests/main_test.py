@@ -168,3 +168,23 @@ def test_unknown_mode_is_one_line_error(tmp_path):
   assert result.returncode == 2
   (error,) = runner.error_lines(result.stderr)
   assert "flag --mode='serve' is unknown; valid: train, eval" in error
+
+
+def test_continuous_eval_beside_training_evaluates_each_checkpoint_once(
+    tmp_path):
+  model_dir = tmp_path / 'run'
+  common = (SMOKE, '--config.train.steps=40', '--config.train.steps_per_loop=5',
+            '--config.checkpoint.every_steps=10',
+            '--config.checkpoint.max_to_keep=10', f'--model_dir={model_dir}')
+  evaluator = runner.start_main(*common, '--mode=continuous_eval',
+                                '--config.eval.timeout_secs=120')
+  trained = runner.run_main(*common)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  stdout, stderr = evaluator.communicate(timeout=180)
+  assert evaluator.returncode == 0, stderr[-3000:]
+  records = [json.loads(line) for line in
+             (model_dir / 'eval' / 'metrics.jsonl').read_text().splitlines()]
+  # The trainer's own final eval is one line; the evaluator's are the rest.
+  steps = sorted(r['step'] for r in records)
+  assert steps == [10, 20, 30, 40, 40]
+  assert runner.final_eval(stdout) == runner.final_eval(trained.stdout)

@@ -84,7 +84,9 @@ class Checkpointer:
   Args (keyword-only after trainer):
     trainer: the Trainer whose model, optimizer, step and data position are
       saved.
-    directory: where checkpoints go (model_dir for the chief).
+    directory: where checkpoints are written (model_dir for the chief).
+    restore_directory: where they are read from (default `directory`;
+      model_dir for the other workers of a multi-worker run).
     max_to_keep: how many recent checkpoints to keep.
     async_save: copy the variables to host memory and write them in a
       background thread, so the training loop waits ~1 ms instead of the
@@ -92,10 +94,11 @@ class Checkpointer:
       last write is on disk; the controller calls it before exiting.
   """
 
-  def __init__(self, trainer, directory: str, *, max_to_keep: int = 3,
-               async_save: bool = True):
+  def __init__(self, trainer, directory: str, *, restore_directory=None,
+               max_to_keep: int = 3, async_save: bool = True):
     self.trainer = trainer
     self.directory = directory
+    self.restore_directory = restore_directory or directory
     self.checkpoint = tf.train.Checkpoint(
         model=trainer.model, optimizer=trainer.optimizer,
         step=trainer.global_step, data_position=trainer.data_position)
@@ -128,7 +131,7 @@ class Checkpointer:
     Raises:
       RuntimeError: checkpoints exist but none is complete.
     """
-    paths = checkpoint_paths(self.directory)
+    paths = checkpoint_paths(self.restore_directory)
     for path in reversed(paths):
       if not is_complete(path):
         logging.warning('skipping %s; falling back to an older checkpoint',
@@ -140,7 +143,7 @@ class Checkpointer:
       return path
     if paths:
       raise UserError(
-          f'no complete checkpoint in --model_dir={self.directory} '
+          f'no complete checkpoint in --model_dir={self.restore_directory} '
           f'({len(paths)} found, all unreadable); move them away to start '
           'over, or pass another --model_dir')
     return None

@@ -25,7 +25,7 @@ def run(controller, checkpointer, *, timeout_secs: float,
   done, results = set(), []
   last_new = clock()
   while True:
-    pending = [p for p in checkpointing.checkpoint_paths(checkpointer.directory)
+    pending = [p for p in checkpointing.checkpoint_paths(checkpointer.restore_directory)
                if p not in done]
     for path in pending:
       if not checkpointing.is_complete(path):
@@ -45,6 +45,6 @@ def run(controller, checkpointer, *, timeout_secs: float,
         return results
     if clock() - last_new > timeout_secs:
       logging.warning('no new checkpoint in %s for %.0fs (eval.timeout_secs); '
-                      'stopping', checkpointer.directory, timeout_secs)
+                      'stopping', checkpointer.restore_directory, timeout_secs)
       return results
     sleep(poll_secs)

@@ -8,6 +8,8 @@ created.
 import dataclasses
 import datetime
 import os
+import shutil
+import tempfile
 
 from absl import logging
 import tensorflow as tf
@@ -53,9 +55,9 @@ def prepare_model_dir(model_dir: str) -> None:
   """Creates model_dir, or raises a UserError naming --model_dir."""
   try:
     os.makedirs(model_dir, exist_ok=True)
-    probe = os.path.join(model_dir, '.write_probe')
-    with open(probe, 'w') as f:
-      f.write('ok')
+    # A per-process name: several workers may probe the same directory.
+    fd, probe = tempfile.mkstemp(prefix='.write_probe', dir=model_dir)
+    os.close(fd)
     os.remove(probe)
   except OSError as e:
     raise UserError(f'flag --model_dir={model_dir!r} is not a writable '
@@ -127,12 +129,30 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
   logging.info('%s on %d replica(s) (%s), global batch %d, mode %s',
                type(trainer).__name__, trainer.num_replicas,
                type(strategy).__name__, trainer.global_batch_size, mode)
+  # Only the chief writes into model_dir. Other workers (multi-worker runs)
+  # still take part in every save, as TensorFlow requires, but write into a
+  # private temporary directory that is removed when they finish.
+  is_chief = strategy.extended.should_checkpoint
+  write_dir = model_dir if is_chief else tempfile.mkdtemp(
+      prefix=f'distloop-worker{strategy.cluster_resolver.task_id}-')
+  try:
+    return _run_mode(config, mode, trainer, options, model_dir=model_dir,
+                     write_dir=write_dir, is_chief=is_chief)
+  finally:
+    if not is_chief:
+      shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
+              is_chief):
+  """run() once the trainer exists; writes go to write_dir only."""
   ckpt = config.get('checkpoint', {})
   checkpointer = checkpointing.Checkpointer(
-      trainer, model_dir, max_to_keep=ckpt.get('max_to_keep', 3),
-      async_save=ckpt.get('async_save', True))
+      trainer, write_dir, restore_directory=model_dir,
+      max_to_keep=ckpt.get('max_to_keep', 3) if is_chief else 1,
+      async_save=ckpt.get('async_save', True) and is_chief)
   controller = controller_lib.Controller(
-      trainer=trainer, checkpointer=checkpointer, model_dir=model_dir,
+      trainer=trainer, checkpointer=checkpointer, model_dir=write_dir,
       total_steps=config.train.steps,
       steps_per_loop=config.train.steps_per_loop, options=options)
   record = checkpointing.run_record(config, trainer)
@@ -156,12 +176,13 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
                       f'{model_dir}; train first (--mode=train)')
     if mode == 'eval':
       return controller.evaluate()
-    return {'export': _export(trainer, model_dir)}
+    return {'export': _export(trainer, write_dir)}
 
   prepare_model_dir(model_dir)
-  checkpointing.check_or_write_run_record(model_dir, record)
-  with open(os.path.join(model_dir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  checkpointing.check_or_write_run_record(model_dir, record, write=is_chief)
+  if is_chief:
+    with open(os.path.join(model_dir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   checkpointer.restore_latest()
   if mode == 'train_and_eval' and not options.eval_every:
     logging.info('train_and_eval with eval.every_steps=0: one eval at the end')
@@ -172,7 +193,7 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
   else:
     metrics = controller.evaluate()
   if config.get('export', {}).get('at_end', False):
-    metrics['export'] = _export(trainer, model_dir)
+    metrics['export'] = _export(trainer, write_dir)
   return metrics
 
 

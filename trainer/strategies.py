@@ -1,13 +1,12 @@
 """--strategy / --tpu / --num_cpu_devices / TF_CONFIG -> tf.distribute.Strategy."""
 
 import itertools
-import json
-import os
 import socket
 
 from absl import logging
 import tensorflow as tf
 
+from trainer import tf_config
 from trainer.errors import UserError
 
 _MIRRORED_KEY_BASES = itertools.count(0, 100_000)
@@ -83,24 +82,16 @@ def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0):
   if name == 'mirrored':
     return mirrored_strategy(_local_devices())
   if name == 'multi_worker_mirrored':
-    _check_tf_config()
+    # Checked here, before TensorFlow reads it: TF waits forever instead.
+    config = tf_config.from_environ()
+    logging.info('TF_CONFIG: task %s of %d workers%s',
+                 tf_config.task_name(config), tf_config.num_workers(config),
+                 ' (chief)' if tf_config.is_chief(config) else '')
     return tf.distribute.MultiWorkerMirroredStrategy()
   if not tpu:
     raise UserError('flag --strategy=tpu needs --tpu=NAME, '
                     '--tpu=grpc://HOST:PORT or --tpu=local (on a TPU VM)')
   return _tpu_strategy(tpu, tpu_timeout)
-
-
-def _check_tf_config():
-  raw = os.environ.get('TF_CONFIG', '')
-  if not raw:
-    raise UserError('--strategy=multi_worker_mirrored needs the TF_CONFIG '
-                    'environment variable ({"cluster": {"worker": [...]}, '
-                    '"task": {"type": "worker", "index": i}})')
-  try:
-    json.loads(raw)
-  except json.JSONDecodeError as e:
-    raise UserError(f'TF_CONFIG is not valid JSON ({e}); value: {raw!r}') from e
 
 
 def _tpu_strategy(tpu: str, timeout: float):

@@ -334,16 +334,18 @@ class Trainer:
 
   def _train_loop_fn(self, iterator, num_steps):
     step_fn = self._accumulating(self.train_step, self._train_sums)
-    applied = tf.constant(0, tf.int64)
+    taken = tf.constant(0, tf.int64)  # Batches taken from the stream.
+    applied = tf.constant(0, tf.int64)  # Updates applied.
     status = tf.constant(OK)
     for _ in tf.range(num_steps):
       status = self.strategy.experimental_local_results(
           self.strategy.run(step_fn, args=(next(iterator),)))[0]
-      self.data_position.assign_add(1)
+      taken += 1
       applied += tf.cast(status != NONFINITE, tf.int64)
       if status != OK:
         break
     self.global_step.assign_add(applied)
+    self.data_position.assign_add(taken)
     return self._reduce_and_reset(self._train_sums), applied, status
 
   def _eval_loop_fn(self, iterator):
