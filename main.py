@@ -74,7 +74,8 @@ def main(argv):
     strategies.configure_cpu_devices(FLAGS.num_cpu_devices)
     metrics = experiment.run(
         config, model_dir=model_dir, mode=FLAGS.mode, strategy_name=FLAGS.strategy, tpu=FLAGS.tpu,
-        tpu_timeout=FLAGS.tpu_timeout, deterministic=FLAGS.deterministic)
+        tpu_timeout=FLAGS.tpu_timeout, num_cpu_devices=FLAGS.num_cpu_devices,
+        deterministic=FLAGS.deterministic)
   except UserError as e:
     cli.fail(str(e))
   except preemption.Preempted as e:

@@ -102,7 +102,7 @@ def controller_options(config, trainer) -> controller_lib.ControllerOptions:
 
 
 def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
-        tpu: str = '', tpu_timeout: float = 300.0,
+        tpu: str = '', tpu_timeout: float = 300.0, num_cpu_devices: int = 1,
         deterministic: bool = False):
   """Runs one experiment in `mode`; see MODES.
 
@@ -121,7 +121,8 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
   if deterministic:
     tf.config.experimental.enable_op_determinism()
   strategy = strategies.build_strategy(strategy_name, tpu=tpu,
-                                       tpu_timeout=tpu_timeout)
+                                       tpu_timeout=tpu_timeout,
+                                       num_cpu_devices=num_cpu_devices)
   trainer = build_trainer(config, strategy)
   options = controller_options(config, trainer)
   if mode != 'train_and_eval':  # Only train_and_eval evaluates periodically.

@@ -57,7 +57,37 @@ def mirrored_strategy(devices) -> tf.distribute.MirroredStrategy:
   return tf.distribute.MirroredStrategy(devices)
 
 
-def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0):
+def _multi_worker_mirrored(num_cpu_devices: int):
+  """MultiWorkerMirroredStrategy, with every logical CPU of a GPU-less host.
+
+  MultiWorkerMirroredStrategy takes one replica per GPU, or a single CPU
+  replica when a worker has no GPU, whatever logical CPUs exist. To run
+  N CPU replicas per worker (the multi-worker analogue of
+  `--strategy=mirrored --num_cpu_devices=N`, and how multi-worker code is
+  tested without accelerators), its local-device lookup is replaced while
+  the strategy is built.
+  """
+  if num_cpu_devices <= 1 or tf.config.list_physical_devices('GPU'):
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  # pylint: disable=g-import-not-at-top,protected-access
+  from tensorflow.python.distribute import collective_all_reduce_strategy
+  extended = collective_all_reduce_strategy.CollectiveAllReduceExtended
+  original = extended._initialize_local_devices
+
+  def local_cpus(self, cluster_resolver, worker_device):
+    del self, cluster_resolver
+    return tuple(f'{worker_device}/device:CPU:{i}'
+                 for i in range(num_cpu_devices)), 'CPU'
+
+  extended._initialize_local_devices = local_cpus
+  try:
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  finally:
+    extended._initialize_local_devices = original
+
+
+def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0,
+                   num_cpu_devices: int = 1):
   """Returns the tf.distribute.Strategy for the --strategy flag.
 
   Args:
@@ -65,6 +95,8 @@ def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0):
     tpu: --tpu: a TPU name, grpc://HOST:PORT, or 'local' on a TPU VM. Only
       valid with name='tpu'.
     tpu_timeout: seconds to wait for the TPU connection and initialisation.
+    num_cpu_devices: logical CPUs made by configure_cpu_devices; with
+      multi_worker_mirrored on a GPU-less host, the replicas per worker.
   Raises:
     UserError: unknown name, --tpu without --strategy=tpu or the reverse, bad
       TF_CONFIG, or a TPU that cannot be reached.
@@ -87,7 +119,7 @@ def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0):
     logging.info('TF_CONFIG: task %s of %d workers%s',
                  tf_config.task_name(config), tf_config.num_workers(config),
                  ' (chief)' if tf_config.is_chief(config) else '')
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return _multi_worker_mirrored(num_cpu_devices)
   if not tpu:
     raise UserError('flag --strategy=tpu needs --tpu=NAME, '
                     '--tpu=grpc://HOST:PORT or --tpu=local (on a TPU VM)')
