@@ -204,6 +204,8 @@ def check_or_write_run_record(model_dir: str, record: dict, *,
         sub = next(k for k in keys
                    if _jsonable(record[key].get(k)) != old[key].get(k))
         what = f'{key} {sub!r}: {old[key].get(sub)!r} -> {record[key].get(sub)!r}'
+        if key == 'model weights':
+          what += ' (a model.* config key changed)'
       else:
         what = f'{key}: {old[key]!r} -> {record[key]!r}'
       raise UserError(
@@ -216,9 +218,14 @@ def check_or_write_run_record(model_dir: str, record: dict, *,
 
 def write_json_atomically(path: str, value) -> None:
   """Writes JSON to `path` so a reader never sees a partial file."""
+  write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True))
+
+
+def write_text_atomically(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temporary file and a rename."""
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
+    f.write(text)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
