@@ -1,0 +1,100 @@
+"""Optimizers and schedules from config: values, weight decay, errors."""
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models.classifier import ClassifierTrainer
+from tests.trainer.trainer_test import make_config, strategy_for, train
+from trainer import optimization
+from trainer.errors import UserError
+
+
+def opt_config(**overrides):
+  values = dict(name='sgd', learning_rate=0.1, momentum=0.0, nesterov=False)
+  values.update(overrides)
+  return ml_collections.ConfigDict(values)
+
+
+def rate(schedule, step):
+  return float(schedule(tf.constant(step)))
+
+
+def test_cosine_with_warmup():
+  schedule = optimization.build_schedule(
+      opt_config(schedule='cosine', warmup_steps=10,
+                 end_learning_rate_factor=0.1), total_steps=110)
+  assert rate(schedule, 0) == 0.0
+  assert rate(schedule, 5) == pytest.approx(0.05)
+  assert rate(schedule, 10) == pytest.approx(0.1)
+  assert rate(schedule, 60) == pytest.approx(0.055)  # Half-way: mid value.
+  assert rate(schedule, 110) == pytest.approx(0.01)
+  assert rate(schedule, 500) == pytest.approx(0.01)
+
+
+def test_linear_and_step_decay():
+  linear = optimization.build_schedule(opt_config(schedule='linear'),
+                                       total_steps=100)
+  assert [rate(linear, s) for s in (0, 50, 100)] == pytest.approx(
+      [0.1, 0.05, 0.0])
+  step = optimization.build_schedule(
+      opt_config(schedule='step', step_boundaries=(30, 60), step_factor=0.5),
+      total_steps=100)
+  assert [rate(step, s) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx(
+      [0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+
+
+def test_constant_without_warmup_is_a_plain_float():
+  assert optimization.build_schedule(opt_config(), total_steps=100) == 0.1
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adamw', 'lamb'])
+def test_decoupled_weight_decay_skips_excluded_variables(name):
+  kernel = tf.keras.Variable(np.ones([2, 2], np.float32), name='kernel')
+  bias = tf.keras.Variable(np.ones([2], np.float32), name='bias')
+  optimizer = optimization.build_optimizer(
+      opt_config(name=name, weight_decay=0.5), variables=[kernel, bias])
+  optimizer.build([kernel, bias])
+  optimizer.apply_gradients([(tf.zeros([2, 2]), kernel),
+                             (tf.zeros([2]), bias)])
+  # Zero gradients: only the decay moves the kernel, by lr * wd.
+  np.testing.assert_allclose(kernel.numpy(), np.full([2, 2], 0.95), rtol=1e-6)
+  np.testing.assert_array_equal(bias.numpy(), np.ones([2]))
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adamw', 'lamb'])
+def test_optimizers_match_across_replica_counts(name):
+  config = make_config('sgd')
+  config.optimizer = dict(name=name, learning_rate=0.01, momentum=0.0,
+                          nesterov=False, weight_decay=0.01,
+                          schedule='cosine', warmup_steps=5)
+  tf.keras.utils.set_random_seed(config.seed)
+  initial = ClassifierTrainer(config=config,
+                              strategy=strategy_for(1)).model.get_weights()
+  one, _ = train(config, 1, initial=initial)
+  two, _ = train(config, 2, initial=initial)
+  for a, b in zip(one.model.get_weights(), two.model.get_weights()):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  assert not all(np.allclose(a, b) for a, b in
+                 zip(initial, one.model.get_weights()))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(name='rmsprop'), "optimizer.name='rmsprop' is unknown; valid: sgd, "
+     'adam, adamw, lamb'),
+    (dict(name='adam', momentum=0.9), 'apply to sgd only'),
+    (dict(schedule='exponential'), "optimizer.schedule='exponential' is "
+     'unknown'),
+    (dict(schedule='cosine', warmup_steps=100), 'warmup_steps=100 leaves no '
+     'steps to decay in train.steps=100'),
+    (dict(schedule='step'), 'step_boundaries=() must be a non-empty '
+     'increasing tuple'),
+    (dict(weight_decay=-1.0), 'weight_decay=-1.0 must be >= 0'),
+    (dict(learning_rate=0.0), 'learning_rate=0.0 must be > 0'),
+], ids=['name', 'momentum_adam', 'schedule', 'warmup', 'step', 'decay', 'lr'])
+def test_bad_settings_are_one_line_errors(overrides, message):
+  with pytest.raises(UserError, match=None) as raised:
+    optimization.build_optimizer(opt_config(**overrides), total_steps=100)
+  assert message in str(raised.value)
+  assert '\n' not in str(raised.value)
