@@ -26,6 +26,7 @@ from trainer import cli
 from trainer import controller
 from trainer import experiment
 from trainer import preemption
+from trainer import profiling
 from trainer import strategies
 from trainer import tf_config
 from trainer.controller import format_metrics
@@ -49,6 +50,10 @@ flags.DEFINE_string('worker_hosts', '', 'With --strategy=multi_worker_mirrored '
                     'and no TF_CONFIG: host:port of every worker, in order.')
 flags.DEFINE_integer('task_index', None, "With --worker_hosts: this worker's "
                      'position in it, 0..N-1.')
+flags.DEFINE_float('cluster_timeout', 300.0, 'With --strategy=multi_worker_'
+                   'mirrored: seconds within which every worker must join the '
+                   'cluster at start-up; otherwise exit 75 naming the missing '
+                   'one.')
 flags.DEFINE_string('tpu', '', 'With --strategy=tpu: a TPU name, '
                     'grpc://HOST:PORT, or "local" on a TPU VM.')
 flags.DEFINE_float('tpu_timeout', 300.0, 'Seconds to wait for the TPU.')
@@ -57,6 +62,9 @@ flags.DEFINE_integer('num_cpu_devices', 1, 'Split the host CPU into N logical '
 flags.DEFINE_bool('deterministic', False, 'Seed everything and enable op '
                   'determinism: two runs give bitwise-identical checkpoints.')
 flags.DEFINE_bool('print_config', False, 'Print the resolved config and exit.')
+flags.DEFINE_string('profile_steps', '', 'START,END: trace training steps '
+                    'START..END for TensorBoard\'s profile plugin (written to '
+                    'model_dir/train/plugins/profile).')
 FLAGS = flags.FLAGS
 
 
@@ -69,13 +77,15 @@ def main(argv):
   model_dir = FLAGS.model_dir or experiment.default_model_dir(
       config_flags.get_config_filename(FLAGS['config']))
   try:
+    profile_steps = profiling.parse_profile_steps(FLAGS.profile_steps)
     tf_config.set_from_flags(FLAGS.worker_hosts, FLAGS.task_index,
                              strategy=FLAGS.strategy)
     strategies.configure_cpu_devices(FLAGS.num_cpu_devices)
     metrics = experiment.run(
         config, model_dir=model_dir, mode=FLAGS.mode, strategy_name=FLAGS.strategy, tpu=FLAGS.tpu,
         tpu_timeout=FLAGS.tpu_timeout, num_cpu_devices=FLAGS.num_cpu_devices,
-        deterministic=FLAGS.deterministic)
+        cluster_timeout=FLAGS.cluster_timeout,
+        deterministic=FLAGS.deterministic, profile_steps=profile_steps)
   except UserError as e:
     cli.fail(str(e))
   except preemption.Preempted as e:
@@ -84,6 +94,13 @@ def main(argv):
   except controller.NonFiniteLoss as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(controller.NonFiniteLoss.EXIT_CODE)
+  except Exception as e:  # pylint: disable=broad-except
+    # A worker that did not join or died: a TF error wherever this one was.
+    cluster_error = strategies.cluster_error(e)
+    if cluster_error is None:
+      raise
+    print(f'error: {cluster_error}', file=sys.stderr)
+    sys.exit(cluster_error.EXIT_CODE)
   export_path = metrics.pop('export', None)
   if export_path:
     print(f'exported: {export_path}')

@@ -3,6 +3,8 @@
 Command:   python main.py --config=configs/digits_mlp.py
 Runtime:   ~30 s on 2 CPU cores (3,000 steps of batch 64, Adam).
 Expected:  final eval accuracy ~0.97 on the 360 held-out images (>= 0.95).
+Watch:     tensorboard --logdir runs (README, "Monitoring"): loss, accuracy,
+           gradient and weight norms, throughput, input wait, every 100 steps.
 
 Variants (after ':'):
   smoke   20 steps, for tests and a quick check of a new install.
@@ -54,6 +56,14 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.eval.best_mode = 'max'
   config.eval.patience = 0            # early stop after N evals; 0: never
 
+  config.summary = ml_collections.ConfigDict()
+  config.summary.every_steps = 100    # TensorBoard train scalars every N steps
+                                      # (need not divide steps_per_loop); 0: none
+
+  config.log = ml_collections.ConfigDict()
+  config.log.every_secs = 0.0         # at most one progress line per N s; 0: one
+                                      # per inner loop (e.g. 60 for long runs)
+
   config.export = ml_collections.ConfigDict()
   config.export.at_end = False        # SavedModel in model_dir/export
 
@@ -68,6 +78,7 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.train.steps_per_loop = 10
     config.checkpoint.every_steps = 10
     config.eval.every_steps = 10
+    config.summary.every_steps = 10
   elif variant == 'sgd':
     config.optimizer.name = 'sgd'
     config.optimizer.learning_rate = 0.05

@@ -1,11 +1,13 @@
 """The outer loop: inner loops of `steps_per_loop` steps, and host work between.
 
 Host work (checkpoints, evaluation, the best checkpoint, early stopping,
-preemption, non-finite recovery, logging) happens only between inner loops,
-never inside the tf.function. An inner loop is cut short so that it ends
-exactly on every checkpoint and eval boundary.
+preemption, non-finite recovery, summaries, progress lines, profiling)
+happens only between inner loops, never inside the tf.function. An inner loop
+is cut short so that it ends exactly on every checkpoint, eval and summary
+boundary, and runs one step at a time inside a --profile_steps window.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +17,9 @@ from absl import logging
 
 from trainer import checkpointing
 from trainer import preemption
+from trainer import profiling
+from trainer import progress
+from trainer import summaries
 from trainer import trainer as trainer_lib
 
 
@@ -37,6 +42,13 @@ class ControllerOptions:
     patience: stop after this many evals without a new best (0: never).
     nan_retries: on a non-finite step, restore the last checkpoint and
       continue with the data after the bad batch, at most this many times.
+    summary_every: write training scalars every this many steps (need not
+      divide steps_per_loop: loops are cut to end on it), at the end and
+      before a preemption exit.
+    log_every_secs: at most one progress line per this many seconds; 0 logs
+      every inner loop.
+    profile_steps: (START, END): trace steps START..END into
+      model_dir/train/plugins/profile (see trainer/profiling.py); None: off.
   """
   checkpoint_every: int = 0
   eval_every: int = 0
@@ -45,6 +57,9 @@ class ControllerOptions:
   best_mode: str = 'max'
   patience: int = 0
   nan_retries: int = 0
+  summary_every: int = 0
+  log_every_secs: float = 0.0
+  profile_steps: tuple[int, int] | None = None
 
 
 class Controller:
@@ -57,12 +72,33 @@ class Controller:
     total_steps: train until trainer.global_step reaches this.
     steps_per_loop: steps per tf.function call.
     options: ControllerOptions.
+    train_writer, eval_writer: summaries.MetricWriter for the training and
+      evaluation scalars (None: write nothing).
     clock: returns seconds; injected so tests control time.
+
+  Scalars, at global step s (tags; train and eval share the metric tags, so
+  TensorBoard draws them in one chart):
+    metrics/loss, metrics/<metric>  means over the examples since the last
+        summary (train) or over the eval split (eval);
+    optimizer/learning_rate         at step s;
+    optimizer/grad_norm             mean over the steps since the last
+        summary of the global norm of the all-reduced gradient (before
+        clipping);
+    optimizer/weight_norm           global L2 norm of the trainable weights;
+    throughput/steps_per_sec, throughput/examples_per_sec (steps x global
+        batch), throughput/input_wait_share: over the time spent inside
+        Trainer.train calls since the last summary, leaving out calls that
+        traced or ran under the profiler (graph building and tracing are not
+        step time); input_wait_share is the
+        part of that time the loop was blocked on the input pipeline
+        (measured in the graph: trainer/trainer.py, _timed_next).
   """
 
   def __init__(self, *, trainer, checkpointer=None, model_dir=None,
                total_steps: int, steps_per_loop: int,
                options: ControllerOptions = ControllerOptions(),
+               train_writer: summaries.MetricWriter | None = None,
+               eval_writer: summaries.MetricWriter | None = None,
                clock=time.monotonic):
     self.trainer = trainer
     self.checkpointer = checkpointer
@@ -71,10 +107,18 @@ class Controller:
     self.steps_per_loop = steps_per_loop
     self.options = options
     self.clock = clock
+    self.train_writer = train_writer or summaries.NullWriter()
+    self.eval_writer = eval_writer or summaries.NullWriter()
     self.history = []
     self.evals = []
     self._best_value = None
     self._evals_since_best = 0
+    self._meter = progress.Meter(trainer.global_batch_size,
+                                 trainer.metric_names)
+    self.profile = None
+    if options.profile_steps and model_dir:
+      self.profile = profiling.ProfileWindow(
+          *options.profile_steps, logdir=os.path.join(model_dir, 'train'))
 
   @property
   def step(self) -> int:
@@ -101,37 +145,90 @@ class Controller:
     if (self.checkpointer and self.options.nan_retries and
         self.checkpointer.last_saved_step is None and self.step == 0):
       self._save()  # Something to recover to if the very first steps fail.
+    if self.profile and self.step >= self.profile.end:
+      logging.warning('--profile_steps=%d,%d: the run starts at step %d, '
+                      'after them; nothing is profiled', self.profile.start,
+                      self.profile.end, self.step)
     iterator = self._iterator()
     metrics, retries = {}, 0
-    with preemption.SigtermWatcher(self._request_stop) as watcher:
-      while self.step < self.total_steps:
-        if watcher.requested:
-          self._preempt()
-        num_steps = self._next_loop_length()
-        start = self.clock()
-        metrics = trainer.train(iterator, num_steps)
-        seconds = max(self.clock() - start, 1e-9)
-        metrics['examples_per_sec'] = metrics['examples'] / seconds
-        self.history.append((self.step, metrics))
-        status = metrics.pop('status')
-        logging.info('step %d/%d: %s', self.step, self.total_steps,
-                     format_metrics(metrics))
-        if status == trainer_lib.NONFINITE:
-          retries += 1
-          iterator = self._recover(retries)
-          continue
-        if status == trainer_lib.STOP_REQUESTED or watcher.requested:
-          self._preempt()
-        if self._due(self.options.checkpoint_every):
+    self._meter.reset()
+    progress_log = progress.ProgressLogger(
+        total_steps=self.total_steps,
+        global_batch_size=trainer.global_batch_size,
+        main_metric=(trainer.metric_names or ('',))[0],
+        every_secs=self.options.log_every_secs)
+    try:
+      with preemption.SigtermWatcher(self._request_stop) as watcher:
+        while self.step < self.total_steps:
+          if watcher.requested:
+            self._preempt()
+          metrics, seconds, untimed = self._train_loop(iterator)
+          self.history.append((self.step, metrics))
+          status = metrics.pop('status')
+          progress_log.loop_done(self.step, metrics, seconds, self.clock(),
+                                 untimed)
+          if status == trainer_lib.NONFINITE:
+            self._meter.reset()  # Those steps are being rolled back.
+            retries += 1
+            iterator = self._recover(retries)
+            continue
+          self._meter.add(metrics, seconds, untimed)
+          if status == trainer_lib.STOP_REQUESTED or watcher.requested:
+            self._preempt()
+          if self._due(self.options.summary_every):
+            self._write_train_summary()
+          if self._due(self.options.checkpoint_every):
+            self._save()
+          if (self._due(self.options.eval_every) and
+              self.step < self.total_steps):
+            if self.evaluate_and_track():
+              break
+        if self.options.summary_every and self._meter.steps:
+          self._write_train_summary()
+        if self.checkpointer and self.checkpointer.last_saved_step != self.step:
           self._save()
-        if self._due(self.options.eval_every) and self.step < self.total_steps:
-          if self.evaluate_and_track():
-            break
-      if self.checkpointer and self.checkpointer.last_saved_step != self.step:
-        self._save()
+    finally:
+      if self.profile:
+        self.profile.stop()
+      self.train_writer.flush()
     if self.checkpointer:
       self.checkpointer.wait()
     return metrics
+
+  def _train_loop(self, iterator):
+    """Runs one inner loop; returns (metrics, seconds, untimed): untimed
+    when it traced or ran under the profiler, whose time is not step time."""
+    trainer = self.trainer
+    step = self.step
+    num_steps = self._next_loop_length()
+    traces = trainer.trace_counts['train_loop']
+    profiled = bool(self.profile and self.profile.covers(step))
+    with self.profile.step(step) if self.profile else contextlib.nullcontext():
+      start = self.clock()
+      metrics = trainer.train(iterator, num_steps)
+      seconds = max(self.clock() - start, 1e-9)
+    metrics['examples_per_sec'] = metrics['examples'] / seconds
+    traced = trainer.trace_counts['train_loop'] != traces
+    return metrics, seconds, traced or profiled
+
+  def _write_train_summary(self):
+    """Writes the training scalars of the steps since the last summary."""
+    values = self._meter.result()
+    self._meter.reset()
+    if not values:
+      return
+    trainer = self.trainer
+    scalars = {f'metrics/{name}': values[name]
+               for name in ('loss', *trainer.metric_names) if name in values}
+    scalars['optimizer/learning_rate'] = trainer.learning_rate()
+    if 'grad_norm' in values:
+      scalars['optimizer/grad_norm'] = values['grad_norm']
+    scalars['optimizer/weight_norm'] = trainer.weight_norm()
+    for name in ('steps_per_sec', 'examples_per_sec', 'input_wait_share'):
+      if name in values:
+        scalars[f'throughput/{name}'] = values[name]
+    self.train_writer.write_scalars(self.step, scalars)
+    self.train_writer.flush()
 
   def _iterator(self):
     trainer = self.trainer
@@ -141,12 +238,16 @@ class Controller:
     return iter(dataset)
 
   def _next_loop_length(self) -> int:
-    """steps_per_loop, cut to end on the next checkpoint/eval boundary."""
+    """steps_per_loop, cut to end on the next checkpoint/eval/summary
+    boundary, and to one step inside the profile window."""
     step = self.step
     end = min(step + self.steps_per_loop, self.total_steps)
-    for every in (self.options.checkpoint_every, self.options.eval_every):
+    for every in (self.options.checkpoint_every, self.options.eval_every,
+                  self.options.summary_every):
       if every:
         end = min(end, (step // every + 1) * every)
+    if self.profile:
+      return self.profile.loop_length(step, end - step)
     return end - step
 
   def _due(self, every: int) -> bool:
@@ -162,6 +263,8 @@ class Controller:
       self.trainer.stop_requested.assign(1.0)
 
   def _preempt(self):
+    if self.options.summary_every and self._meter.steps:
+      self._write_train_summary()  # At the checkpoint's step: no orphans.
     path = self.checkpointer.save() if self.checkpointer else '(no checkpoint)'
     if self.checkpointer:
       self.checkpointer.wait()
@@ -201,6 +304,10 @@ class Controller:
     logging.info('eval %s at step %d: %s', split, self.step,
                  format_metrics(metrics))
     self.evals.append((self.step, metrics))
+    self.eval_writer.write_scalars(
+        self.step, {f'metrics/{name}': metrics[name]
+                    for name in ('loss', *self.trainer.metric_names)})
+    self.eval_writer.flush()
     if self.model_dir:
       record = {'step': self.step, 'split': split, **metrics}
       os.makedirs(os.path.join(self.model_dir, 'eval'), exist_ok=True)

@@ -5,6 +5,7 @@ Order matters for the promise that bad input writes nothing: every check
 created.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -20,6 +21,7 @@ from trainer import continuous_eval
 from trainer import controller as controller_lib
 from trainer import registry
 from trainer import strategies
+from trainer import summaries
 from trainer.errors import UserError
 
 MODES = ('train', 'eval', 'train_and_eval', 'continuous_eval', 'export')
@@ -75,6 +77,8 @@ def controller_options(config, trainer) -> controller_lib.ControllerOptions:
   """Reads the optional cadence/policy keys (defaults when absent)."""
   ckpt = config.get('checkpoint', {})
   evals = config.get('eval', {})
+  summary = config.get('summary', {})
+  log = config.get('log', {})
   options = controller_lib.ControllerOptions(
       checkpoint_every=ckpt.get('every_steps', 0),
       eval_every=evals.get('every_steps', 0),
@@ -82,14 +86,22 @@ def controller_options(config, trainer) -> controller_lib.ControllerOptions:
       best_metric=evals.get('best_metric', ''),
       best_mode=evals.get('best_mode', 'max'),
       patience=evals.get('patience', 0),
-      nan_retries=config.train.get('nan_retries', 0))
+      nan_retries=config.train.get('nan_retries', 0),
+      summary_every=summary.get('every_steps', config.train.steps_per_loop),
+      log_every_secs=log.get('every_secs', 0.0))
   for key, value in (('checkpoint.every_steps', options.checkpoint_every),
                      ('eval.every_steps', options.eval_every),
                      ('eval.patience', options.patience),
-                     ('train.nan_retries', options.nan_retries)):
+                     ('train.nan_retries', options.nan_retries),
+                     ('summary.every_steps', options.summary_every)):
     if not isinstance(value, int) or value < 0:
       raise UserError(f'config key {key}={value!r} must be an integer >= 0 '
                       '(0 disables it)')
+  every_secs = options.log_every_secs
+  if (isinstance(every_secs, bool) or not isinstance(every_secs, (int, float))
+      or not every_secs >= 0):
+    raise UserError(f'config key log.every_secs={every_secs!r} must be a '
+                    'number of seconds >= 0 (0 logs every inner loop)')
   metrics = ('loss', *trainer.metric_names)
   if options.best_metric and options.best_metric not in metrics:
     raise UserError(f'config key eval.best_metric={options.best_metric!r} is '
@@ -103,8 +115,14 @@ def controller_options(config, trainer) -> controller_lib.ControllerOptions:
 
 def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
         tpu: str = '', tpu_timeout: float = 300.0, num_cpu_devices: int = 1,
-        deterministic: bool = False):
+        deterministic: bool = False, profile_steps=None,
+        cluster_timeout: float = 300.0):
   """Runs one experiment in `mode`; see MODES.
+
+  Args:
+    profile_steps: (START, END) to trace training steps START..END into
+      model_dir/train/plugins/profile (chief only), or None.
+    cluster_timeout: multi-worker: seconds for every worker to join.
 
   Returns:
     The eval metrics (modes that evaluate), or {'export': path}.
@@ -112,6 +130,8 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
     UserError: any bad flag or config value, before anything is written.
     preemption.Preempted: SIGTERM; a checkpoint was saved.
     controller.NonFiniteLoss: the loss diverged; nothing was saved after it.
+    strategies.ClusterError: a worker did not join the cluster in time (a
+      worker that dies later surfaces as a TF error: strategies.cluster_error).
   """
   if mode not in MODES:
     raise UserError(f'flag --mode={mode!r} is unknown; valid: '
@@ -122,7 +142,8 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
     tf.config.experimental.enable_op_determinism()
   strategy = strategies.build_strategy(strategy_name, tpu=tpu,
                                        tpu_timeout=tpu_timeout,
-                                       num_cpu_devices=num_cpu_devices)
+                                       num_cpu_devices=num_cpu_devices,
+                                       cluster_timeout=cluster_timeout)
   trainer = build_trainer(config, strategy)
   options = controller_options(config, trainer)
   if mode != 'train_and_eval':  # Only train_and_eval evaluates periodically.
@@ -136,6 +157,8 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
   is_chief = strategy.extended.should_checkpoint
   write_dir = model_dir if is_chief else tempfile.mkdtemp(
       prefix=f'distloop-worker{strategy.cluster_resolver.task_id}-')
+  options = dataclasses.replace(
+      options, profile_steps=profile_steps if is_chief else None)
   try:
     return _run_mode(config, mode, trainer, options, model_dir=model_dir,
                      write_dir=write_dir, is_chief=is_chief)
@@ -146,22 +169,33 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
 
 def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
               is_chief):
-  """run() once the trainer exists; writes go to write_dir only."""
+  """run() once the trainer exists; writes go to write_dir only.
+
+  TensorBoard summaries are written by the chief only: by train and
+  train_and_eval into model_dir (config and hparams), model_dir/train and
+  model_dir/eval; by continuous_eval into model_dir/continuous_eval, so that
+  an evaluator beside a training job never shares a directory with it.
+  """
   ckpt = config.get('checkpoint', {})
   checkpointer = checkpointing.Checkpointer(
       trainer, write_dir, restore_directory=model_dir,
       max_to_keep=ckpt.get('max_to_keep', 3) if is_chief else 1,
       async_save=ckpt.get('async_save', True) and is_chief)
-  controller = controller_lib.Controller(
-      trainer=trainer, checkpointer=checkpointer, model_dir=write_dir,
-      total_steps=config.train.steps,
-      steps_per_loop=config.train.steps_per_loop, options=options)
+
+  def make_controller(train_writer=None, eval_writer=None):
+    return controller_lib.Controller(
+        trainer=trainer, checkpointer=checkpointer, model_dir=write_dir,
+        total_steps=config.train.steps,
+        steps_per_loop=config.train.steps_per_loop, options=options,
+        train_writer=train_writer, eval_writer=eval_writer)
   record = checkpointing.run_record(config, trainer)
 
   if mode == 'continuous_eval':
-    results = continuous_eval.run(
-        controller, checkpointer,
-        timeout_secs=config.get('eval', {}).get('timeout_secs', 600))
+    with _writers([os.path.join(model_dir, 'continuous_eval')],
+                  enabled=is_chief) as (eval_writer,):
+      results = continuous_eval.run(
+          make_controller(eval_writer=eval_writer), checkpointer,
+          timeout_secs=config.get('eval', {}).get('timeout_secs', 600))
     if not results:
       raise UserError(f'--mode=continuous_eval found no checkpoint in '
                       f'--model_dir={model_dir} within eval.timeout_secs')
@@ -176,26 +210,63 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
       raise UserError(f'--mode={mode}: no checkpoint in --model_dir='
                       f'{model_dir}; train first (--mode=train)')
     if mode == 'eval':
-      return controller.evaluate()
+      return make_controller().evaluate()
     return {'export': _export(trainer, write_dir)}
 
   prepare_model_dir(model_dir)
-  checkpointing.check_or_write_run_record(model_dir, record, write=is_chief)
-  if is_chief:
-    with open(os.path.join(model_dir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  # Check, restore, and only then write: a refused resume or a model_dir
+  # with no complete checkpoint must leave every file as it was.
+  checkpointing.check_or_write_run_record(model_dir, record, write=False)
   checkpointer.restore_latest()
+  if is_chief:
+    checkpointing.check_or_write_run_record(model_dir, record)
+    checkpointing.write_text_atomically(
+        os.path.join(model_dir, 'config.json'),
+        config.to_json_best_effort(indent=2, sort_keys=True))
   if mode == 'train_and_eval' and not options.eval_every:
     logging.info('train_and_eval with eval.every_steps=0: one eval at the end')
-  controller.train()
-  if mode == 'train_and_eval':
-    controller.evaluate_and_track()
-    metrics = controller.evals[-1][1]
-  else:
-    metrics = controller.evaluate()
+  step = int(trainer.global_step.numpy())
+  with _writers([model_dir, os.path.join(model_dir, 'train'),
+                 os.path.join(model_dir, 'eval')], enabled=is_chief,
+                resume_step=step) as (run_writer, train_writer, eval_writer):
+    # At step 0, or at the step a resumed run starts from (its config may
+    # differ: train.steps, the learning rate...).
+    run_writer.write_texts(step, {'config': _config_markdown(config)})
+    run_writer.write_hparams(summaries.flatten(config.to_dict()))
+    run_writer.flush()
+    controller = make_controller(train_writer, eval_writer)
+    controller.train()
+    if mode == 'train_and_eval':
+      controller.evaluate_and_track()
+      metrics = controller.evals[-1][1]
+    else:
+      metrics = controller.evaluate()
   if config.get('export', {}).get('at_end', False):
     metrics['export'] = _export(trainer, write_dir)
   return metrics
+
+
+@contextlib.contextmanager
+def _writers(directories, *, enabled: bool, resume_step=None):
+  """One TensorBoardWriter per directory (NullWriters when not enabled),
+  closed on exit."""
+  if enabled:
+    logging.info('TensorBoard summaries in %s', ', '.join(directories))
+  else:
+    logging.info('not the chief: this worker writes no TensorBoard summaries')
+  writers = [summaries.TensorBoardWriter(d, resume_step=resume_step)
+             if enabled else summaries.NullWriter() for d in directories]
+  try:
+    yield writers
+  finally:
+    for writer in writers:
+      writer.close()
+
+
+def _config_markdown(config) -> str:
+  """The resolved config as a markdown code block (TensorBoard's Text tab)."""
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  return '\n'.join('    ' + line for line in text.splitlines())
 
 
 def _export(trainer, model_dir: str) -> str:

@@ -22,6 +22,7 @@ means would weigh a short replica batch wrongly; sums do not.
 """
 
 import collections
+import contextlib
 from typing import Any
 
 from absl import logging
@@ -56,6 +57,14 @@ class Trainer:
 
   metric_names: tuple[str, ...] = ()
 
+  @property
+  def measures_input_wait(self) -> bool:
+    """Whether train() measures input_wait_secs: not under op determinism
+    (--deterministic), where TensorFlow refuses tf.timestamp."""
+    # TF 2.21 has no public getter (tf.config.experimental only enables it).
+    from tensorflow.python.framework import config  # pylint: disable=g-direct-tensorflow-import,import-outside-toplevel
+    return not config.is_op_determinism_enabled()
+
   def __init__(self, *, config, strategy: tf.distribute.Strategy):
     self.config = config
     self.strategy = strategy
@@ -79,6 +88,8 @@ class Trainer:
     self.trace_counts = collections.Counter()
     self._warm = set()
     self._step_status = None  # Set while tracing a step by apply_gradients.
+    self._step_grad_norm = None  # Likewise.
+    self.reports_grad_norm = False  # Set when the train step is traced.
 
     # Everything stateful is created here, under the scope and before the
     # first trace: optimizer slots created inside a traced step fail under a
@@ -100,8 +111,9 @@ class Trainer:
       self.stop_requested = tf.Variable(
           0.0, trainable=False, name='stop_requested',
           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-      # Layout: [sum of per-example loss, example count, one sum per metric].
-      self._train_sums = self._accumulator('train_sums')
+      # Layout: [sum of per-example loss, example count, one sum per metric]
+      # and, for training, the sum over steps of the global gradient norm.
+      self._train_sums = self._accumulator('train_sums', extra=1)
       self._eval_sums = self._accumulator('eval_sums')
 
     self._train_loop = self._counted(self._train_loop_fn, 'train_loop')
@@ -221,6 +233,7 @@ class Trainer:
     grads, (stop, total_loss) = reduced[:-2], reduced[-2:]
     grad_norm = tf.linalg.global_norm(grads)
     finite = tf.math.is_finite(grad_norm) & tf.math.is_finite(total_loss)
+    self._step_grad_norm = grad_norm  # Reported by train(): mean over steps.
     if self.clip_norm > 0:
       grads, _ = tf.clip_by_global_norm(grads, self.clip_norm,
                                         use_norm=grad_norm)
@@ -315,15 +328,37 @@ class Trainer:
       num_steps: steps to run; passed as a tensor so no value retraces.
     Returns:
       {'loss': mean per-example loss, metric: mean, 'examples': count,
-       'steps': steps applied, 'status': OK | STOP_REQUESTED | NONFINITE},
+       'steps': steps applied, 'status': OK | STOP_REQUESTED | NONFINITE,
+       'input_wait_secs': seconds the loop was blocked taking batches from
+       `iterator` (absent under op determinism), 'grad_norm': mean over the
+       applied steps of the global
+       norm of the all-reduced gradient (absent when the train step does not
+       call `apply_gradients`)},
       means over the examples of all replicas in these steps.
     """
-    sums, steps, status = self._train_loop(
+    sums, steps, status, waited = self._train_loop(
         iterator, tf.constant(num_steps, tf.int32))
-    metrics = self._means(sums.numpy())
+    waited = float(waited)
+    sums = sums.numpy()
+    metrics = self._means(sums)
     metrics['steps'] = int(steps)
     metrics['status'] = int(status)
+    if waited >= 0:
+      metrics['input_wait_secs'] = waited
+    if self.reports_grad_norm:
+      # Every replica added the same norm (see _accumulating). A loop that
+      # ended on a non-finite step reports that step's inf/nan here.
+      metrics['grad_norm'] = float(sums[-1]) / (
+          self.num_replicas * max(int(steps), 1))
     return metrics
+
+  def weight_norm(self) -> float:
+    """Global L2 norm of the trainable weights (host, eager; not traced)."""
+    return float(tf.linalg.global_norm(self.model.trainable_variables))
+
+  def learning_rate(self) -> float:
+    """The optimizer's learning rate at the current step (host, eager)."""
+    return float(tf.convert_to_tensor(self.optimizer.learning_rate))
 
   def evaluate(self, split: str = 'test') -> dict[str, float]:
     """Loss and metrics over the whole of `split`, each example once."""
@@ -333,20 +368,29 @@ class Trainer:
     return self._means(sums.numpy())
 
   def _train_loop_fn(self, iterator, num_steps):
-    step_fn = self._accumulating(self.train_step, self._train_sums)
+    step_fn = self._accumulating(self.train_step, self._train_sums,
+                                 grad_norm=True)
     taken = tf.constant(0, tf.int64)  # Batches taken from the stream.
     applied = tf.constant(0, tf.int64)  # Updates applied.
     status = tf.constant(OK)
+    # Seconds spent getting batches (see _timed_next); -1: not measured.
+    waited = tf.constant(0.0 if self.measures_input_wait else -1.0,
+                         tf.float64)
     for _ in tf.range(num_steps):
+      if self.measures_input_wait:
+        batch, wait = _timed_next(iterator)
+        waited += wait
+      else:
+        batch = next(iterator)
       status = self.strategy.experimental_local_results(
-          self.strategy.run(step_fn, args=(next(iterator),)))[0]
+          self.strategy.run(step_fn, args=(batch,)))[0]
       taken += 1
       applied += tf.cast(status != NONFINITE, tf.int64)
       if status != OK:
         break
     self.global_step.assign_add(applied)
     self.data_position.assign_add(taken)
-    return self._reduce_and_reset(self._train_sums), applied, status
+    return self._reduce_and_reset(self._train_sums), applied, status, waited
 
   def _eval_loop_fn(self, iterator):
     for batch in iterator:
@@ -357,20 +401,27 @@ class Trainer:
   # ---------------------------------------------------------------------------
   # Metric accumulation.
 
-  def _accumulator(self, name):
+  def _accumulator(self, name, extra=0):
     return tf.Variable(
-        tf.zeros([2 + len(self.metric_names)]), trainable=False, name=name,
+        tf.zeros([2 + len(self.metric_names) + extra]), trainable=False,
+        name=name,
         synchronization=tf.VariableSynchronization.ON_READ,
         aggregation=tf.VariableAggregation.SUM)
 
-  def _accumulating(self, step_fn, sums):
+  def _accumulating(self, step_fn, sums, grad_norm=False):
     """Wraps a replica step so its per-example outputs add into `sums`.
+
+    With `grad_norm`, the step's global gradient norm (the same on every
+    replica, set by apply_gradients) also adds into the last slot: one more
+    element in the same assign_add and no other op per step; `train`
+    divides the SUM over replicas by the replica count.
 
     The wrapped step returns the step status (an int32 scalar, the same on
     every replica).
     """
     def step(batch):
       self._step_status = None
+      self._step_grad_norm = None
       values = step_fn(batch)
       expected = {'loss', *self.metric_names}
       if set(values) != expected:
@@ -382,6 +433,10 @@ class Trainer:
       row = [tf.reduce_sum(loss), tf.cast(tf.shape(loss)[0], tf.float32)]
       row += [tf.reduce_sum(tf.cast(values[k], tf.float32))
               for k in self.metric_names]
+      if grad_norm:
+        self.reports_grad_norm = self._step_grad_norm is not None
+        row.append(tf.zeros([]) if self._step_grad_norm is None else
+                   tf.cast(self._step_grad_norm, tf.float32))
       sums.assign_add(tf.stack(row))
       if self._step_status is not None:
         return self._step_status
@@ -443,6 +498,47 @@ class Trainer:
       self._warm.add(name)
       return result
     return call
+
+
+def _timed_next(iterator):
+  """(next batch, seconds spent getting it), inside the traced inner loop.
+
+  How the input wait is measured, honestly: a (host CPU) timestamp right
+  before the iterator's GetNext ops start, and, for each device's part of the
+  batch, one once all its tensors exist. That part of the batch then goes on through
+  identities that depend on its timestamp, so the replica's compute starts
+  only after it: otherwise the timestamp op could queue behind the step's own
+  ops and count compute as waiting. Iterations of the inner loop run one
+  after another (each waits for the previous step, optimizer update included,
+  through the loop variables and the function's automatic control
+  dependencies), so the wait is time in which that replica's step could not
+  run: blocked on an empty prefetch buffer, plus the fixed cost of handing
+  over a batch that was ready. Returned: the mean over devices (replicas of
+  this worker), float64. On TPU these are the host's waits for its input
+  pipeline, not infeed time on the device.
+  """
+  start = tf.timestamp()
+  with tf.control_dependencies([start]):
+    batch = next(iterator)
+  flat = tf.nest.flatten(batch, expand_composites=True)
+  by_device = {}
+  for i, tensor in enumerate(flat):
+    by_device.setdefault(tensor.device, []).append(i)
+  waits = []
+  for device, indices in by_device.items():
+    # On the replica's device when it is a CPU (tf.timestamp has no GPU or
+    # TPU kernel): a control edge across devices costs a send/receive pair.
+    cpu = tf.DeviceSpec.from_string(device).device_type == 'CPU'
+    with (tf.device(device) if cpu else contextlib.nullcontext()), \
+         tf.control_dependencies([flat[i] for i in indices]):
+      got = tf.timestamp()
+    waits.append(got - start)
+    with tf.control_dependencies([got]):
+      for i in indices:
+        with tf.device(flat[i].device):
+          flat[i] = tf.identity(flat[i])
+  batch = tf.nest.pack_sequence_as(batch, flat, expand_composites=True)
+  return batch, waits[0] if len(waits) == 1 else tf.add_n(waits) / len(waits)
 
 
 def _divisible(key: str, batch_size: int, num_replicas: int) -> int:

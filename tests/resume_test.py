@@ -1,0 +1,418 @@
+"""Resuming main.py after kill -9, SIGTERM, a restart and damaged checkpoints.
+
+Real processes and real signals: every assertion reads exit codes, logs and
+the files left in model_dir. With --deterministic an interrupted run must end
+in the same checkpoint, bit for bit, as a run that was never interrupted.
+"""
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests import runner
+
+FULL = '--config=configs/digits_mlp.py'
+SMOKE = '--config=configs/digits_mlp.py:smoke'
+STRATEGY_FLAGS = {
+    'default': (),
+    'mirrored2': ('--strategy=mirrored', '--num_cpu_devices=2'),
+}
+# (train.steps, checkpoint.every_steps, train.steps_per_loop): a few seconds
+# of training, many epochs of the 1,437 shuffled train images. Mirrored on 2
+# logical CPUs runs ~5x fewer steps per second than 1 replica.
+KILL_RUNS = {'default': (10000, 1000, 50), 'mirrored2': (2000, 250, 25)}
+NUM_KILLS = 3
+# train.steps = train.steps_per_loop (the whole run is one inner loop), and
+# the wait from 'ClassifierTrainer on' to SIGTERM, as a multiple of the time
+# it took to print that line: the first trace takes ~0.4x that (1 replica) or
+# ~0.65x (mirrored) here, so SIGTERM lands about a second into training on
+# this machine and still mid-run on one twice as fast.
+SIGTERM_RUNS = {'default': (16000, 0.8), 'mirrored2': (3000, 1.1)}
+# Seconds from SIGTERM to exit. With MirroredStrategy, destroying the train
+# iterator at exit waits for tf.data's autotuning thread to wake up, 1-10 s
+# here (longer the longer the run); job managers wait ~30 s before SIGKILL.
+EXIT_SECONDS = {'default': 10, 'mirrored2': 30}
+# Seconds any one process may take. At most three run at once (2 cores).
+TIMEOUT = 300
+
+STEP_LINE = re.compile(
+    r'^I\d{4} (\d\d):(\d\d):(\d\d\.\d+) .*\] step (\d+)/\d+: ', re.M)
+RESTORED = re.compile(r'\] restored (\S+) \(step (\d+), data position (\d+)\)')
+CKPT_INDEX = re.compile(r'ckpt-(\d+)\.index')
+
+
+class Logged:
+  """`python main.py ARGS` with stdout and stderr going to files in log_dir.
+
+  The logs are read while the process runs; a pipe nobody reads would fill
+  up and stall a long run.
+  """
+
+  def __init__(self, log_dir, name: str, *args: str):
+    self.name = name
+    self.stdout_path = log_dir / f'{name}.stdout'
+    self.stderr_path = log_dir / f'{name}.stderr'
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+    with open(self.stdout_path, 'w') as out, open(self.stderr_path, 'w') as err:
+      self.process = subprocess.Popen(runner.main_command(*args), stdout=out,
+                                      stderr=err, cwd=runner.REPO, env=env)
+    self.pid = self.process.pid
+
+  def stdout(self) -> str:
+    return self.stdout_path.read_text(errors='replace')
+
+  def stderr(self) -> str:
+    return self.stderr_path.read_text(errors='replace')
+
+  def tail(self) -> str:
+    return f'--- {self.name} stderr (tail) ---\n{self.stderr()[-3000:]}'
+
+  def poll(self):
+    return self.process.poll()
+
+  def wait(self, timeout: float = TIMEOUT) -> int:
+    return self.process.wait(timeout=timeout)
+
+  def kill(self):
+    self.process.kill()
+
+
+@pytest.fixture
+def started():
+  """Registers processes; kills (by pid) any still running at teardown."""
+  processes = []
+  yield processes.append
+  for process in processes:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+
+
+def checkpoint_steps(model_dir) -> list[int]:
+  """Steps N of the ckpt-N.index files in model_dir, ascending."""
+  if not os.path.isdir(model_dir):
+    return []
+  return sorted(int(m.group(1)) for m in
+                (CKPT_INDEX.fullmatch(f) for f in os.listdir(model_dir)) if m)
+
+
+def logged_steps(stderr: str) -> list[tuple[int, float]]:
+  """(step, seconds since midnight) of each 'step N/T' absl log line."""
+  return [(int(step), int(h) * 3600 + int(m) * 60 + float(s))
+          for h, m, s, step in STEP_LINE.findall(stderr)]
+
+
+def restored(stderr: str) -> tuple[str, int, int]:
+  """(path, step, data position) of the one 'restored ...' log line."""
+  (match,) = RESTORED.findall(stderr)
+  return match[0], int(match[1]), int(match[2])
+
+
+def lines_with(text: str, *needles: str) -> list[str]:
+  return [l for l in text.splitlines() if all(n in l for n in needles)]
+
+
+def wait_for(condition, *, run: Logged, what: str, timeout: float = TIMEOUT):
+  """Polls condition() until truthy; fails if `run` exits or time runs out."""
+  deadline = time.monotonic() + timeout
+  while True:
+    value = condition()
+    if value:
+      return value
+    assert run.poll() is None, (
+        f'{what}: {run.name} exited with {run.poll()} first\n{run.tail()}')
+    assert time.monotonic() < deadline, (
+        f'{what}: not within {timeout} s\n{run.tail()}')
+    time.sleep(0.01)
+
+
+def snapshot(model_dir) -> dict[str, bytes]:
+  """{path relative to model_dir: bytes} of every file under it."""
+  files = {}
+  for root, _, names in os.walk(model_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, model_dir)] = f.read()
+  return files
+
+
+def assert_bitwise_identical(model_dir, reference_dir, steps: int):
+  """Every tensor of both latest checkpoints has the same bytes."""
+  for directory in (model_dir, reference_dir):
+    assert checkpoint_steps(directory)[-1] == steps, os.listdir(directory)
+  got = runner.checkpoint_values(str(model_dir))
+  want = runner.checkpoint_values(str(reference_dir))
+  assert got.keys() == want.keys()
+  for key in ('step/.ATTRIBUTES/VARIABLE_VALUE',
+              'data_position/.ATTRIBUTES/VARIABLE_VALUE'):
+    assert got[key] == steps, key
+  assert len(got) > 10, sorted(got)  # Weights and Adam slots, not just steps.
+  for key in sorted(want):
+    assert got[key].dtype == want[key].dtype, key
+    assert got[key].shape == want[key].shape, key
+    assert got[key].tobytes() == want[key].tobytes(), key
+
+
+def flip_bytes(path, offset: int, count: int = 16):
+  with open(path, 'r+b') as f:
+    f.seek(offset)
+    data = f.read(count)
+    f.seek(offset)
+    f.write(bytes(b ^ 0xFF for b in data))
+
+
+def truncate_to_half(path):
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def data_file(model_dir, step: int):
+  return model_dir / f'ckpt-{step}.data-00000-of-00001'
+
+
+def index_file(model_dir, step: int):
+  return model_dir / f'ckpt-{step}.index'
+
+
+# -----------------------------------------------------------------------------
+# Interruptions mid-run.
+
+
+@pytest.mark.parametrize('strategy', ['default', 'mirrored2'])
+def test_kill_9_at_random_points_then_resume_is_bitwise_identical(
+    tmp_path, strategy, started):
+  steps, every, per_loop = KILL_RUNS[strategy]
+  args = (FULL, '--deterministic', *STRATEGY_FLAGS[strategy],
+          f'--config.train.steps={steps}',
+          f'--config.checkpoint.every_steps={every}',
+          f'--config.train.steps_per_loop={per_loop}')
+  reference_dir, model_dir = tmp_path / 'reference', tmp_path / 'interrupted'
+  reference = Logged(tmp_path, 'reference', *args,
+                     f'--model_dir={reference_dir}')
+  started(reference)
+  rng = random.Random(f'kill-9-{strategy}')
+  kills = []  # (exit status, newest checkpoint step on disk after the kill)
+
+  def check_resumed(run: Logged):
+    """A restart resumes from the newest checkpoint the last kill left,
+    or from an older one after warning that the newer ones are damaged."""
+    if not kills:
+      return
+    newest = kills[-1][1]
+    stderr = run.stderr()
+    path, step, position = restored(stderr)
+    assert position == step
+    assert path == f'{model_dir}/ckpt-{step}'
+    if step != newest:
+      assert step < newest, (step, newest)
+      assert lines_with(stderr, f'ckpt-{newest}', 'incomplete or corrupt')
+
+  for attempt in range(NUM_KILLS):
+    run = Logged(tmp_path, f'attempt{attempt}', *args,
+                 f'--model_dir={model_dir}')
+    started(run)
+
+    def training_with_checkpoint():
+      # The step rate over >= 0.25 s of inner loops after the first (which
+      # includes the trace), once a checkpoint is on disk.
+      lines = logged_steps(run.stderr())
+      if len(lines) < 3 or not checkpoint_steps(model_dir):
+        return None
+      (step_a, time_a), (step_b, time_b) = lines[1], lines[-1]
+      seconds = (time_b - time_a) % 86400  # The log shows time of day.
+      return seconds >= 0.25 and (step_b, (step_b - step_a) / seconds)
+
+    step, rate = wait_for(training_with_checkpoint, run=run,
+                          what='training with a checkpoint on disk')
+    check_resumed(run)
+    # A random moment in the rest of the run.
+    time.sleep(rng.uniform(0.05, 0.5) * (steps - step) / rate)
+    os.kill(run.pid, signal.SIGKILL)
+    status = run.wait()
+    kills.append((status, checkpoint_steps(model_dir)[-1]))
+
+  final = Logged(tmp_path, 'final', *args, f'--model_dir={model_dir}')
+  started(final)
+  assert final.wait() == 0, final.tail()
+  check_resumed(final)
+  assert reference.wait() == 0, reference.tail()
+
+  assert [status for status, _ in kills] == [-signal.SIGKILL] * NUM_KILLS, (
+      f'a run ended before its kill: {kills}')
+  assert any(0 < step < steps for _, step in kills), (
+      f'no kill landed mid-run: {kills}')
+  assert_bitwise_identical(model_dir, reference_dir, steps)
+  assert (runner.final_eval(final.stdout()) ==
+          runner.final_eval(reference.stdout()))
+
+
+@pytest.mark.parametrize('strategy', ['default', 'mirrored2'])
+def test_sigterm_saves_and_exits_42_then_resume_is_bitwise_identical(
+    tmp_path, strategy, started):
+  steps, delay_factor = SIGTERM_RUNS[strategy]
+  # One inner loop of all the steps and no periodic checkpoint: the only
+  # checkpoint before the end is the one SIGTERM makes, mid inner loop.
+  args = (FULL, '--deterministic', *STRATEGY_FLAGS[strategy],
+          f'--config.train.steps={steps}',
+          f'--config.train.steps_per_loop={steps}',
+          '--config.checkpoint.every_steps=0')
+  reference_dir, model_dir = tmp_path / 'reference', tmp_path / 'preempted'
+  # Started alone (the reference comes later) so that the delay covers the
+  # first trace; a SIGTERM during the trace still stops the loop at step 1.
+  start = time.monotonic()
+  run = Logged(tmp_path, 'preempted', *args, f'--model_dir={model_dir}')
+  started(run)
+  wait_for(lambda: 'ClassifierTrainer on' in run.stderr(), run=run,
+           what="the 'ClassifierTrainer on' log line")
+  time.sleep(delay_factor * (time.monotonic() - start))
+  assert run.poll() is None, run.tail()
+  os.kill(run.pid, signal.SIGTERM)
+  sent = time.monotonic()
+  saved_after = None  # Seconds to the log line written once the save is done.
+  while run.poll() is None:
+    if saved_after is None and 'preempted by SIGTERM' in run.stderr():
+      saved_after = time.monotonic() - sent
+    assert time.monotonic() - sent < TIMEOUT, run.tail()
+    time.sleep(0.01)
+  exited_after = time.monotonic() - sent
+
+  assert run.poll() == 42, run.tail()
+  assert (saved_after or exited_after) < 5, (
+      f'checkpoint saved {saved_after or exited_after:.1f} s after SIGTERM')
+  assert exited_after < EXIT_SECONDS[strategy], (
+      f'exited {exited_after:.1f} s after SIGTERM')
+  (saved,) = checkpoint_steps(model_dir)
+  assert 0 < saved < steps, f'saved ckpt-{saved} of a {steps}-step inner loop'
+  stderr = run.stderr()
+  assert lines_with(stderr, 'SIGTERM received')
+  assert lines_with(stderr, f'preempted by SIGTERM: saved {model_dir}/ckpt-'
+                    f'{saved} at step {saved}')
+
+  reference = Logged(tmp_path, 'reference', *args,
+                     f'--model_dir={reference_dir}')
+  started(reference)
+  resume = Logged(tmp_path, 'resume', *args, f'--model_dir={model_dir}')
+  started(resume)
+  assert resume.wait() == 0, resume.tail()
+  assert restored(resume.stderr()) == (f'{model_dir}/ckpt-{saved}', saved,
+                                       saved)
+  assert reference.wait() == 0, reference.tail()
+  assert_bitwise_identical(model_dir, reference_dir, steps)
+  assert (runner.final_eval(resume.stdout()) ==
+          runner.final_eval(reference.stdout()))
+
+
+# -----------------------------------------------------------------------------
+# Restarts over a finished run: nothing retrained, damage handled, mismatches
+# refused. Each test works on its own copy of one finished 40-step run.
+
+SMALL_RUN = (SMOKE, '--deterministic', '--config.train.steps=40',
+             '--config.checkpoint.every_steps=10',
+             '--config.checkpoint.max_to_keep=10')
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """(model_dir, final eval) of a finished run with ckpt-10 ... ckpt-40."""
+  model_dir = tmp_path_factory.mktemp('finished') / 'run'
+  result = runner.run_main(*SMALL_RUN, f'--model_dir={model_dir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert checkpoint_steps(model_dir) == [10, 20, 30, 40]
+  return model_dir, runner.final_eval(result.stdout)
+
+
+def copy_run(finished_run, tmp_path):
+  model_dir = tmp_path / 'run'
+  shutil.copytree(finished_run[0], model_dir)
+  return model_dir
+
+
+def assert_one_line_error(result) -> str:
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = runner.error_lines(result.stderr)
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == errors[0]
+  assert 'Traceback' not in result.stderr
+  return errors[0]
+
+
+def test_finished_run_started_again_trains_nothing(tmp_path, finished_run):
+  model_dir = copy_run(finished_run, tmp_path)
+  before = snapshot(model_dir)
+  result = runner.run_main(*SMALL_RUN, f'--model_dir={model_dir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert lines_with(result.stderr, 'already trained')
+  assert not logged_steps(result.stderr)
+  after = snapshot(model_dir)
+  assert ({k: v for k, v in after.items() if k.startswith('ckpt-')} ==
+          {k: v for k, v in before.items() if k.startswith('ckpt-')})
+  assert checkpoint_steps(model_dir) == [10, 20, 30, 40]
+  assert runner.final_eval(result.stdout) == finished_run[1]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_older(tmp_path, finished_run,
+                                                       started):
+  model_dir = copy_run(finished_run, tmp_path)
+  truncate_to_half(data_file(model_dir, 40))
+  flip_bytes(data_file(model_dir, 30),
+             os.path.getsize(data_file(model_dir, 30)) // 2)
+  more_steps = ('--config.train.steps=60',)
+  resume = Logged(tmp_path, 'resume', *SMALL_RUN, *more_steps,
+                  f'--model_dir={model_dir}')
+  straight = Logged(tmp_path, 'straight', *SMALL_RUN, *more_steps,
+                    f'--model_dir={tmp_path / "straight"}')
+  started(resume)
+  started(straight)
+  assert resume.wait() == 0, resume.tail()
+  assert straight.wait() == 0, straight.tail()
+
+  stderr = resume.stderr()
+  for step in (40, 30):
+    assert lines_with(stderr, f'{model_dir}/ckpt-{step}',
+                      'incomplete or corrupt'), resume.tail()
+  assert restored(stderr) == (f'{model_dir}/ckpt-20', 20, 20)
+  assert logged_steps(stderr)[0][0] == 30  # Trained on from step 20.
+  assert checkpoint_steps(model_dir) == [10, 20, 30, 40, 50, 60]
+  # Falling back lost nothing but time: same bits as a run never damaged.
+  assert_bitwise_identical(model_dir, tmp_path / 'straight', 60)
+  assert (runner.final_eval(resume.stdout()) ==
+          runner.final_eval(straight.stdout()))
+
+
+def test_all_checkpoints_corrupt_is_one_line_error(tmp_path, finished_run):
+  model_dir = copy_run(finished_run, tmp_path)
+  flip_bytes(index_file(model_dir, 10), 100)
+  flip_bytes(data_file(model_dir, 20),
+             os.path.getsize(data_file(model_dir, 20)) // 2)
+  os.truncate(index_file(model_dir, 30), 0)
+  truncate_to_half(data_file(model_dir, 40))
+  before = snapshot(model_dir)
+  result = runner.run_main(*SMALL_RUN, '--config.train.steps=60',
+                           f'--model_dir={model_dir}')
+  error = assert_one_line_error(result)
+  assert f'--model_dir={model_dir}' in error
+  assert snapshot(model_dir) == before
+
+
+@pytest.mark.parametrize('flags, setting', [
+    (('--config.train.global_batch_size=32',),
+     r'train\.global_batch_size: 64 -> 32'),
+    (('--config.model.hidden_sizes=(32,64)',),
+     r"model weights '\S+': \[[\d, ]+\] -> \[[\d, ]*32\]"),
+    (('--config.data.name=synthetic', '--config.model.input_dim=100'),
+     r"data 'name': 'digits' -> 'synthetic'"),
+], ids=['global_batch_size', 'model_shape', 'dataset'])
+def test_resume_mismatch_is_refused(tmp_path, finished_run, flags, setting):
+  model_dir = copy_run(finished_run, tmp_path)
+  before = snapshot(model_dir)
+  result = runner.run_main(*SMALL_RUN, *flags, f'--model_dir={model_dir}')
+  error = assert_one_line_error(result)
+  assert re.search(setting, error), error
+  assert f'--model_dir={model_dir}' in error
+  assert snapshot(model_dir) == before
