@@ -8,7 +8,8 @@ relu, Dense 10 logits; Adam lr 1e-3; sparse softmax cross-entropy; global batch
 64; in-memory data from input/synthetic.py), 100 steps per tf.function call,
 trained three ways:
 
-  trainer    ClassifierTrainer: `trainer.train(iterator, 100)`.
+  trainer    ClassifierTrainer: `trainer.train(iterator, 100)`, with the
+             input wait timed on one call in 10 as the Controller does.
   bare       the loop of the TF "custom training with tf.distribute" tutorial:
              `for _ in tf.range(n): strategy.run(step, ...)`, GradientTape,
              `tf.nn.compute_average_loss`, a plain Keras Adam (Keras' own
@@ -78,6 +79,7 @@ STEPS_PER_LOOP = 100
 INPUT_DIM, HIDDEN_SIZES, NUM_CLASSES = 100, (64, 64), 10
 LEARNING_RATE = 1e-3
 SEED = 0
+INPUT_WAIT_EVERY = digits_mlp.get_config().summary.input_wait_every_loops
 
 
 def bench_config() -> ml_collections.ConfigDict:
@@ -116,9 +118,16 @@ def trainer_method(strategy):
   iterator = iter(trainer.distribute_dataset('train',
                                              batch_size=GLOBAL_BATCH))
 
+  calls = [0]
+
   def run(num_calls):
     for _ in range(num_calls):
-      metrics = trainer.train(iterator, STEPS_PER_LOOP)
+      # As the Controller does by default: the input wait is measured on one
+      # call in INPUT_WAIT_EVERY (the 2nd, 12th, ...).
+      metrics = trainer.train(
+          iterator, STEPS_PER_LOOP,
+          measure_input_wait=calls[0] % INPUT_WAIT_EVERY == 1)
+      calls[0] += 1
     return metrics['loss']
   return run
 

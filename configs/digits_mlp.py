@@ -59,6 +59,8 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.summary = ml_collections.ConfigDict()
   config.summary.every_steps = 100    # TensorBoard train scalars every N steps
                                       # (need not divide steps_per_loop); 0: none
+  config.summary.input_wait_every_loops = 10  # time the input wait on one
+                                      # inner loop in N (it costs a few %)
 
   config.log = ml_collections.ConfigDict()
   config.log.every_secs = 0.0         # at most one progress line per N s; 0: one

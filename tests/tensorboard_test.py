@@ -32,7 +32,7 @@ from trainer import summaries
 SMOKE = '--config=configs/digits_mlp.py:smoke'
 RUN_FLAGS = (SMOKE, '--mode=train_and_eval', '--config.train.steps=40',
              '--config.summary.every_steps=15', '--config.eval.every_steps=20',
-             '--profile_steps=12,14')
+             '--profile_steps=12,14', '--config.summary.input_wait_every_loops=1')
 TRAIN_TAGS = {
     'metrics/loss', 'metrics/accuracy', 'optimizer/learning_rate',
     'optimizer/grad_norm', 'optimizer/weight_norm', 'throughput/steps_per_sec',
@@ -154,7 +154,9 @@ def test_profile_trace_marks_each_profiled_step(run):
 def test_progress_lines(run):
   _, result = run
   lines = dict((int(s), l) for l, s in PROGRESS.findall(result.stderr))
-  assert re.fullmatch(r'step 10/40: loss=[\d.]+ accuracy=[\d.]+', lines[10])
+  # The first loop traced: no throughput, but its in-graph input wait.
+  assert re.fullmatch(r'step 10/40: loss=[\d.]+ accuracy=[\d.]+ '
+                      r'input_wait=\d+%', lines[10])
   assert re.fullmatch(r'step 30/40: loss=[\d.]+ accuracy=[\d.]+ '
                       r'examples/sec=[\d,]+ input_wait=\d+% ETA \d:\d\d:\d\d',
                       lines[30])

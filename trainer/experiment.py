@@ -88,12 +88,15 @@ def controller_options(config, trainer) -> controller_lib.ControllerOptions:
       patience=evals.get('patience', 0),
       nan_retries=config.train.get('nan_retries', 0),
       summary_every=summary.get('every_steps', config.train.steps_per_loop),
-      log_every_secs=log.get('every_secs', 0.0))
+      log_every_secs=log.get('every_secs', 0.0),
+      input_wait_every=summary.get('input_wait_every_loops', 10))
   for key, value in (('checkpoint.every_steps', options.checkpoint_every),
                      ('eval.every_steps', options.eval_every),
                      ('eval.patience', options.patience),
                      ('train.nan_retries', options.nan_retries),
-                     ('summary.every_steps', options.summary_every)):
+                     ('summary.every_steps', options.summary_every),
+                     ('summary.input_wait_every_loops',
+                      options.input_wait_every)):
     if not isinstance(value, int) or value < 0:
       raise UserError(f'config key {key}={value!r} must be an integer >= 0 '
                       '(0 disables it)')

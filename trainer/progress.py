@@ -19,7 +19,11 @@ class Meter:
   the mean over its steps. Throughput counts only timed loops: a loop that
   traced the tf.function spent its time mostly building the graph, and one
   under the profiler pays for the tracing, so neither says how fast training
-  goes (their metrics still count).
+  goes (their metrics still count). The input-wait share comes from the
+  loops that measured it (Trainer.train(measure_input_wait=True), one inner
+  loop in several): their in-graph wait over their in-graph loop time, so
+  it is exact even for a loop that traced; absent when no loop of the
+  interval measured it.
 
   Args:
     global_batch_size: examples per step, for examples_per_sec.
@@ -36,8 +40,8 @@ class Meter:
     self._sums = {}
     self._steps = 0
     self._grad_norm_sum, self._grad_norm_steps = 0.0, 0
-    self._timed_steps, self._timed_secs, self._waited_secs = 0, 0.0, 0.0
-    self._wait_measured = True
+    self._timed_steps, self._timed_secs = 0, 0.0
+    self._waited_secs, self._wait_window_secs = 0.0, 0.0
 
   def add(self, result: dict, seconds: float, untimed: bool = False) -> None:
     """Adds one `Trainer.train` result that took `seconds` of wall time;
@@ -55,10 +59,9 @@ class Meter:
     if not untimed:
       self._timed_steps += steps
       self._timed_secs += seconds
-      if 'input_wait_secs' in result:
-        self._waited_secs += result['input_wait_secs']
-      else:  # Not measured (op determinism): report no share.
-        self._wait_measured = False
+    if 'input_wait_secs' in result:
+      self._waited_secs += result['input_wait_secs']
+      self._wait_window_secs += result['loop_secs']
 
   @property
   def steps(self) -> int:
@@ -75,9 +78,9 @@ class Meter:
     if self._timed_steps and self._timed_secs > 0:
       out['steps_per_sec'] = self._timed_steps / self._timed_secs
       out['examples_per_sec'] = out['steps_per_sec'] * self.global_batch_size
-      if self._wait_measured:
-        out['input_wait_share'] = min(1.0,
-                                      self._waited_secs / self._timed_secs)
+    if self._wait_window_secs > 0:
+      out['input_wait_share'] = min(
+          1.0, self._waited_secs / self._wait_window_secs)
     return out
 
 
@@ -108,6 +111,9 @@ class ProgressLogger:
                        (main_metric,) if main_metric else ())
     self._last_line = None  # Time of the last line.
     self._pace_start = None  # (time, step) after the first inner loop.
+    # The input wait is measured on one inner loop in several: a line shows
+    # the latest measurement.
+    self._wait_share = None
 
   def loop_done(self, step: int, result: dict, seconds: float, now: float,
                 untimed: bool = False) -> str | None:
@@ -142,8 +148,9 @@ class ProgressLogger:
         parts.append(f'{name}={values[name]:.4g}')
     if 'examples_per_sec' in values:
       parts.append(f'examples/sec={values["examples_per_sec"]:,.0f}')
-    if 'input_wait_share' in values:
-      parts.append(f'input_wait={values["input_wait_share"]:.0%}')
+    self._wait_share = values.get('input_wait_share', self._wait_share)
+    if self._wait_share is not None:
+      parts.append(f'input_wait={self._wait_share:.0%}')
     eta = self.eta_secs(step, now)
     if step >= self.total_steps:
       parts.append('done')

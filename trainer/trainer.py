@@ -96,7 +96,9 @@ class Trainer:
     # strategy (keras#23085), so the optimizer is built eagerly.
     with strategy.scope():
       self.model = self.build_model()
-      self.optimizer = optimization.build_optimizer(config.optimizer)
+      self.optimizer = optimization.build_optimizer(
+          config.optimizer, variables=self.model.trainable_variables,
+          total_steps=config.train.steps)
       self.optimizer.build(self.model.trainable_variables)
       self.global_step = tf.Variable(
           0, dtype=tf.int64, trainable=False, name='global_step',
@@ -116,7 +118,13 @@ class Trainer:
       self._train_sums = self._accumulator('train_sums', extra=1)
       self._eval_sums = self._accumulator('eval_sums')
 
-    self._train_loop = self._counted(self._train_loop_fn, 'train_loop')
+    self._train_loop = self._counted(
+        lambda it, n: self._train_loop_fn(it, n, timed=False), 'train_loop')
+    # The same loop with the input wait measured (see train): a second graph,
+    # traced on its first use.
+    self._train_loop_timed = self._counted(
+        lambda it, n: self._train_loop_fn(it, n, timed=True),
+        'train_loop_timed')
     self._eval_loop = self._counted(self._eval_loop_fn, 'eval_loop')
 
   # ---------------------------------------------------------------------------
@@ -316,7 +324,8 @@ class Trainer:
   # ---------------------------------------------------------------------------
   # Loops: called from the host by the controller.
 
-  def train(self, iterator, num_steps: int) -> dict[str, float]:
+  def train(self, iterator, num_steps: int, *,
+            measure_input_wait: bool = False) -> dict[str, float]:
     """Runs up to `num_steps` steps in one tf.function call.
 
     The loop ends early, after the step in flight, when the host sets
@@ -326,25 +335,33 @@ class Trainer:
     Args:
       iterator: an iterator over `distribute_dataset('train', ...)`.
       num_steps: steps to run; passed as a tensor so no value retraces.
+      measure_input_wait: time every step's wait for its batch (see
+        _timed_next). That costs a few percent of step time on small models,
+        so the controller measures one inner loop in several; it runs a
+        second graph of the loop, traced on its first use. Ignored under op
+        determinism (--deterministic), where tf.timestamp is refused.
     Returns:
       {'loss': mean per-example loss, metric: mean, 'examples': count,
        'steps': steps applied, 'status': OK | STOP_REQUESTED | NONFINITE,
-       'input_wait_secs': seconds the loop was blocked taking batches from
-       `iterator` (absent under op determinism), 'grad_norm': mean over the
-       applied steps of the global
-       norm of the all-reduced gradient (absent when the train step does not
-       call `apply_gradients`)},
-      means over the examples of all replicas in these steps.
+       'grad_norm': mean over the applied steps of the global norm of the
+       all-reduced gradient (absent when the train step does not call
+       `apply_gradients`)}, means over the examples of all replicas in these
+      steps; with the input wait measured also 'input_wait_secs', the
+      seconds the loop was blocked taking batches from `iterator`, and
+      'loop_secs', the seconds from the loop's start to its end measured by
+      the same clock inside the graph (so tracing is not counted).
     """
-    sums, steps, status, waited = self._train_loop(
+    timed = measure_input_wait and self.measures_input_wait
+    loop = self._train_loop_timed if timed else self._train_loop
+    sums, steps, status, waited, elapsed = loop(
         iterator, tf.constant(num_steps, tf.int32))
-    waited = float(waited)
     sums = sums.numpy()
     metrics = self._means(sums)
     metrics['steps'] = int(steps)
     metrics['status'] = int(status)
-    if waited >= 0:
-      metrics['input_wait_secs'] = waited
+    if timed:
+      metrics['input_wait_secs'] = float(waited)
+      metrics['loop_secs'] = float(elapsed)
     if self.reports_grad_norm:
       # Every replica added the same norm (see _accumulating). A loop that
       # ended on a non-finite step reports that step's inf/nan here.
@@ -367,17 +384,16 @@ class Trainer:
     sums = self._eval_loop(iter(dataset))
     return self._means(sums.numpy())
 
-  def _train_loop_fn(self, iterator, num_steps):
+  def _train_loop_fn(self, iterator, num_steps, timed):
     step_fn = self._accumulating(self.train_step, self._train_sums,
                                  grad_norm=True)
     taken = tf.constant(0, tf.int64)  # Batches taken from the stream.
     applied = tf.constant(0, tf.int64)  # Updates applied.
     status = tf.constant(OK)
-    # Seconds spent getting batches (see _timed_next); -1: not measured.
-    waited = tf.constant(0.0 if self.measures_input_wait else -1.0,
-                         tf.float64)
+    waited = tf.constant(0.0, tf.float64)  # Seconds getting batches.
+    start = tf.timestamp() if timed else waited
     for _ in tf.range(num_steps):
-      if self.measures_input_wait:
+      if timed:
         batch, wait = _timed_next(iterator)
         waited += wait
       else:
@@ -388,9 +404,14 @@ class Trainer:
       applied += tf.cast(status != NONFINITE, tf.int64)
       if status != OK:
         break
+    elapsed = waited
+    if timed:
+      with tf.control_dependencies([status, waited]):
+        elapsed = tf.timestamp() - start
     self.global_step.assign_add(applied)
     self.data_position.assign_add(taken)
-    return self._reduce_and_reset(self._train_sums), applied, status, waited
+    return (self._reduce_and_reset(self._train_sums), applied, status, waited,
+            elapsed)
 
   def _eval_loop_fn(self, iterator):
     for batch in iterator:

@@ -12,9 +12,12 @@ from trainer.errors import UserError
 STEP_LINE = re.compile(r'^step (\d+)/\d+: ')
 
 
-def loop(steps=10, loss=1.0, accuracy=0.5, wait=0.01):
-  return {'loss': loss, 'accuracy': accuracy, 'examples': steps * 8.0,
-          'steps': steps, 'input_wait_secs': wait, 'grad_norm': 2.0}
+def loop(steps=10, loss=1.0, accuracy=0.5, wait=0.01, looped=0.1):
+  result = {'loss': loss, 'accuracy': accuracy, 'examples': steps * 8.0,
+            'steps': steps, 'grad_norm': 2.0}
+  if wait is not None:
+    result.update(input_wait_secs=wait, loop_secs=looped)
+  return result
 
 
 def logger(every_secs=0.0, total=100):
@@ -58,31 +61,41 @@ def test_a_line_averages_the_loops_since_the_last_line():
 
 
 def test_untimed_loops_show_no_throughput():
-  line = logger().loop_done(10, loop(), 5.0, now=5, untimed=True)
+  line = logger().loop_done(10, loop(wait=None), 5.0, now=5, untimed=True)
   assert line == 'step 10/100: loss=1 accuracy=0.5'
+
+
+def test_a_line_shows_the_latest_input_wait_measured():
+  log = logger()
+  lines = [log.loop_done(10, loop(wait=None), 0.1, now=1),
+           log.loop_done(20, loop(wait=0.03), 0.1, now=2),
+           log.loop_done(30, loop(wait=None), 0.1, now=3)]
+  assert 'input_wait' not in lines[0]
+  assert ' input_wait=30% ' in lines[1] and ' input_wait=30% ' in lines[2]
 
 
 def test_meter_means_and_throughput():
   meter = progress.Meter(global_batch_size=8, metric_names=('accuracy',))
-  meter.add(loop(steps=10, loss=1.0, wait=0.5), seconds=9.0, untimed=True)
-  meter.add(loop(steps=10, loss=3.0, wait=0.25), seconds=1.0)
-  meter.add(loop(steps=30, loss=2.0, wait=0.25), seconds=2.0)
+  # Throughput leaves out the untimed loop; the input wait is over the
+  # measuring loops' own time, whatever their wall time.
+  meter.add(loop(steps=10, loss=1.0, wait=0.5, looped=1.5), seconds=9.0,
+            untimed=True)
+  meter.add(loop(steps=10, loss=3.0, wait=None), seconds=1.0)
+  meter.add(loop(steps=30, loss=2.0, wait=0.25, looped=1.5), seconds=2.0)
   result = meter.result()
   assert result['loss'] == pytest.approx((10 + 30 + 60) / 50)
   assert result['grad_norm'] == 2.0
   assert result['steps_per_sec'] == pytest.approx(40 / 3)
   assert result['examples_per_sec'] == pytest.approx(40 / 3 * 8)
-  assert result['input_wait_share'] == pytest.approx(0.5 / 3)
+  assert result['input_wait_share'] == pytest.approx(0.75 / 3)
   meter.reset()
   assert meter.result() == {} and meter.steps == 0
 
 
 def test_no_input_wait_when_a_loop_did_not_measure_it():
   meter = progress.Meter(global_batch_size=8)
-  meter.add(loop(), seconds=1.0)
-  unmeasured = loop()
-  del unmeasured['input_wait_secs']
-  meter.add(unmeasured, seconds=1.0)
+  meter.add(loop(wait=None), seconds=1.0)
+  meter.add(loop(wait=None), seconds=1.0)
   assert 'input_wait_share' not in meter.result()
   assert meter.result()['steps_per_sec'] == 10.0
 

@@ -165,6 +165,7 @@ def build(config=None, replicas=1, trainer_cls=ClassifierTrainer):
 
 def run_controller(trainer, *, total_steps, steps_per_loop, clock=None,
                    **options):
+  options.setdefault('input_wait_every', 1)
   train_writer, eval_writer = summaries.MemoryWriter(), summaries.MemoryWriter()
   controller = Controller(
       trainer=trainer, total_steps=total_steps, steps_per_loop=steps_per_loop,
@@ -211,9 +212,12 @@ def test_summary_values_are_interval_means():
   assert by_step[16]['throughput/steps_per_sec'] == pytest.approx(8 / 1.0)
   assert by_step[16]['throughput/examples_per_sec'] == pytest.approx(
       8 / 1.0 * trainer.global_batch_size)
+  # The input wait is over the loops' own in-graph time.
   waited = loops[12]['input_wait_secs'] + loops[16]['input_wait_secs']
+  looped = loops[12]['loop_secs'] + loops[16]['loop_secs']
+  assert 0 < waited < looped < 1.0
   assert by_step[16]['throughput/input_wait_share'] == pytest.approx(
-      waited / 1.0)
+      waited / looped)
   assert by_step[24]['optimizer/learning_rate'] == pytest.approx(0.1)
   weights = trainer.model.trainable_variables
   assert by_step[24]['optimizer/weight_norm'] == pytest.approx(
@@ -275,15 +279,38 @@ def test_input_wait_share_shows_a_slow_pipeline(replicas):
     trainer = build(trainer_cls=cls, replicas=replicas)
     iterator = iter(trainer.distribute_dataset(
         'train', batch_size=trainer.global_batch_size))
-    trainer.train(iterator, 2)  # Traces.
+    trainer.train(iterator, 2, measure_input_wait=True)  # Traces.
     start = time.perf_counter()
-    waits[cls] = trainer.train(iterator, 10)['input_wait_secs']
-    shares[cls] = waits[cls] / (time.perf_counter() - start)
+    result = trainer.train(iterator, 10, measure_input_wait=True)
+    seconds = time.perf_counter() - start
+    waits[cls] = result['input_wait_secs']
+    shares[cls] = waits[cls] / result['loop_secs']
+    assert waits[cls] < result['loop_secs'] < seconds
   # Steps take about a millisecond here: a batch that takes 20 ms to
   # make is nearly all of the loop's time, and it is all counted as wait.
   assert waits[SlowInputTrainer] >= 9 * SlowInputTrainer.SLEEP
   assert shares[SlowInputTrainer] > 0.8
   assert waits[ClassifierTrainer] < 10 * SlowInputTrainer.SLEEP / 4
+
+
+def test_input_wait_is_measured_on_one_loop_in_n():
+  trainer = build()
+  controller, train, _ = run_controller(
+      trainer, total_steps=24, steps_per_loop=2, summary_every=4,
+      input_wait_every=5)
+  measured = [step for step, loop in controller.history
+              if 'input_wait_secs' in loop]
+  assert measured == [4, 14, 24]  # The 2nd, 7th and 12th loops.
+  assert trainer.trace_counts['train_loop_timed'] == 1
+  shares = {step: v.get('throughput/input_wait_share')
+            for step, v in train.scalars}
+  assert [s for s, share in shares.items() if share is not None] == [4, 16, 24]
+  by_step = dict(controller.history)
+  assert shares[16] == pytest.approx(
+      by_step[14]['input_wait_secs'] / by_step[14]['loop_secs'])
+  _, train, _ = run_controller(build(), total_steps=8, steps_per_loop=2,
+                               summary_every=4, input_wait_every=0)
+  assert all('throughput/input_wait_share' not in v for _, v in train.scalars)
 
 
 def test_no_input_wait_share_when_it_cannot_be_measured():
@@ -293,7 +320,8 @@ def test_no_input_wait_share_when_it_cannot_be_measured():
   trainer = build(trainer_cls=Deterministic)
   iterator = iter(trainer.distribute_dataset(
       'train', batch_size=trainer.global_batch_size))
-  assert 'input_wait_secs' not in trainer.train(iterator, 2)
+  assert 'input_wait_secs' not in trainer.train(iterator, 2,
+                                                measure_input_wait=True)
   _, train, _ = run_controller(trainer, total_steps=12, steps_per_loop=4,
                                summary_every=4)
   assert all('throughput/input_wait_share' not in v for _, v in train.scalars)
