@@ -41,6 +41,11 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   config.train.steps_per_loop = 100
   config.train.clip_norm = 0.0        # global-norm clipping; 0 disables
   config.train.nan_retries = 0        # restore + skip the bad batch, K times
+  config.train.precision = 'auto'     # float32 | mixed_float16 |
+                                      # mixed_bfloat16; auto: bf16 on TPU
+  config.train.grad_accum_steps = 1   # micro-batches per optimizer step
+  config.train.jit_compile = False    # XLA for the forward/backward pass
+  config.train.ema_decay = 0.0        # moving average for eval/export; 0: off
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1000

@@ -101,7 +101,7 @@ def test_print_config_prints_and_writes_nothing(tmp_path):
      'default, smoke, sgd'),
     (('--config=configs/missing.py',),
      "flag --config=configs/missing.py: no such file 'configs/missing.py'; "
-     'available: configs/digits_mlp.py'),
+     'available: configs/'),
     (('--strategy=mirrored', '--num_cpu_devices=4',
       '--config.train.global_batch_size=30'),
      'config key train.global_batch_size=30 must be a positive multiple of '
@@ -111,9 +111,11 @@ def test_print_config_prints_and_writes_nothing(tmp_path):
     (('--config.optimizer.name=rmsprop',),
      "config key optimizer.name='rmsprop' is unknown; valid: sgd, adam"),
     (('--config.train.steps=0',), 'config key train.steps=0 must be'),
+    (('--config.eval.split=train',), "config key eval.split='train' is the "
+     'endless training stream'),
 ], ids=['strategy', 'tpu_without_strategy', 'tpu_strategy_without_tpu',
         'config_key', 'variant', 'config_file', 'batch_not_divisible',
-        'config_type', 'optimizer', 'steps'])
+        'config_type', 'optimizer', 'steps', 'eval_split'])
 def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, args,
                                                         message):
   model_dir = tmp_path / 'run'

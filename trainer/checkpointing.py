@@ -2,8 +2,9 @@
 
 What a checkpoint holds (a `tf.train.Checkpoint`): the Keras model under
 `model`, the optimizer (slots, iteration count) under `optimizer`, the step
-under `step`, and the data position (global batches taken from the training
-stream) under `data_position`. With a deterministic pipeline the data position
+under `step`, the data position (global batches taken from the training
+stream) under `data_position`, and with train.ema_decay / mixed_float16 the
+moving-average weights under `ema` and the loss scale under `loss_scale`. With a deterministic pipeline the data position
 is all it takes to continue the stream exactly (a `tf.distribute` iterator
 cannot be checkpointed: tensorflow#56372).
 
@@ -100,8 +101,8 @@ class Checkpointer:
     self.directory = directory
     self.restore_directory = restore_directory or directory
     self.checkpoint = tf.train.Checkpoint(
-        model=trainer.model, optimizer=trainer.optimizer,
-        step=trainer.global_step, data_position=trainer.data_position)
+        step=trainer.global_step, data_position=trainer.data_position,
+        **trainer.checkpoint_items())
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, directory, max_to_keep=max_to_keep,
         step_counter=trainer.global_step)
@@ -153,7 +154,8 @@ class Checkpointer:
     with self.trainer.strategy.scope():
       if model_only:
         status = tf.train.Checkpoint(
-            model=self.trainer.model, step=self.trainer.global_step).read(path)
+            step=self.trainer.global_step,
+            **self.trainer.checkpoint_items(model_only=True)).read(path)
         status.expect_partial().assert_existing_objects_matched()
       else:
         self.checkpoint.read(path).assert_existing_objects_matched()
@@ -177,6 +179,9 @@ def run_record(config, trainer) -> dict:
       'optimizer.name': config.optimizer.name,
       'data': config.data.to_dict(),
       'model weights': {v.path: list(v.shape) for v in trainer.model.weights},
+      # A checkpoint without the average cannot seed one (it would start
+      # from the initial weights), and the reverse would drop it.
+      'train.ema': bool(trainer.ema_weights_list),
   }
 
 

@@ -234,6 +234,8 @@ class Controller:
     if 'grad_norm' in values:
       scalars['optimizer/grad_norm'] = values['grad_norm']
     scalars['optimizer/weight_norm'] = trainer.weight_norm()
+    if trainer.loss_scale is not None:  # mixed_float16
+      scalars['optimizer/loss_scale'] = float(trainer.loss_scale.numpy())
     for name in ('steps_per_sec', 'examples_per_sec', 'input_wait_share'):
       if name in values:
         scalars[f'throughput/{name}'] = values[name]

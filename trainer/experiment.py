@@ -113,6 +113,11 @@ def controller_options(config, trainer) -> controller_lib.ControllerOptions:
   if options.best_mode not in ('max', 'min'):
     raise UserError(f'config key eval.best_mode={options.best_mode!r} must be '
                     '"max" or "min"')
+  if options.eval_split == 'train':
+    # Trainer.dataset('train') repeats forever: an eval would never end.
+    raise UserError("config key eval.split='train' is the endless training "
+                    'stream and cannot be evaluated once; evaluate a held-out '
+                    "split, e.g. --config.eval.split=test")
   return options
 
 
@@ -274,4 +279,6 @@ def _config_markdown(config) -> str:
 
 def _export(trainer, model_dir: str) -> str:
   from trainer import export  # pylint: disable=import-outside-toplevel
-  return export.export_saved_model(trainer, os.path.join(model_dir, 'export'))
+  with trainer.ema_weights():  # Serve the moving average when there is one.
+    return export.export_saved_model(trainer,
+                                     os.path.join(model_dir, 'export'))

@@ -20,12 +20,20 @@ def check_dataset(dataset: tf.data.Dataset, *, split: str,
     dataset: one input pipeline's batched dataset (what Trainer.dataset
       returns).
     split: its split, for the message.
-    training: training data must also repeat forever.
+    training: training data must also repeat forever and have a static
+      batch size. An eval split may end in a partial batch: TPUStrategy pads
+      a dynamic batch dimension itself (its default
+      experimental_enable_dynamic_batch_size), but not other dimensions.
   """
+  def static(shape):
+    if not training and shape.rank:
+      shape = shape[1:]
+    return shape.is_fully_defined()
+
   unknown = [
       f'{_path(path)} {spec.shape}'
       for path, spec in _flatten_with_paths(dataset.element_spec)
-      if not spec.shape.is_fully_defined()]
+      if not static(spec.shape)]
   if unknown:
     raise UserError(
         f"the '{split}' dataset has dimensions unknown until run time "

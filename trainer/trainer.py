@@ -29,12 +29,22 @@ from absl import logging
 import tensorflow as tf
 
 from trainer import optimization
+from trainer import tpu_checks
 from trainer.errors import UserError
 
 SUM = tf.distribute.ReduceOp.SUM
 # Status of a train step, agreed by all replicas and workers (see
 # apply_gradients): the inner loop stops early on anything but OK.
 OK, STOP_REQUESTED, NONFINITE = 0, 1, 2
+# A mixed_float16 step whose scaled gradients overflowed: the update is
+# skipped, the loss scale halves and training goes on (not an error).
+OVERFLOW = 3
+# train.precision -> Keras dtype policy; 'auto' is mixed_bfloat16 on TPU
+# (its native matmul type: no loss scaling needed) and float32 elsewhere.
+PRECISIONS = ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16')
+# Dynamic loss scaling (mixed_float16), as in Keras' LossScaleOptimizer.
+INITIAL_LOSS_SCALE = 2.0 ** 15
+LOSS_SCALE_GROWTH_STEPS = 2000
 PIPELINES = ('per_host', 'global')
 AUTO_SHARD = {
     'auto': tf.data.experimental.AutoShardPolicy.AUTO,
@@ -69,6 +79,7 @@ class Trainer:
     self.config = config
     self.strategy = strategy
     self.num_replicas = strategy.num_replicas_in_sync
+    self.is_tpu = _is_tpu(strategy)
     self.global_batch_size = _divisible(
         'train.global_batch_size', config.train.global_batch_size,
         self.num_replicas)
@@ -85,6 +96,27 @@ class Trainer:
                       f'valid: {", ".join(AUTO_SHARD)}')
     self.auto_shard = AUTO_SHARD[auto_shard]
     self.clip_norm = float(config.train.get('clip_norm', 0.0))
+    self.precision = _precision(config.train.get('precision', 'auto'),
+                                strategy)
+    self.grad_accum_steps = _grad_accum_steps(
+        config.train.get('grad_accum_steps', 1), self.global_batch_size,
+        self.num_replicas)
+    self.jit_compile = config.train.get('jit_compile', False)
+    if not isinstance(self.jit_compile, bool):
+      raise UserError(f'config key train.jit_compile={self.jit_compile!r} '
+                      'must be True or False')
+    self.ema_decay = config.train.get('ema_decay', 0.0)
+    if (isinstance(self.ema_decay, bool) or
+        not isinstance(self.ema_decay, (int, float)) or
+        not 0.0 <= self.ema_decay < 1.0):
+      raise UserError(f'config key train.ema_decay={self.ema_decay!r} must be '
+                      'in [0, 1), e.g. 0.999 (0 disables the moving average)')
+    if self.grad_accum_steps > 1 and type(self).train_step is not (
+        Trainer.train_step):
+      raise UserError(
+          f'config key train.grad_accum_steps={self.grad_accum_steps}: '
+          f'{type(self).__name__} overrides train_step, which then owns the '
+          'step; accumulate there or set train.grad_accum_steps=1')
     self.trace_counts = collections.Counter()
     self._warm = set()
     self._step_status = None  # Set while tracing a step by apply_gradients.
@@ -95,7 +127,14 @@ class Trainer:
     # first trace: optimizer slots created inside a traced step fail under a
     # strategy (keras#23085), so the optimizer is built eagerly.
     with strategy.scope():
-      self.model = self.build_model()
+      # The dtype policy is read when layers are made: set it for the model
+      # alone (it is process-global; other trainers keep theirs).
+      previous_policy = tf.keras.mixed_precision.global_policy()
+      tf.keras.mixed_precision.set_global_policy(self.precision)
+      try:
+        self.model = self.build_model()
+      finally:
+        tf.keras.mixed_precision.set_global_policy(previous_policy)
       self.optimizer = optimization.build_optimizer(
           config.optimizer, variables=self.model.trainable_variables,
           total_steps=config.train.steps)
@@ -117,7 +156,32 @@ class Trainer:
       # and, for training, the sum over steps of the global gradient norm.
       self._train_sums = self._accumulator('train_sums', extra=1)
       self._eval_sums = self._accumulator('eval_sums')
+      # mixed_float16: the loss is multiplied by loss_scale before the
+      # backward pass so small gradients do not flush to zero in float16;
+      # the gradients are divided by it after the all-reduce.
+      self.loss_scale = None
+      if self.precision == 'mixed_float16':
+        self.loss_scale = tf.Variable(
+            INITIAL_LOSS_SCALE, trainable=False, name='loss_scale',
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self._good_steps = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name='good_steps',
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      # Exponential moving average of the trainable weights, used for eval
+      # and export (see ema_weights).
+      self.ema_weights_list = []
+      if self.ema_decay:
+        self.ema_weights_list = [
+            tf.Variable(v, trainable=False, name='ema/' + _name(v))
+            for v in self.model.trainable_variables]
 
+    self._gradients_fn = self._gradients
+    if self.jit_compile:
+      # XLA compiles the forward and backward pass. The all-reduce and the
+      # update stay outside it: collectives of MirroredStrategy and
+      # MultiWorkerMirroredStrategy are not XLA ops on CPU/GPU. (On TPU the
+      # whole step is compiled anyway.)
+      self._gradients_fn = tf.function(self._gradients, jit_compile=True)
     self._train_loop = self._counted(
         lambda it, n: self._train_loop_fn(it, n, timed=False), 'train_loop')
     # The same loop with the input wait measured (see train): a second graph,
@@ -201,18 +265,70 @@ class Trainer:
     Returns:
       {'loss': per-example loss [B], metric: per-example value [B], ...}
     """
+    grads, loss, values = self.compute_gradients(batch)
+    self.apply_gradients(grads, self.model.trainable_variables, loss=loss)
+    return values
+
+  def compute_gradients(self, batch):
+    """This replica's gradients of its share of the global-batch mean loss.
+
+    With `train.grad_accum_steps=k` the batch is cut into k micro-batches
+    along its first axis, run one after another in a loop (activations
+    live for one micro-batch at a time) and their gradients summed: every
+    micro-batch loss is scaled by the same global batch size, so the sum is
+    exactly the gradient of the whole batch (up to float rounding; batch
+    norm statistics are per micro-batch, as with any accumulation). With
+    `train.jit_compile` the forward and backward pass is compiled by XLA.
+
+    Returns:
+      (gradients, scaled loss, {'loss': per-example loss, metric: per-example
+      values}); the gradients are multiplied by the loss scale under
+      mixed_float16 (apply_gradients divides it out).
+    """
+    k = self.grad_accum_steps
+    if k == 1:
+      return self._gradients_fn(batch)
+    variables = self.model.trainable_variables
+    micro = tf.nest.map_structure(
+        lambda x: tf.reshape(x, [k, x.shape[0] // k, *x.shape[1:]]), batch)
+    names = ('loss', *self.metric_names)
+
+    def body(i, grads, loss, arrays):
+      part = tf.nest.map_structure(lambda x: x[i], micro)
+      part_grads, part_loss, values = self._gradients_fn(part)
+      grads = [g + tf.convert_to_tensor(p) for g, p in zip(grads, part_grads)]
+      arrays = [a.write(i, values[n]) for a, n in zip(arrays, names)]
+      return i + 1, grads, loss + part_loss, arrays
+
+    arrays = [tf.TensorArray(tf.float32, k) for n in names]
+    _, grads, loss, arrays = tf.while_loop(
+        lambda i, *_: i < k, body,
+        (tf.constant(0), [tf.zeros_like(v) for v in variables],
+         tf.zeros([]), arrays))
+    values = {n: a.concat() for n, a in zip(names, arrays)}
+    return grads, loss, values
+
+  def _gradients(self, batch):
+    """(grads, scaled loss, per-example values) of one (micro-)batch."""
     with tf.GradientTape() as tape:
-      outputs = self.forward(batch, training=True)
+      outputs = _float32(self.forward(batch, training=True))
       per_example_loss = self._checked_loss(batch, outputs)
-      # Sum over this replica / global batch; the SUM all-reduce below then
-      # yields the mean over the global batch, whatever the replica count.
+      # Sum over this replica / global batch; the SUM all-reduce then yields
+      # the mean over the global batch, whatever the replica count.
       loss = tf.nn.compute_average_loss(
           per_example_loss, global_batch_size=self.global_batch_size)
       if self.model.losses:
-        loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
-    grads = tape.gradient(loss, self.model.trainable_variables)
-    self.apply_gradients(grads, self.model.trainable_variables, loss=loss)
-    return {'loss': per_example_loss, **self.compute_metrics(batch, outputs)}
+        # Counted once per step: 1/k of it in each of k micro-batches.
+        loss += tf.nn.scale_regularization_loss(
+            tf.add_n(self.model.losses)) / self.grad_accum_steps
+      scaled = loss if self.loss_scale is None else loss * self.loss_scale
+    grads = tape.gradient(scaled, self.model.trainable_variables)
+    grads = [tf.zeros_like(v) if g is None else g
+             for g, v in zip(grads, self.model.trainable_variables)]
+    values = {'loss': per_example_loss}
+    values.update({k: tf.cast(v, tf.float32) for k, v in
+                   self.compute_metrics(batch, outputs).items()})
+    return grads, loss, values
 
   def apply_gradients(self, grads, variables, *, loss=None) -> None:
     """All-reduces replica gradients (SUM), clips, applies (replica context).
@@ -225,7 +341,10 @@ class Trainer:
     global loss, gradient norm and stop flag, and takes the same decision:
     a non-finite loss or gradient norm skips the update everywhere (the
     weights stay as they were), and a stop request ends the inner loop after
-    this step on every worker at once.
+    this step on every worker at once. Under mixed_float16 the gradients
+    come multiplied by the loss scale: they are divided by it here, and
+    non-finite gradients with a finite loss are an overflow of the scale
+    (OVERFLOW: skip the update, halve the scale, go on), not an error.
 
     Args:
       grads: this replica's gradients, scaled by the global batch.
@@ -239,6 +358,9 @@ class Trainer:
     reduced = tf.distribute.get_replica_context().all_reduce(
         SUM, list(grads) + extras)
     grads, (stop, total_loss) = reduced[:-2], reduced[-2:]
+    if self.loss_scale is not None:
+      inverse = 1.0 / tf.identity(self.loss_scale)
+      grads = [g * inverse for g in grads]
     grad_norm = tf.linalg.global_norm(grads)
     finite = tf.math.is_finite(grad_norm) & tf.math.is_finite(total_loss)
     self._step_grad_norm = grad_norm  # Reported by train(): mean over steps.
@@ -246,8 +368,11 @@ class Trainer:
       grads, _ = tf.clip_by_global_norm(grads, self.clip_norm,
                                         use_norm=grad_norm)
     self._apply_if(finite, grads, variables)
+    bad = NONFINITE
+    if self.loss_scale is not None:
+      bad = tf.where(tf.math.is_finite(total_loss), OVERFLOW, NONFINITE)
     self._step_status = tf.where(
-        finite, tf.where(stop > 0, STOP_REQUESTED, OK), NONFINITE)
+        finite, tf.where(stop > 0, STOP_REQUESTED, OK), bad)
 
   def _apply_if(self, finite, grads, variables):
     """optimizer.apply_gradients only when `finite` (replica context).
@@ -276,7 +401,7 @@ class Trainer:
 
   def eval_step(self, batch) -> dict[str, tf.Tensor]:
     """Per-example loss and metrics of a batch (replica context, traced)."""
-    outputs = self.forward(batch, training=False)
+    outputs = _float32(self.forward(batch, training=False))
     return {'loss': self._checked_loss(batch, outputs),
             **self.compute_metrics(batch, outputs)}
 
@@ -300,7 +425,8 @@ class Trainer:
         pipelines.
     """
     if self.pipeline == 'global':
-      dataset = self.dataset(split, tf.distribute.InputContext(), batch_size)
+      dataset = self._checked_dataset(split, tf.distribute.InputContext(),
+                                      batch_size)
       if skip_batches:
         dataset = dataset.skip(skip_batches)
       options = tf.data.Options()
@@ -309,7 +435,7 @@ class Trainer:
           dataset.with_options(options))
 
     def dataset_fn(input_context):
-      dataset = self.dataset(
+      dataset = self._checked_dataset(
           split, input_context,
           input_context.get_per_replica_batch_size(batch_size))
       if skip_batches:
@@ -320,6 +446,15 @@ class Trainer:
       return dataset
 
     return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+  def _checked_dataset(self, split, input_context, batch_size):
+    dataset = self.dataset(split, input_context, batch_size)
+    if self.is_tpu:
+      # Before the strategy sees it: a TPU compiles for static shapes, and
+      # its own error comes at compile time, far from the cause.
+      tpu_checks.check_dataset(dataset, split=split,
+                               training=split == 'train')
+    return dataset
 
   # ---------------------------------------------------------------------------
   # Loops: called from the host by the controller.
@@ -378,10 +513,12 @@ class Trainer:
     return float(tf.convert_to_tensor(self.optimizer.learning_rate))
 
   def evaluate(self, split: str = 'test') -> dict[str, float]:
-    """Loss and metrics over the whole of `split`, each example once."""
+    """Loss and metrics over the whole of `split`, each example once (with
+    the moving-average weights when train.ema_decay is set)."""
     dataset = self.distribute_dataset(split,
                                       batch_size=self.eval_global_batch_size)
-    sums = self._eval_loop(iter(dataset))
+    with self.ema_weights():
+      sums = self._eval_loop(iter(dataset))
     return self._means(sums.numpy())
 
   def _train_loop_fn(self, iterator, num_steps, timed):
@@ -401,8 +538,14 @@ class Trainer:
       status = self.strategy.experimental_local_results(
           self.strategy.run(step_fn, args=(batch,)))[0]
       taken += 1
+      # An OVERFLOW step (mixed_float16) counts as a step taken, as in
+      # Keras: its batch is used up and the scale adjusted.
       applied += tf.cast(status != NONFINITE, tf.int64)
-      if status != OK:
+      if self.loss_scale is not None:
+        self._update_loss_scale(status)
+      if self.ema_weights_list:
+        self._update_ema(status == OK, self.global_step + applied - 1)
+      if tf.logical_and(status != OK, status != OVERFLOW):
         break
     elapsed = waited
     if timed:
@@ -412,6 +555,69 @@ class Trainer:
     self.data_position.assign_add(taken)
     return (self._reduce_and_reset(self._train_sums), applied, status, waited,
             elapsed)
+
+  def _update_loss_scale(self, status):
+    """Dynamic loss scaling (cross-replica context, once per step): halve
+    on an overflow, double after LOSS_SCALE_GROWTH_STEPS good steps."""
+    overflow = status == OVERFLOW
+    good = tf.where(overflow, tf.constant(0, tf.int64),
+                    self._good_steps + tf.cast(status != NONFINITE, tf.int64))
+    grow = good >= LOSS_SCALE_GROWTH_STEPS
+    scale = tf.where(overflow, self.loss_scale / 2.0,
+                     tf.where(grow, self.loss_scale * 2.0, self.loss_scale))
+    self.loss_scale.assign(tf.maximum(scale, 1.0))
+    self._good_steps.assign(tf.where(grow, tf.constant(0, tf.int64), good))
+
+  def _update_ema(self, applied, num_updates):
+    """ema = d * ema + (1 - d) * weights after an applied step (cross-replica
+    context). d = min(ema_decay, (1 + n) / (10 + n)) with n the updates
+    before this one (the first average is mostly the new weights), so the
+    average does not start out dominated by the random initial weights; on
+    a skipped step d = 1 and nothing changes. Each device updates its own
+    copy from its own weights (`extended.update`): no cross-device traffic.
+    """
+    n = tf.cast(num_updates, tf.float32)
+    decay = tf.minimum(self.ema_decay, (1.0 + n) / (10.0 + n))
+    decay = tf.where(applied, decay, 1.0)
+
+    def update(average, weight):
+      return average.assign(decay * average + (1.0 - decay) * weight)
+    for average, weight in zip(self.ema_weights_list,
+                               self.model.trainable_variables):
+      self.strategy.extended.update(average, update,
+                                    args=(_tf_variable(weight),))
+
+  @contextlib.contextmanager
+  def ema_weights(self):
+    """Within it the model holds the moving-average weights (eval, export);
+    the training weights come back on exit. A no-op without train.ema_decay.
+    """
+    if not self.ema_weights_list:
+      yield
+      return
+    variables = self.model.trainable_variables
+    with self.strategy.scope():
+      backup = [tf.identity(_tf_variable(v)) for v in variables]
+      for weight, average in zip(variables, self.ema_weights_list):
+        weight.assign(tf.identity(average))
+    try:
+      yield
+    finally:
+      with self.strategy.scope():
+        for weight, value in zip(variables, backup):
+          weight.assign(value)
+
+  def checkpoint_items(self, model_only: bool = False) -> dict:
+    """What a checkpoint holds besides step and data position: the model,
+    the optimizer, the weight average and the loss scale when present."""
+    items = {'model': self.model}
+    if self.ema_weights_list:
+      items['ema'] = self.ema_weights_list
+    if not model_only:
+      items['optimizer'] = self.optimizer
+      if self.loss_scale is not None:
+        items['loss_scale'] = self.loss_scale
+    return items
 
   def _eval_loop_fn(self, iterator):
     for batch in iterator:
@@ -560,6 +766,57 @@ def _timed_next(iterator):
           flat[i] = tf.identity(flat[i])
   batch = tf.nest.pack_sequence_as(batch, flat, expand_composites=True)
   return batch, waits[0] if len(waits) == 1 else tf.add_n(waits) / len(waits)
+
+
+def _float32(outputs):
+  """Float outputs of a mixed-precision model, as float32: the loss and
+  metrics are computed in float32 whatever the compute dtype."""
+  def cast(x):
+    if isinstance(x, tf.Tensor) and x.dtype in (tf.float16, tf.bfloat16):
+      return tf.cast(x, tf.float32)
+    return x
+  return tf.nest.map_structure(cast, outputs)
+
+
+def _tf_variable(variable):
+  """The tf.Variable (possibly distributed) behind a Keras variable."""
+  return getattr(variable, 'value', variable) if not isinstance(
+      variable, tf.Variable) else variable
+
+
+def _name(variable) -> str:
+  return getattr(variable, 'path', variable.name).replace(':', '_')
+
+
+def _is_tpu(strategy) -> bool:
+  return isinstance(strategy, (tf.distribute.TPUStrategy,
+                               tf.distribute.experimental.TPUStrategy))
+
+
+def _precision(value, strategy) -> str:
+  if value not in PRECISIONS:
+    raise UserError(f'config key train.precision={value!r} is unknown; valid: '
+                    f'{", ".join(PRECISIONS)}')
+  tpu = _is_tpu(strategy)
+  if value == 'auto':
+    return 'mixed_bfloat16' if tpu else 'float32'
+  if value == 'mixed_float16' and tpu:
+    raise UserError('config key train.precision=mixed_float16 is for GPUs; '
+                    'TPUs compute in bfloat16: use mixed_bfloat16 (or auto)')
+  return value
+
+
+def _grad_accum_steps(value, global_batch_size: int, num_replicas: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise UserError(f'config key train.grad_accum_steps={value!r} must be an '
+                    'integer >= 1 (1: no accumulation)')
+  if global_batch_size % (num_replicas * value):
+    raise UserError(
+        f'config key train.grad_accum_steps={value} must divide the per-'
+        f'replica batch {global_batch_size // num_replicas} '
+        f'(train.global_batch_size={global_batch_size} over {num_replicas} '
+        'replicas) into equal micro-batches; pick a divisor of it')
+  return value
 
 
 def _divisible(key: str, batch_size: int, num_replicas: int) -> int:
