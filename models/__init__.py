@@ -4,3 +4,4 @@ Importing this package registers every trainer (trainer/registry.py).
 """
 
 from models import classifier  # noqa: F401  (registers 'classifier')
+from models import lm  # noqa: F401  (registers 'lm')
