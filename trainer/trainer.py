@@ -385,7 +385,15 @@ class Trainer:
       self.optimizer.apply_gradients(zip(grads, variables))
 
     if tf.__internal__.distribute.strategy_supports_no_merge_call():
-      tf.cond(finite, apply, lambda: None)
+      # Here the cond and everything it touches sit on this replica's one
+      # device, so it can stay one functional If op. By default TensorFlow
+      # lowers it to Switch/Merge nodes around every op of the update, which
+      # made the seed MLP's step ~10-20% slower than the same step without
+      # the guard; kept as an If op, the guard costs ~nothing measurable
+      # (bench/throughput.py). (Across devices, as under MirroredStrategy
+      # below, an unlowered If cannot be placed, so that path is lowered.)
+      with _unlowered_conds():
+        tf.cond(finite, apply, lambda: None)
       return
 
     def cross_replica(distribution, finite, grads):
@@ -766,6 +774,27 @@ def _timed_next(iterator):
           flat[i] = tf.identity(flat[i])
   batch = tf.nest.pack_sequence_as(batch, flat, expand_composites=True)
   return batch, waits[0] if len(waits) == 1 else tf.add_n(waits) / len(waits)
+
+
+@contextlib.contextmanager
+def _unlowered_conds():
+  """tf.cond ops made within are not lowered to Switch/Merge.
+
+  TF 2.21 has no public switch for this; the private flag is read when the
+  If op is made (control_flow_util_v2.maybe_set_lowering_attr). Without it
+  (another TF version) conds are lowered, which is correct, only slower.
+  """
+  from tensorflow.python.ops import control_flow_util_v2 as util  # pylint: disable=g-direct-tensorflow-import,import-outside-toplevel
+  name = '_DISABLE_LOWER_USING_SWITCH_MERGE'
+  if not hasattr(util, name):
+    yield
+    return
+  previous = getattr(util, name)
+  setattr(util, name, True)
+  try:
+    yield
+  finally:
+    setattr(util, name, previous)
 
 
 def _float32(outputs):
