@@ -19,7 +19,8 @@ Config keys (the `optimizer` ConfigDict; all but name/learning_rate optional):
   weight_decay    decoupled weight decay (0: none; adamw's default 0.01 is
                   not applied unless set here)
   weight_decay_exclude      substrings of variable paths never decayed
-                  (default: biases and normalization layers)
+                  (default: biases and normalization layers: 'bias', 'norm',
+                  'gamma', 'beta')
   schedule        constant | cosine | linear | step
   warmup_steps    linear warmup from 0 to learning_rate
   decay_steps     steps of the decay after warmup (default: train.steps -
@@ -37,7 +38,7 @@ from trainer.errors import UserError
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lamb')
 SCHEDULES = ('constant', 'cosine', 'linear', 'step')
-DEFAULT_EXCLUDE = ('bias', 'norm')
+DEFAULT_EXCLUDE = ('bias', 'norm', 'gamma', 'beta')
 
 
 class WarmupDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
