@@ -192,3 +192,15 @@ def test_accumulation_with_an_overridden_train_step_is_refused():
   with pytest.raises(UserError, match='Custom overrides train_step'):
     Custom(config=make_config(grad_accum_steps=2),
            strategy=tf.distribute.OneDeviceStrategy(CPUS[0]))
+
+
+@pytest.mark.parametrize('value', [-1, 2.5])
+def test_bad_input_wait_cadence_is_a_one_line_error(value):
+  from trainer import experiment  # pylint: disable=import-outside-toplevel
+  config = make_config()
+  config.summary = dict(input_wait_every_loops=value)
+  trainer = build(make_config())
+  with pytest.raises(UserError, match=r'config key summary\.input_wait_every_'
+                     rf'loops={value} must be an integer >= 0') as error:
+    experiment.controller_options(config, trainer)
+  assert '\n' not in str(error.value)
