@@ -23,8 +23,10 @@ Logical CPUs must be split before TensorFlow initialises, so the parent runs
 each strategy in a child process (`--strategy=default`, `--strategy=mirrored
 --num_cpu_devices=2`) that prints one JSON line; the parent prints the table.
 
-Method: every method is warmed up with one call (tracing, not timed) and
-calibrated so that one timed segment lasts ~--seconds_per_round. Each of
+Method: every method is warmed up (tracing, not timed: one call, two for the
+trainer, whose second call traces the input-wait graph) and calibrated so that
+one timed segment lasts ~--seconds_per_round (for the trainer a whole multiple
+of 10 calls, so each segment holds one input-wait call in 10). Each of
 --rounds rounds then times one segment of every method in turn, rotating the
 order, so machine noise hits all methods alike. A method's throughput is the
 median of its per-round examples/sec; ratio a/b is median(a) / median(b) within
@@ -209,6 +211,8 @@ def measure(strategy, rounds: int, seconds_per_round: float) -> dict:
     run = BUILDERS[name](strategy)
     try:
       first_loss[name] = float(run(1))  # Traces; not timed.
+      if name == 'trainer':
+        run(1)  # The 2nd call measures the input wait: traces that graph.
     except tf.errors.OpError as e:
       failed[name] = _first_error_line(e)
       continue
@@ -217,6 +221,11 @@ def measure(strategy, rounds: int, seconds_per_round: float) -> dict:
     per_call = (time.perf_counter() - start) / 2
     runs[name] = run
     calls[name] = max(1, round(seconds_per_round / per_call))
+    if name == 'trainer':
+      # Whole multiples of INPUT_WAIT_EVERY calls, so every segment has the
+      # Controller's share of input-wait calls (1 in INPUT_WAIT_EVERY).
+      calls[name] = INPUT_WAIT_EVERY * max(
+          1, round(calls[name] / INPUT_WAIT_EVERY))
 
   names = list(runs)
   rates = {name: [] for name in names}
