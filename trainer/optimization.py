@@ -11,6 +11,14 @@ replaces that one method on the instance with the identity. The 1-vs-N replica
 weight tests (tests/trainer/trainer_test.py) fail if gradients are ever summed
 twice or not at all.
 
+Adam, AdamW and Lamb here are Keras' own classes with one change: Keras
+recomputes the step's bias corrections (two `pow`s, a `sqrt`, casts and
+divisions) and reads the step counter once per variable; these compute them
+once per device and step and share them across the variables. The update is
+the same arithmetic in the same order, bitwise equal to Keras' (tested in
+tests/trainer/optimization_test.py), with ~10 fewer ops per variable per
+step: ~5% of the seed MLP's 0.3 ms step (bench/throughput.py).
+
 Config keys (the `optimizer` ConfigDict; all but name/learning_rate optional):
   name            sgd | adam | adamw | lamb
   learning_rate   peak learning rate (after warmup)
@@ -31,6 +39,7 @@ Config keys (the `optimizer` ConfigDict; all but name/learning_rate optional):
 """
 
 import math
+import threading
 
 import tensorflow as tf
 
@@ -83,6 +92,85 @@ class WarmupDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
                 end_factor=self.end_factor,
                 step_boundaries=self.step_boundaries,
                 step_factor=self.step_factor)
+
+
+class _SharedStepScalars:
+  """Mixin: `_step_scalars` computes per-step scalars once per update.
+
+  Keras calls `update_step(gradient, variable, learning_rate)` for each
+  variable from `_distributed_tf_update_step` (inside `extended.update`, on
+  the variable's device). Scalars that depend only on the step are cached
+  for the duration of that call, one set per device and dtype. The cache is
+  per thread: MirroredStrategy may run replica functions in threads.
+  """
+
+  _cache = threading.local()
+
+  def _distributed_tf_update_step(self, distribution, grads_and_vars,
+                                  learning_rate):
+    self._cache.scalars = {}
+    try:
+      return super()._distributed_tf_update_step(distribution, grads_and_vars,
+                                                 learning_rate)
+    finally:
+      self._cache.scalars = None
+
+  def _step_scalars(self, variable, learning_rate):
+    """(learning rate, 1 - beta_1^t, 1 - beta_2^t) in variable's dtype, as
+    Keras computes them (t = iterations + 1)."""
+    cache = getattr(self._cache, 'scalars', None)
+    key = (id(self), variable.device, variable.dtype)
+    if cache is not None and key in cache:
+      return cache[key]
+    dtype = variable.dtype
+    local_step = tf.cast(self.iterations + 1, dtype)
+    scalars = (tf.cast(learning_rate, dtype),
+               1 - tf.pow(tf.cast(self.beta_1, dtype), local_step),
+               1 - tf.pow(tf.cast(self.beta_2, dtype), local_step))
+    if cache is not None:
+      cache[key] = scalars
+    return scalars
+
+
+def _adam_update_step(self, gradient, variable, learning_rate):
+  """keras.optimizers.Adam.update_step with the step's scalars shared."""
+  if self.amsgrad:
+    return tf.keras.optimizers.Adam.update_step(self, gradient, variable,
+                                                learning_rate)
+  lr, bias_1, bias_2 = self._step_scalars(variable, learning_rate)  # pylint: disable=protected-access
+  alpha = lr * tf.sqrt(bias_2) / bias_1
+  gradient = tf.cast(gradient, variable.dtype)
+  index = self._get_variable_index(variable)  # pylint: disable=protected-access
+  m, v = self._momentums[index], self._velocities[index]  # pylint: disable=protected-access
+  self.assign_add(m, (gradient - m) * (1 - self.beta_1))
+  self.assign_add(v, (tf.square(gradient) - v) * (1 - self.beta_2))
+  self.assign_sub(variable, (m * alpha) / (tf.sqrt(v) + self.epsilon))
+
+
+class Adam(_SharedStepScalars, tf.keras.optimizers.Adam):
+  update_step = _adam_update_step
+
+
+class AdamW(_SharedStepScalars, tf.keras.optimizers.AdamW):
+  update_step = _adam_update_step
+
+
+class Lamb(_SharedStepScalars, tf.keras.optimizers.Lamb):
+  """keras.optimizers.Lamb with the step's scalars shared."""
+
+  def update_step(self, gradient, variable, learning_rate):
+    lr, bias_1, bias_2 = self._step_scalars(variable, learning_rate)
+    gradient = tf.cast(gradient, variable.dtype)
+    index = self._get_variable_index(variable)
+    m, v = self._momentums[index], self._velocities[index]
+    self.assign_add(m, (gradient - m) * (1 - self.beta_1))
+    self.assign_add(v, (tf.square(gradient) - v) * (1 - self.beta_2))
+    update = (m / bias_1) / (tf.sqrt(v / bias_2) + self.epsilon)
+    w_norm = tf.sqrt(tf.reduce_sum(tf.pow(variable, 2)))
+    g_norm = tf.sqrt(tf.reduce_sum(tf.pow(update, 2)))
+    ratio = tf.where(w_norm > 0,
+                     tf.where(g_norm > 0, w_norm / g_norm, 1.0), 1.0)
+    self.assign_sub(variable, ratio * lr * update)
 
 
 def build_schedule(config, total_steps: int):
@@ -150,12 +238,11 @@ def build_optimizer(config, *, variables=None,
         momentum=config.get('momentum', 0.0),
         nesterov=config.get('nesterov', False), **common)
   elif name == 'adam':
-    optimizer = tf.keras.optimizers.Adam(**adam_like, **common)
+    optimizer = Adam(**adam_like, **common)
   elif name == 'adamw':
-    optimizer = tf.keras.optimizers.AdamW(
-        **adam_like, **dict(common, weight_decay=weight_decay))
+    optimizer = AdamW(**adam_like, **dict(common, weight_decay=weight_decay))
   else:
-    optimizer = tf.keras.optimizers.Lamb(**adam_like, **common)
+    optimizer = Lamb(**adam_like, **common)
   if weight_decay and variables is not None:
     patterns = tuple(config.get('weight_decay_exclude', DEFAULT_EXCLUDE))
     excluded = [v for v in variables
