@@ -26,31 +26,48 @@ def train_steps(trainer, n):
   trainer.train(iterator, n)
 
 
+def state(trainer):
+  """Model weights and optimizer variables (slots, iteration count)."""
+  return [np.array(v) for v in trainer.model.get_weights()] + [
+      np.array(v.numpy()) for v in trainer.optimizer.variables]
+
+
 def save_at(trainer, checkpointer, steps):
-  """Trains to each step in `steps` and saves; returns weights at each."""
-  weights = {}
+  """Trains to each step in `steps` and saves; returns the state at each."""
+  states = {}
   for step in steps:
     train_steps(trainer, step - int(trainer.global_step.numpy()))
     checkpointer.save()
-    weights[step] = trainer.model.get_weights()
+    states[step] = state(trainer)
   checkpointer.wait()
-  return weights
+  return states
 
 
+@pytest.mark.parametrize('async_save', [True, False], ids=['async', 'sync'])
 @pytest.mark.parametrize('replicas', [1, 2])
-def test_async_save_holds_the_state_at_save_time(tmp_path, replicas):
+def test_saves_hold_the_state_at_save_time(tmp_path, replicas, async_save):
+  """The first save is eager, later ones run as a traced function (async:
+  from a copy, in a background thread); each holds its own step's state and
+  the manager keeps max_to_keep of them."""
   trainer = build(replicas)
-  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path))
-  weights = save_at(trainer, checkpointer, [3, 6])
+  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path),
+                                            max_to_keep=3,
+                                            async_save=async_save)
+  states = save_at(trainer, checkpointer, [3, 6, 9, 12])
+  assert [os.path.basename(p) for p in
+          checkpointing.checkpoint_paths(str(tmp_path))] == [
+              'ckpt-6', 'ckpt-9', 'ckpt-12']
+  assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-12')
   fresh = build(replicas)
   restorer = checkpointing.Checkpointer(fresh, str(tmp_path))
-  restorer.restore(str(tmp_path / 'ckpt-3'))
-  assert int(fresh.global_step.numpy()) == 3
-  assert int(fresh.data_position.numpy()) == 3
-  for a, b in zip(weights[3], fresh.model.get_weights()):
-    np.testing.assert_array_equal(a, b)
-  assert restorer.restore_latest().endswith('ckpt-6')
-  for a, b in zip(weights[6], fresh.model.get_weights()):
+  for step in (6, 9):
+    restorer.restore(str(tmp_path / f'ckpt-{step}'))
+    assert int(fresh.global_step.numpy()) == step
+    assert int(fresh.data_position.numpy()) == step
+    for a, b in zip(states[step], state(fresh)):
+      np.testing.assert_array_equal(a, b)
+  assert restorer.restore_latest().endswith('ckpt-12')
+  for a, b in zip(states[12], state(fresh)):
     np.testing.assert_array_equal(a, b)
 
 
