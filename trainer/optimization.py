@@ -17,7 +17,7 @@ divisions) and reads the step counter once per variable; these compute them
 once per device and step and share them across the variables. The update is
 the same arithmetic in the same order, bitwise equal to Keras' (tested in
 tests/trainer/optimization_test.py), with ~10 fewer ops per variable per
-step: ~5% of the seed MLP's 0.3 ms step (bench/throughput.py).
+step: ~3% of the seed MLP's 0.3 ms step (bench/throughput.py).
 
 Config keys (the `optimizer` ConfigDict; all but name/learning_rate optional):
   name            sgd | adam | adamw | lamb

@@ -104,6 +104,27 @@ def test_ema_is_the_moving_average_used_for_eval_and_checkpointed(tmp_path):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_ema_updates_on_the_step_that_carries_a_stop_request():
+  """A stop request ends the loop after that step, whose update is applied:
+  the average takes it in, as an uninterrupted run's would."""
+  stopped, reference = (build(make_config(ema_decay=0.9)) for _ in range(2))
+  for trainer in (stopped, reference):
+    iterator = iter(trainer.distribute_dataset(
+        'train', batch_size=trainer.global_batch_size))
+    trainer.train(iterator, 2)
+    if trainer is stopped:
+      trainer.stop_requested.assign(1.0)
+      result = trainer.train(iterator, 4)
+      assert result['status'] == trainer_lib.STOP_REQUESTED
+      assert result['steps'] == 1
+    else:
+      trainer.train(iterator, 1)
+  for a, b in zip(reference.model.get_weights(), stopped.model.get_weights()):
+    np.testing.assert_array_equal(b, a)
+  for a, b in zip(reference.ema_weights_list, stopped.ema_weights_list):
+    np.testing.assert_array_equal(b.numpy(), a.numpy())
+
+
 def test_ema_on_two_replicas_matches_one():
   one = build(make_config(ema_decay=0.99))
   initial = one.model.get_weights()
