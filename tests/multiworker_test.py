@@ -101,7 +101,7 @@ def test_hand_written_tf_config_matches_one_process(tmp_path):
 
 def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
   long_run = ('--config=configs/digits_mlp.py:smoke', '--deterministic',
-              '--config.train.steps=2000', '--config.train.steps_per_loop=2000',
+              '--config.train.steps=3000', '--config.train.steps_per_loop=3000',
               '--config.checkpoint.every_steps=0', MWMS)
   model_dir = tmp_path / 'run'
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
@@ -111,7 +111,7 @@ def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
   deadline = time.monotonic() + 120
   while time.monotonic() < deadline and not (model_dir / 'run.json').exists():
     time.sleep(0.2)
-  time.sleep(4)  # Both workers are in the 2000-step inner loop by now.
+  time.sleep(4)  # Both workers are in the 3000-step inner loop by now.
   job.send_signal(signal.SIGTERM)
   signalled = time.monotonic()
   _, stderr = job.communicate(timeout=120)
@@ -120,7 +120,7 @@ def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
   assert stderr.count('preempted by SIGTERM') == 2
   (saved,) = glob.glob(str(model_dir / 'ckpt-*.index'))
   step = int(saved.rsplit('-', 1)[1].split('.')[0])
-  assert 0 < step < 2000
+  assert 0 < step < 3000
   resumed = run_launcher(2, *long_run, f'--model_dir={model_dir}')
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   reference = run_launcher(2, *long_run, f'--model_dir={tmp_path / "ref"}')
