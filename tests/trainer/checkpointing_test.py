@@ -71,6 +71,35 @@ def test_saves_hold_the_state_at_save_time(tmp_path, replicas, async_save):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize('replicas', [1, 2])
+def test_traced_writes_hold_what_tensorflows_writer_writes(tmp_path, replicas):
+  """From the second save on, a checkpoint is written by one traced SaveV2
+  op straight into its two files; they hold the same keys, tensors and
+  object graph as TensorFlow's own writer's, and nothing else is left in
+  the directory."""
+  trainer = build(replicas)
+  directory = tmp_path / 'run'
+  checkpointer = checkpointing.Checkpointer(trainer, str(directory),
+                                            max_to_keep=2, async_save=False)
+  save_at(trainer, checkpointer, [2, 4, 6])  # eager, traced, traced
+  reference = str(tmp_path / 'reference' / 'ckpt')
+  tf.train.Checkpoint._write(checkpointer.checkpoint, reference)  # pylint: disable=protected-access
+  assert sorted(os.listdir(directory)) == [
+      'checkpoint', 'ckpt-4.data-00000-of-00001', 'ckpt-4.index',
+      'ckpt-6.data-00000-of-00001', 'ckpt-6.index']
+  state_file = (directory / 'checkpoint').read_text()
+  assert 'ckpt-2' not in state_file and 'ckpt-6' in state_file
+  ours = tf.train.load_checkpoint(str(directory / 'ckpt-6'))
+  theirs = tf.train.load_checkpoint(reference)
+  keys = theirs.get_variable_to_dtype_map()
+  assert ours.get_variable_to_dtype_map() == keys
+  assert ours.get_variable_to_shape_map() == theirs.get_variable_to_shape_map()
+  assert '_CHECKPOINTABLE_OBJECT_GRAPH' in keys and len(keys) > 10
+  for key in keys:
+    np.testing.assert_array_equal(ours.get_tensor(key),
+                                  theirs.get_tensor(key), err_msg=key)
+
+
 def test_restored_run_continues_like_an_uninterrupted_one(tmp_path):
   reference = build()
   train_steps(reference, 10)
