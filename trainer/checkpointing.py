@@ -4,8 +4,8 @@ What a checkpoint holds (a `tf.train.Checkpoint`): the Keras model under
 `model`, the optimizer (slots, iteration count) under `optimizer`, the step
 under `step`, the data position (global batches taken from the training
 stream) under `data_position`, and with train.ema_decay / mixed_float16 the
-moving-average weights under `ema` and the loss scale under `loss_scale`. With a deterministic pipeline the data position
-is all it takes to continue the stream exactly (a `tf.distribute` iterator
+moving-average weights under `ema` and the loss scale under `loss_scale`.
+With a deterministic pipeline the data position is all it takes to continue the stream exactly (a `tf.distribute` iterator
 cannot be checkpointed: tensorflow#56372).
 
 Crash consistency: a checkpoint is only restored after every tensor in it has
@@ -16,6 +16,8 @@ with an error rather than start from scratch over a model_dir it would
 overwrite.
 """
 
+from concurrent import futures
+import copy
 import glob
 import json
 import os
@@ -32,6 +34,8 @@ _CKPT_RE = re.compile(r'ckpt-(\d+)\.index$')
 
 def _fix_keras_async_copy():
   """Lets TF's async checkpointer copy Keras 3 variables.
+
+  (Used for the checkpoint layouts `_Writes` leaves to TensorFlow.)
 
   Keras 3.15's `Variable._copy_trackable_to_cpu` makes a new tf.Variable on
   every call, which the async checkpointer's tf.function rejects ("only
@@ -51,22 +55,133 @@ def _fix_keras_async_copy():
 _fix_keras_async_copy()
 
 
-def _write_single_file(checkpoint, prefix):
-  """Writes `checkpoint` to `prefix` with one SaveV2 op; None if it can't.
+class _Writes:
+  """Writes a `tf.train.Checkpoint`: installed as its `_write` method.
 
-  Called while tracing. TensorFlow's writer saves every shard under
-  `<prefix>_temp/` and then merges the shards' indexes into `<prefix>.index`
-  (MergeV2Checkpoints), which for a single shard means a directory made and
-  removed, an index written, read and written again, and renames: about half
-  the write. With one shard (one task: every variable of this process),
-  SaveV2 can write `<prefix>.index` and `<prefix>.data-00000-of-00001`
-  directly; it writes each under a temporary name and renames it when
-  complete, the index last. The tensors, keys and object graph are
-  TensorFlow's own (the same `_gather_serialized_tensors` and shard planning
-  its writer uses), so the files hold what TensorFlow's writer puts in them
-  (checkpointing_test compares them). Returns None (the caller uses
-  TensorFlow's writer) for anything else: several tasks or shards, registered
-  savers, Python state.
+  An eager `tf.train.Checkpoint` write walks the object graph in Python and
+  reads every variable op by op on each save (~11 ms for the seed MLP), and
+  writes each shard under `<prefix>_temp/`, then merges the shards' indexes
+  into `<prefix>.index` (MergeV2Checkpoints: a directory made and removed,
+  an index written, read and written again, renames). TensorFlow's async
+  writer adds a copy of every variable into host-memory variables and a
+  second Checkpoint that writes them. From the second write on (a
+  Checkpointer used once, like the best checkpoint's, would only pay for the
+  traces), this writes with two traced functions instead:
+
+    snapshot()              -> the checkpoint's tensors, copied to host
+                               memory (a variable read holds its buffer: an
+                               update made afterwards copies it first, so the
+                               tensors keep the state at the save);
+    write(prefix, tensors)  -> one SaveV2 op writing `<prefix>.index` and
+                               `<prefix>.data-00000-of-00001` directly, each
+                               under a temporary name and renamed when
+                               complete, the index last.
+
+  The tensors, checkpoint keys and object graph are TensorFlow's own (its
+  `_gather_serialized_tensors` and shard planning, as its writer uses them),
+  so the files hold what TensorFlow's writer puts in them (checkpointing_test
+  compares them). An async write takes the snapshot on the training thread
+  (~0.3 ms for the seed MLP) and runs `write` and the write callbacks
+  (CheckpointManager's state file and deletions) in a background thread,
+  which the interpreter waits for at exit; the next write first waits for
+  it, and an error in it is raised by the next write or `wait()`. A layout
+  that needs more than one file (several tasks or shards, registered savers,
+  Python state) is written by TensorFlow's writer, async ones by its async
+  checkpointer.
+  """
+
+  def __init__(self, checkpoint):
+    self._checkpoint = checkpoint
+    self._tensorflow_write = checkpoint._write  # pylint: disable=protected-access
+    self._writes = 0
+    self._snapshot = None  # Traced on the second write; False: not possible.
+    self._write = None
+    self._snapshot_and_write = None
+    self._executor = None
+    self._pending = None  # The last async write's Future.
+
+  def __call__(self, file_prefix, options=None):
+    self.wait()  # For the previous async write, which could still sweep.
+    self._writes += 1
+    if self._writes > 1 and self._snapshot is None:
+      self._trace()
+    if self._writes == 1 or not self._snapshot:
+      if (options and options.experimental_enable_async_checkpoint and
+          self._writes == 1):
+        options = copy.copy(options)  # The first write is synchronous.
+        options.experimental_enable_async_checkpoint = False
+      return self._tensorflow_write(file_prefix, options=options)
+    callbacks = (options and options.experimental_write_callbacks) or ()
+    if options and options.experimental_enable_async_checkpoint:
+      if self._executor is None:
+        # Its thread is joined at interpreter exit: no write is cut short.
+        self._executor = futures.ThreadPoolExecutor(
+            1, thread_name_prefix='checkpoint-write')
+      self._pending = self._executor.submit(
+          self._write_and_call_back, file_prefix, self._snapshot(), callbacks)
+    else:
+      self._write_and_call_back(file_prefix, None, callbacks)
+    return file_prefix
+
+  def wait(self) -> None:
+    """Blocks until the last async write is done; raises its error."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      pending.result()
+    self._checkpoint.sync()  # TensorFlow's async writer, if it was used.
+
+  def _write_and_call_back(self, file_prefix, tensors, callbacks):
+    tf.io.gfile.makedirs(os.path.dirname(file_prefix))
+    if tensors is None:
+      self._snapshot_and_write(tf.constant(file_prefix))
+    else:
+      self._write(tf.constant(file_prefix), tensors)
+    for callback in callbacks:
+      callback(file_prefix)
+
+  def _trace(self):
+    # Under this process's full CPU device name, so the object graph (placed
+    # on '/cpu:0') falls in the same shard as the variables.
+    cpu = tf.constant(0).device
+    plan = {}
+
+    def snapshot():
+      with tf.device(cpu):
+        shard = _single_shard(self._checkpoint)
+        if shard is None:
+          return []
+        plan['task'], plan['keys'] = shard[0], list(shard[1])
+        return [tf.identity(tensor) for tensor in shard[1].values()]
+
+    def write(prefix, tensors):
+      from tensorflow.python.checkpoint import functional_saver  # pylint: disable=import-outside-toplevel,g-direct-tensorflow-import
+      shard = {}
+      for (key, spec), tensor in zip(plan['keys'], tensors):
+        shard.setdefault(key, {})[spec] = tensor
+      with tf.device(cpu):
+        saved = functional_saver._single_shard_save(prefix, shard, plan['task'])  # pylint: disable=protected-access
+      with tf.control_dependencies([saved]):
+        return tf.identity(prefix)
+
+    self._snapshot = tf.function(snapshot).get_concrete_function()
+    if not plan:
+      self._snapshot = False
+      return
+    specs = [tf.TensorSpec(t.shape, t.dtype)
+             for t in self._snapshot.structured_outputs]
+    prefix = tf.TensorSpec([], tf.string)
+    self._write = tf.function(write).get_concrete_function(prefix, specs)
+    # Synchronous writes: both in one call (~0.3 ms less than two).
+    self._snapshot_and_write = tf.function(
+        lambda prefix: write(prefix, snapshot())).get_concrete_function(prefix)
+
+
+def _single_shard(checkpoint):
+  """(task, {(key, slice spec): tensor}) of the checkpoint's one shard.
+
+  Called while tracing. None when TensorFlow's writer would write more than
+  one shard or needs more than SaveV2 (registered savers, Python state), or
+  when its internals are not the ones this was written against.
   """
   # pylint: disable=protected-access
   try:
@@ -77,67 +192,21 @@ def _write_single_file(checkpoint, prefix):
       return None
     shards = functional_saver.MultiDeviceSaver(
         serialized, registered)._get_shards_by_task(None)
-    if len(shards) != 1 or len(shards[0][1]) != 1:
-      return None
-    (task, (shard,)), = shards
-    saved = functional_saver._single_shard_save(prefix, shard, task)
   except (AttributeError, ImportError, TypeError) as e:  # Another TF version.
     logging.warning("checkpoints are written by TensorFlow's own writer "
                     '(%s: %s)', type(e).__name__, e)
     return None
-  with tf.control_dependencies([saved]):
-    return tf.identity(prefix)
-
-
-def _compile_writes(checkpoint) -> None:
-  """Makes `checkpoint`'s writes run as one traced tf.function.
-
-  An eager `tf.train.Checkpoint` write walks the whole object graph in Python
-  and reads every variable op by op on each save: ~11 ms for the seed MLP,
-  where the same write as a traced function (the object graph and the save op
-  built once, at trace time) takes ~2 ms, and ~1 ms as one SaveV2 op
-  (`_write_single_file`). In a run checkpointing every 1,000 steps of a
-  0.3 ms step, every millisecond of a save is ~0.3 % of the training time
-  (bench/checkpoint_cost.py).
-
-  The first write stays eager (a Checkpointer used once, like the best
-  checkpoint's, would only pay for the trace); the second traces. The object
-  graph is fixed from then on: the Trainer creates every variable before
-  training starts. Write callbacks (CheckpointManager's bookkeeping) run
-  after the traced write, in Python, as the eager write runs them. Async
-  writes are handed to TensorFlow's async checkpointer, whose background
-  thread then writes through the traced function too (see `Checkpointer`).
-  """
-  eager_write = checkpoint._write  # pylint: disable=protected-access
-  state = {'writes': 0, 'traced': None}
-
-  def write(file_prefix, options=None):
-    if options and options.experimental_enable_async_checkpoint:
-      return eager_write(file_prefix, options=options)  # -> async checkpointer
-    state['writes'] += 1
-    if state['writes'] == 1:
-      return eager_write(file_prefix, options=options)
-    if state['traced'] is None:
-      # Under this process's full CPU device name, so the object graph
-      # (placed on '/cpu:0') falls in the same shard as the variables: one
-      # data file, as an eager write makes.
-      cpu = tf.constant(0).device
-
-      def traced(prefix):
-        with tf.device(cpu):
-          written = _write_single_file(checkpoint, prefix)
-          return eager_write(prefix) if written is None else written
-      # A concrete function: called without tf.function's argument dispatch.
-      state['traced'] = tf.function(traced).get_concrete_function(
-          tf.TensorSpec([], tf.string))
-    tf.io.gfile.makedirs(os.path.dirname(file_prefix))
-    state['traced'](tf.constant(file_prefix))
-    if options and options.experimental_write_callbacks:
-      for callback in options.experimental_write_callbacks:
-        callback(file_prefix)  # CheckpointManager's: state file, sweep.
-    return file_prefix
-
-  checkpoint._write = write  # pylint: disable=protected-access
+  if len(shards) != 1 or len(shards[0][1]) != 1:
+    return None
+  (task, (shard,)), = shards
+  tensors = {}
+  for key, slices in shard.items():
+    for spec, tensor in slices.items():
+      if tensor is not None:  # None: in the object graph, no value saved.
+        # As functional_saver._single_shard_save names them.
+        tensors[(getattr(tensor, '_wrapped_name', key),
+                 getattr(tensor, '_wrapped_slice_spec', spec))] = tensor
+  return task, tensors
 
 
 class _CheckpointManager(tf.train.CheckpointManager):
@@ -229,10 +298,10 @@ class Checkpointer:
     restore_directory: where they are read from (default `directory`;
       model_dir for the other workers of a multi-worker run).
     max_to_keep: how many recent checkpoints to keep.
-    async_save: copy the variables to host memory and write them in a
-      background thread, so the training loop waits ~1 ms for the copy
-      instead of the whole write (~4 ms for the seed MLP, far more for a
-      large model). `wait()` blocks until the last write is on disk; the
+    async_save: take the variables' values (in host memory) and write them
+      in a background thread, so the training loop waits ~1 ms instead of
+      the whole write (~2-3 ms for the seed MLP, far more for a large
+      model). `wait()` blocks until the last write is on disk; the
       controller calls it before exiting.
   """
 
@@ -252,28 +321,20 @@ class Checkpointer:
         experimental_enable_async_checkpoint=async_save)
     self.last_saved_step = None
     _ = self.checkpoint.save_counter  # Created now, before any trace.
-    _compile_writes(self.checkpoint)
-    self._compiled_async = False
+    self._writes = _Writes(self.checkpoint)
+    self.checkpoint._write = self._writes  # pylint: disable=protected-access
 
   def save(self) -> str:
     """Saves the current state as ckpt-<step>; returns its path."""
     step = int(self.trainer.global_step.numpy())
     path = self.manager.save(checkpoint_number=step, options=self.options)
-    if self.async_save and not self._compiled_async:
-      # TensorFlow's async checkpointer (made by the first async save) copies
-      # the variables to host memory on this thread and writes the copy from
-      # its own thread through an inner Checkpoint: compile that one's writes
-      # too (its first write, this one, stays eager either way).
-      _compile_writes(self.checkpoint._async_checkpointer().checkpointer())  # pylint: disable=protected-access
-      self._compiled_async = True
     self.last_saved_step = step
     logging.info('saved checkpoint %s', path)
     return path
 
   def wait(self) -> None:
     """Blocks until every checkpoint write started so far is on disk."""
-    if self.async_save:
-      self.checkpoint.sync()
+    self._writes.wait()
 
   def restore_latest(self, *, model_only: bool = False):
     """Restores the newest complete checkpoint; returns its path or None.

@@ -100,6 +100,40 @@ def test_traced_writes_hold_what_tensorflows_writer_writes(tmp_path, replicas):
                                   theirs.get_tensor(key), err_msg=key)
 
 
+@pytest.mark.parametrize('async_save', [True, False], ids=['async', 'sync'])
+@pytest.mark.parametrize('replicas', [1, 2])
+def test_layouts_left_to_tensorflows_writer_save_the_same(
+    tmp_path, monkeypatch, replicas, async_save):
+  """A layout the single-file writer does not take (several shards, say)
+  goes through TensorFlow's writer and its async checkpointer."""
+  monkeypatch.setattr(checkpointing, '_single_shard', lambda checkpoint: None)
+  trainer = build(replicas)
+  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path),
+                                            async_save=async_save)
+  states = save_at(trainer, checkpointer, [2, 4, 6])
+  assert checkpointer._writes._snapshot is False  # pylint: disable=protected-access
+  fresh = build(replicas)
+  restorer = checkpointing.Checkpointer(fresh, str(tmp_path))
+  for step in (4, 6):
+    restorer.restore(str(tmp_path / f'ckpt-{step}'))
+    for a, b in zip(states[step], state(fresh)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_a_failed_background_write_is_raised_by_wait(tmp_path):
+  trainer = build()
+  directory = tmp_path / 'run'
+  checkpointer = checkpointing.Checkpointer(trainer, str(directory))
+  save_at(trainer, checkpointer, [2, 4])
+  os.rename(directory, tmp_path / 'moved')
+  directory.write_text('a file where the checkpoint directory was')
+  train_steps(trainer, 2)
+  checkpointer.save()  # Returns at once; the write fails in the background.
+  with pytest.raises(tf.errors.OpError):
+    checkpointer.wait()
+  checkpointer.wait()  # Raised once.
+
+
 def test_restored_run_continues_like_an_uninterrupted_one(tmp_path):
   reference = build()
   train_steps(reference, 10)
