@@ -105,19 +105,35 @@ def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
               '--config.checkpoint.every_steps=0', MWMS)
   model_dir = tmp_path / 'run'
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  job = subprocess.Popen(launch_command(2, *long_run, f'--model_dir={model_dir}'),
-                         cwd=runner.REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+  log = tmp_path / 'launch.log'
+  with open(log, 'w') as out:
+    job = subprocess.Popen(
+        launch_command(2, *long_run, f'--model_dir={model_dir}'),
+        cwd=runner.REPO, env=env, stdout=subprocess.DEVNULL, stderr=out,
+        text=True)
+  # Each worker logs where its summaries go just before it starts training.
+  ready = {'[worker 0]': 'TensorBoard summaries in',
+           '[worker 1]': 'not the chief: this worker writes no TensorBoard'}
+
+  def both_ready():
+    lines = log.read_text().splitlines()
+    return all(any(line.startswith(worker) and text in line for line in lines)
+               for worker, text in ready.items())
   deadline = time.monotonic() + 120
-  while time.monotonic() < deadline and not (model_dir / 'run.json').exists():
+  while not both_ready():
+    assert job.poll() is None, log.read_text()[-4000:]
+    assert time.monotonic() < deadline, log.read_text()[-4000:]
     time.sleep(0.2)
   time.sleep(4)  # Both workers are in the 3000-step inner loop by now.
   job.send_signal(signal.SIGTERM)
   signalled = time.monotonic()
-  _, stderr = job.communicate(timeout=120)
+  job.wait(timeout=120)
+  stderr = log.read_text()
   assert job.returncode == 42, stderr[-4000:]
   assert time.monotonic() - signalled < 30
-  assert stderr.count('preempted by SIGTERM') == 2
+  assert stderr.count('preempted by SIGTERM') == 2, '\n'.join(
+      line for line in stderr.splitlines()
+      if 'SIGTERM' in line or 'rror' in line or 'launch:' in line)
   (saved,) = glob.glob(str(model_dir / 'ckpt-*.index'))
   step = int(saved.rsplit('-', 1)[1].split('.')[0])
   assert 0 < step < 3000
