@@ -194,6 +194,15 @@ class Controller:
           self._write_train_summary()
         if self.checkpointer and self.checkpointer.last_saved_step != self.step:
           self._save()
+    except BaseException:
+      if self.checkpointer:
+        # A failed run (a non-finite loss, an error) still finishes the
+        # write in flight: main.py exits with os._exit, which would cut it.
+        try:
+          self.checkpointer.wait()
+        except Exception as e:  # pylint: disable=broad-except
+          logging.error('the last checkpoint write failed too: %s', e)
+      raise
     finally:
       if self.profile:
         self.profile.stop()

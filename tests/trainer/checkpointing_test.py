@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -81,7 +82,15 @@ def test_traced_writes_hold_what_tensorflows_writer_writes(tmp_path, replicas):
   directory = tmp_path / 'run'
   checkpointer = checkpointing.Checkpointer(trainer, str(directory),
                                             max_to_keep=2, async_save=False)
+  writes = checkpointer._writes  # pylint: disable=protected-access
+  tensorflow_writes = []
+  tensorflow_write = writes._tensorflow_write  # pylint: disable=protected-access
+  writes._tensorflow_write = lambda *args, **kwargs: (  # pylint: disable=protected-access
+      tensorflow_writes.append(args) or tensorflow_write(*args, **kwargs))
   save_at(trainer, checkpointer, [2, 4, 6])  # eager, traced, traced
+  assert len(tensorflow_writes) == 1  # Only the first.
+  assert isinstance(writes._snapshot_and_write,  # pylint: disable=protected-access
+                    tf.types.experimental.ConcreteFunction)
   reference = str(tmp_path / 'reference' / 'ckpt')
   tf.train.Checkpoint._write(checkpointer.checkpoint, reference)  # pylint: disable=protected-access
   assert sorted(os.listdir(directory)) == [
@@ -132,6 +141,57 @@ def test_a_failed_background_write_is_raised_by_wait(tmp_path):
   with pytest.raises(tf.errors.OpError):
     checkpointer.wait()
   checkpointer.wait()  # Raised once.
+
+
+@pytest.mark.parametrize('replicas', [1, 2])
+def test_async_snapshot_keeps_the_state_while_training_goes_on(
+    tmp_path, replicas):
+  """The background write is held until the model has trained on; the
+  checkpoint still holds the state at the save."""
+  trainer = build(replicas)
+  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path))
+  save_at(trainer, checkpointer, [2, 4])  # eager, then the traces
+  writes = checkpointer._writes  # pylint: disable=protected-access
+  write = writes._write_and_call_back  # pylint: disable=protected-access
+  release = threading.Event()
+  held = []
+
+  def held_write(*args):
+    held.append(True)
+    assert release.wait(timeout=60)
+    write(*args)
+  writes._write_and_call_back = held_write  # pylint: disable=protected-access
+  train_steps(trainer, 2)
+  checkpointer.save()  # ckpt-6, held
+  at_save = state(trainer)
+  train_steps(trainer, 3)
+  assert held and not (tmp_path / 'ckpt-6.index').exists()
+  assert any(not np.array_equal(a, b) for a, b in zip(at_save, state(trainer)))
+  release.set()
+  checkpointer.wait()
+  fresh = build(replicas)
+  checkpointing.Checkpointer(fresh, str(tmp_path)).restore(
+      str(tmp_path / 'ckpt-6'))
+  assert int(fresh.global_step.numpy()) == 6
+  for a, b in zip(at_save, state(fresh)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_max_to_keep_holds_across_a_restart(tmp_path):
+  """A new process's manager picks up the old one's checkpoints from the
+  state file and deletes them in turn, by name."""
+  trainer = build()
+  save_at(trainer, checkpointing.Checkpointer(trainer, str(tmp_path),
+                                              max_to_keep=2), [1, 2, 3])
+  restarted = checkpointing.Checkpointer(trainer, str(tmp_path),
+                                         max_to_keep=2)
+  save_at(trainer, restarted, [4, 5])
+  assert sorted(os.listdir(tmp_path)) == [
+      'checkpoint', 'ckpt-4.data-00000-of-00001', 'ckpt-4.index',
+      'ckpt-5.data-00000-of-00001', 'ckpt-5.index']
+  state_file = (tmp_path / 'checkpoint').read_text()
+  assert 'ckpt-3' not in state_file and 'ckpt-4' in state_file
+  assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-5')
 
 
 def test_restored_run_continues_like_an_uninterrupted_one(tmp_path):

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -85,6 +86,26 @@ def test_nan_step_stops_without_update_and_keeps_checkpoint(tmp_path):
   for a, b in zip(trainer.model.get_weights(), clean.model.get_weights()):
     assert np.all(np.isfinite(a))
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_failed_run_finishes_the_checkpoint_write_in_flight(tmp_path):
+  """main.py exits a failed run with os._exit, which would cut a background
+  write short: Controller.train waits for it before the error leaves."""
+  trainer = build(make_config(), PoisonedTrainer)
+  controller = controller_for(trainer, tmp_path, total_steps=30,
+                              checkpoint_every=5)
+  writes = controller.checkpointer._writes  # pylint: disable=protected-access
+  write = writes._write_and_call_back  # pylint: disable=protected-access
+
+  def slow_write(*args):
+    time.sleep(0.5)
+    write(*args)
+  writes._write_and_call_back = slow_write  # pylint: disable=protected-access
+  with pytest.raises(NonFiniteLoss, match=f'at step {NAN_AT};'):
+    controller.train()
+  # ckpt-5 was the first (synchronous) save, ckpt-10 an async one.
+  assert saved_steps(tmp_path) == [5, 10]
+  assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-10')
 
 
 def test_nan_step_is_caught_on_two_replicas(tmp_path):
