@@ -44,6 +44,17 @@ def save_at(trainer, checkpointer, steps):
   return states
 
 
+def assert_holds(checkpoint_path, expected_state, step, replicas=1):
+  """A new trainer restored from `checkpoint_path` has this step and state."""
+  fresh = build(replicas)
+  checkpointing.Checkpointer(fresh, os.path.dirname(checkpoint_path)).restore(
+      checkpoint_path)
+  assert int(fresh.global_step.numpy()) == step
+  assert int(fresh.data_position.numpy()) == step
+  for a, b in zip(expected_state, state(fresh)):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize('async_save', [True, False], ids=['async', 'sync'])
 @pytest.mark.parametrize('replicas', [1, 2])
 def test_saves_hold_the_state_at_save_time(tmp_path, replicas, async_save):
@@ -59,14 +70,10 @@ def test_saves_hold_the_state_at_save_time(tmp_path, replicas, async_save):
           checkpointing.checkpoint_paths(str(tmp_path))] == [
               'ckpt-6', 'ckpt-9', 'ckpt-12']
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-12')
+  for step in (6, 9):
+    assert_holds(str(tmp_path / f'ckpt-{step}'), states[step], step, replicas)
   fresh = build(replicas)
   restorer = checkpointing.Checkpointer(fresh, str(tmp_path))
-  for step in (6, 9):
-    restorer.restore(str(tmp_path / f'ckpt-{step}'))
-    assert int(fresh.global_step.numpy()) == step
-    assert int(fresh.data_position.numpy()) == step
-    for a, b in zip(states[step], state(fresh)):
-      np.testing.assert_array_equal(a, b)
   assert restorer.restore_latest().endswith('ckpt-12')
   for a, b in zip(states[12], state(fresh)):
     np.testing.assert_array_equal(a, b)
@@ -121,12 +128,8 @@ def test_layouts_left_to_tensorflows_writer_save_the_same(
                                             async_save=async_save)
   states = save_at(trainer, checkpointer, [2, 4, 6])
   assert checkpointer._writes._snapshot is False  # pylint: disable=protected-access
-  fresh = build(replicas)
-  restorer = checkpointing.Checkpointer(fresh, str(tmp_path))
   for step in (4, 6):
-    restorer.restore(str(tmp_path / f'ckpt-{step}'))
-    for a, b in zip(states[step], state(fresh)):
-      np.testing.assert_array_equal(a, b)
+    assert_holds(str(tmp_path / f'ckpt-{step}'), states[step], step, replicas)
 
 
 def test_a_failed_background_write_is_raised_by_wait(tmp_path):
@@ -169,12 +172,7 @@ def test_async_snapshot_keeps_the_state_while_training_goes_on(
   assert any(not np.array_equal(a, b) for a, b in zip(at_save, state(trainer)))
   release.set()
   checkpointer.wait()
-  fresh = build(replicas)
-  checkpointing.Checkpointer(fresh, str(tmp_path)).restore(
-      str(tmp_path / 'ckpt-6'))
-  assert int(fresh.global_step.numpy()) == 6
-  for a, b in zip(at_save, state(fresh)):
-    np.testing.assert_array_equal(a, b)
+  assert_holds(str(tmp_path / 'ckpt-6'), at_save, 6, replicas)
 
 
 def test_max_to_keep_holds_across_a_restart(tmp_path):
