@@ -58,8 +58,8 @@ def assert_holds(checkpoint_path, expected_state, step, replicas=1):
 @pytest.mark.parametrize('async_save', [True, False], ids=['async', 'sync'])
 @pytest.mark.parametrize('replicas', [1, 2])
 def test_saves_hold_the_state_at_save_time(tmp_path, replicas, async_save):
-  """The first save is eager, later ones run as a traced function (async:
-  from a copy, in a background thread); each holds its own step's state and
+  """The first save is eager, later ones run as traced functions (async:
+  from a snapshot, in a background thread); each holds its own step's state and
   the manager keeps max_to_keep of them."""
   trainer = build(replicas)
   checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path),
