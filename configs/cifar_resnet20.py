@@ -46,83 +46,38 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-3  # = L2 1e-4 / (1 - MOMENTUM)
 
 
-def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
-  variant = variant or 'default'
-  if variant not in VARIANTS:
-    raise ValueError(f'config variant {variant!r} is unknown in '
-                     f'configs/cifar_resnet20.py; valid: {", ".join(VARIANTS)}')
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  """What differs from the framework's defaults (trainer/schema.py)."""
   config = ml_collections.ConfigDict()
   config.trainer = 'image_classifier'
-  config.seed = 0
-
-  config.data = ml_collections.ConfigDict()
-  config.data.name = 'tfrecord'       # or 'synthetic'
-  config.data.train_pattern = ''      # e.g. '/data/cifar10/train-*'
-  config.data.eval_pattern = ''       # e.g. '/data/cifar10/eval-*'
-  config.data.image_size = 32
-  config.data.augment = 'pad_and_crop'  # CIFAR: pad 4, random crop, flip
-  config.data.eval_crop_padding = 0   # eval on the whole 32x32 image
-  config.data.label_offset = 0        # make_tfrecords labels start at 0
-  config.data.shard_policy = 'auto'   # file-level when files >= hosts
-  config.data.shuffle_buffer = 50_000  # the whole CIFAR training set
-  config.data.synthetic_examples = 2048  # data.name='synthetic' pool size
-  config.data.pipeline = 'per_host'   # or 'global'
-  config.data.auto_shard = 'data'     # used by pipeline='global'
-
-  config.model = ml_collections.ConfigDict()
-  config.model.name = 'resnet20'      # resnet8/20/32/44/56/110
-  config.model.num_classes = 10
-  config.model.base_filters = 16      # 16/32/64 filters, as in the paper
-  config.model.sync_batch_norm = True  # batch statistics over all replicas
-  config.model.bn_momentum = 0.9
-
-  config.train = ml_collections.ConfigDict()
-  config.train.steps = 64_000
-  config.train.global_batch_size = 128
-  config.train.steps_per_loop = 100
-  config.train.clip_norm = 0.0        # global-norm clipping; 0 disables
-  config.train.nan_retries = 0        # restore + skip the bad batch, K times
-  config.train.label_smoothing = 0.0
-  config.train.precision = 'float32'  # or mixed_float16 / mixed_bfloat16
-  config.train.grad_accum_steps = 1
-  config.train.jit_compile = False
-  config.train.ema_decay = 0.0        # 0: no moving average of the weights
-
-  config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 2000
-  config.checkpoint.max_to_keep = 3
-  config.checkpoint.async_save = True
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.global_batch_size = 500
-  config.eval.split = 'eval'
-  config.eval.every_steps = 2000      # with --mode=train_and_eval
-  config.eval.timeout_secs = 600      # --mode=continuous_eval gives up after
-  config.eval.best_metric = 'accuracy'  # kept in model_dir/best; '' for none
-  config.eval.best_mode = 'max'
-  config.eval.patience = 0            # early stop after N evals; 0: never
-
-  config.summary = ml_collections.ConfigDict()
-  config.summary.every_steps = 100    # TensorBoard train scalars every N steps
-  config.summary.input_wait_every_loops = 10
-
-  config.log = ml_collections.ConfigDict()
-  config.log.every_secs = 0.0         # 0: one progress line per inner loop
-
-  config.export = ml_collections.ConfigDict()
-  config.export.at_end = False        # SavedModel in model_dir/export
-
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'sgd'
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.momentum = MOMENTUM
-  config.optimizer.nesterov = False
-  config.optimizer.weight_decay = WEIGHT_DECAY
-  config.optimizer.weight_decay_exclude = ('bias', 'gamma', 'beta')  # BN too
-  config.optimizer.schedule = 'step'  # /10 at 32k and 48k steps (the paper)
-  config.optimizer.warmup_steps = 0
-  config.optimizer.step_boundaries = (32_000, 48_000)
-  config.optimizer.step_factor = 0.1
+  config.data = dict(
+      name='tfrecord',                 # or 'synthetic'
+      train_pattern='',                # e.g. '/data/cifar10/train-*'
+      eval_pattern='',                 # e.g. '/data/cifar10/eval-*'
+      image_size=32,
+      augment='pad_and_crop',          # CIFAR: pad 4, random crop, flip
+      eval_crop_padding=0,             # eval on the whole 32x32 image
+      label_offset=0,                  # make_tfrecords labels start at 0
+      shard_policy='auto',             # file-level when files >= hosts
+      shuffle_buffer=50_000,           # the whole CIFAR training set
+      synthetic_examples=2048)         # data.name='synthetic' pool size
+  config.model = dict(
+      name='resnet20',                 # resnet8/20/32/44/56/110
+      num_classes=10,
+      base_filters=16,                 # 16/32/64 filters, as in the paper
+      sync_batch_norm=True,            # batch statistics over all replicas
+      bn_momentum=0.9,
+      label_smoothing=0.0)
+  config.train = dict(steps=64_000, global_batch_size=128, precision='float32')
+  config.checkpoint = dict(every_steps=2000)
+  config.eval = dict(global_batch_size=500, split='eval', every_steps=2000,
+                     best_metric='accuracy')
+  config.optimizer = dict(
+      name='sgd', learning_rate=0.1, momentum=MOMENTUM,
+      weight_decay=WEIGHT_DECAY,
+      weight_decay_exclude=('bias', 'gamma', 'beta'),  # BN too
+      schedule='step',                 # /10 at 32k and 48k steps (the paper)
+      step_boundaries=(32_000, 48_000), step_factor=0.1)
 
   if variant == 'shapes':
     config.data.train_pattern = '/tmp/shapes_tfrecords/train-*'
@@ -139,13 +94,11 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.data.image_size = 16
     config.data.synthetic_examples = 64
     config.model.base_filters = 4
-    config.train.global_batch_size = 8
     config.eval.global_batch_size = 16
     _short_cosine(config, steps=4, batch=8)
     config.train.steps_per_loop = 2
     config.checkpoint.every_steps = 2
-    config.summary.every_steps = 2
-    config.summary.input_wait_every_loops = 0  # one graph to build, not two
+    config.summary = dict(input_wait_every_loops=0)  # one graph, not two
   return config
 
 

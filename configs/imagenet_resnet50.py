@@ -49,82 +49,37 @@ def _steps(epochs: float) -> int:
   return -(-int(epochs * TRAIN_IMAGES) // BATCH)  # ceil
 
 
-def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
-  variant = variant or 'default'
-  if variant not in VARIANTS:
-    raise ValueError(f'config variant {variant!r} is unknown in '
-                     'configs/imagenet_resnet50.py; valid: '
-                     f'{", ".join(VARIANTS)}')
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  """What differs from the framework's defaults (trainer/schema.py)."""
   config = ml_collections.ConfigDict()
   config.trainer = 'image_classifier'
-  config.seed = 0
-
-  config.data = ml_collections.ConfigDict()
-  config.data.name = 'tfrecord'       # or 'synthetic'
-  config.data.train_pattern = ''      # e.g. 'gs://BUCKET/imagenet/train-*'
-  config.data.eval_pattern = ''       # e.g. '.../imagenet/validation-*'
-  config.data.image_size = 224
-  config.data.augment = 'random_resized_crop'
-  config.data.eval_crop_padding = 32  # central 224/256 of the shorter side
-  config.data.label_offset = 1        # ImageNet scripts number from 1
-  config.data.shard_policy = 'auto'   # file-level when files >= hosts
-  config.data.shuffle_buffer = 10_000  # records per host
-  config.data.synthetic_examples = 1024  # data.name='synthetic' pool size
-  config.data.pipeline = 'per_host'   # or 'global'
-  config.data.auto_shard = 'data'     # used by pipeline='global'
-
-  config.model = ml_collections.ConfigDict()
-  config.model.name = 'resnet50'
-  config.model.num_classes = 1000
-  config.model.base_filters = 64      # fixed for resnet50 (CIFAR nets only)
-  config.model.sync_batch_norm = True
-  config.model.bn_momentum = 0.9
-
-  config.train = ml_collections.ConfigDict()
-  config.train.steps = _steps(EPOCHS)  # 112,603
-  config.train.global_batch_size = BATCH
-  config.train.steps_per_loop = 500
-  config.train.clip_norm = 0.0
-  config.train.nan_retries = 0
-  config.train.label_smoothing = 0.1
-  config.train.precision = 'mixed_bfloat16'  # float32 | mixed_float16 | ...
-  config.train.grad_accum_steps = 1
-  config.train.jit_compile = False
-  config.train.ema_decay = 0.0
-
-  config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 5000
-  config.checkpoint.max_to_keep = 3
-  config.checkpoint.async_save = True
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.global_batch_size = 1024
-  config.eval.split = 'eval'
-  config.eval.every_steps = 5000      # with --mode=train_and_eval (~4 epochs)
-  config.eval.timeout_secs = 3600
-  config.eval.best_metric = 'accuracy'
-  config.eval.best_mode = 'max'
-  config.eval.patience = 0
-
-  config.summary = ml_collections.ConfigDict()
-  config.summary.every_steps = 500
-  config.summary.input_wait_every_loops = 10
-
-  config.log = ml_collections.ConfigDict()
-  config.log.every_secs = 0.0
-
-  config.export = ml_collections.ConfigDict()
-  config.export.at_end = False
-
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'sgd'
-  config.optimizer.learning_rate = 0.1 * BATCH / 256
-  config.optimizer.momentum = MOMENTUM
-  config.optimizer.nesterov = True
-  config.optimizer.weight_decay = WEIGHT_DECAY
-  config.optimizer.weight_decay_exclude = ('bias', 'gamma', 'beta')
-  config.optimizer.schedule = 'cosine'
-  config.optimizer.warmup_steps = _steps(WARMUP_EPOCHS)  # 6,256
+  config.data = dict(
+      name='tfrecord',                 # or 'synthetic'
+      train_pattern='',                # e.g. 'gs://BUCKET/imagenet/train-*'
+      eval_pattern='',                 # e.g. '.../imagenet/validation-*'
+      image_size=224,
+      augment='random_resized_crop',
+      eval_crop_padding=32,            # central 224/256 of the shorter side
+      label_offset=1,                  # ImageNet scripts number from 1
+      shard_policy='auto',             # file-level when files >= hosts
+      shuffle_buffer=10_000,           # records per host
+      synthetic_examples=1024)         # data.name='synthetic' pool size
+  config.model = dict(
+      name='resnet50', num_classes=1000,
+      base_filters=64,                 # fixed for resnet50 (CIFAR nets only)
+      sync_batch_norm=True, bn_momentum=0.9, label_smoothing=0.1)
+  config.train = dict(steps=_steps(EPOCHS),  # 112,603
+                      global_batch_size=BATCH, steps_per_loop=500,
+                      precision='mixed_bfloat16')
+  config.checkpoint = dict(every_steps=5000)
+  config.eval = dict(global_batch_size=1024, split='eval',
+                     every_steps=5000,  # with --mode=train_and_eval (~4 epochs)
+                     timeout_secs=3600.0, best_metric='accuracy')
+  config.optimizer = dict(
+      name='sgd', learning_rate=0.1 * BATCH / 256, momentum=MOMENTUM,
+      nesterov=True, weight_decay=WEIGHT_DECAY,
+      weight_decay_exclude=('bias', 'gamma', 'beta'), schedule='cosine',
+      warmup_steps=_steps(WARMUP_EPOCHS))  # 6,256
 
   if variant == 'synthetic':
     config.data.name = 'synthetic'
@@ -134,14 +89,11 @@ def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
     config.data.name = 'synthetic'
     config.data.image_size = 64
     config.data.synthetic_examples = 16
-    config.train.steps = 2
-    config.train.global_batch_size = 4
-    config.train.steps_per_loop = 2
-    config.train.precision = 'float32'
+    config.train.update(steps=2, global_batch_size=4, steps_per_loop=2,
+                        precision='float32')
     config.eval.global_batch_size = 8
     config.checkpoint.every_steps = 2
-    config.summary.every_steps = 2
-    config.summary.input_wait_every_loops = 0  # one graph to build, not two
+    config.summary = dict(input_wait_every_loops=0)  # one graph, not two
     config.optimizer.learning_rate = 0.1 * 4 / 256
     config.optimizer.warmup_steps = 1
   return config

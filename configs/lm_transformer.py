@@ -26,99 +26,41 @@ import ml_collections
 VARIANTS = ('default', 'smoke', 'rotary')
 
 
-def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
-  variant = variant or 'default'
-  if variant not in VARIANTS:
-    raise ValueError(f'config variant {variant!r} is unknown in '
-                     f'configs/lm_transformer.py; valid: {", ".join(VARIANTS)}')
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  """What differs from the framework's defaults (trainer/schema.py)."""
   config = ml_collections.ConfigDict()
   config.trainer = 'lm'
-  config.seed = 0
-
-  config.data = ml_collections.ConfigDict()
-  config.data.files = ''              # glob of your text files; '': stdlib
-  config.data.eval_percent = 5        # share of files held out
-  config.data.max_bytes = 4_000_000   # training bytes read (start-up time)
-  config.data.max_eval_bytes = 262_144  # held-out bytes read
-  config.data.pipeline = 'per_host'   # or 'global'
-  config.data.auto_shard = 'data'     # used by pipeline='global'
-
-  config.model = ml_collections.ConfigDict()
-  config.model.seq_len = 128          # bytes of context (and per sequence)
-  config.model.width = 128
-  config.model.depth = 2
-  config.model.heads = 4
-  config.model.mlp_ratio = 4          # MLP hidden width = mlp_ratio * width
-  config.model.positions = 'learned'  # or 'rotary'
-  config.model.tie_embeddings = True
-  config.model.dropout = 0.0          # ~2 passes over the data: no need
-
-  config.train = ml_collections.ConfigDict()
-  config.train.steps = 2000
-  config.train.global_batch_size = 32
-  config.train.steps_per_loop = 100
-  config.train.clip_norm = 1.0        # global-norm clipping; 0 disables
-  config.train.nan_retries = 0        # restore + skip the bad batch, K times
-  config.train.precision = 'auto'     # float32 | mixed_float16 |
-                                      # mixed_bfloat16; auto: bf16 on TPU
-  config.train.grad_accum_steps = 1   # micro-batches per optimizer step
-  config.train.jit_compile = False    # XLA-compile the train step
-  config.train.ema_decay = 0.0        # EMA of the weights for eval; 0: none
-
-  config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 500
-  config.checkpoint.max_to_keep = 3
-  config.checkpoint.async_save = True
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.global_batch_size = 128
-  config.eval.split = 'test'          # the held-out files
-  config.eval.every_steps = 500       # with --mode=train_and_eval
-  config.eval.timeout_secs = 300      # --mode=continuous_eval gives up after
-  config.eval.best_metric = 'bits_per_byte'  # kept in model_dir/best
-  config.eval.best_mode = 'min'
-  config.eval.patience = 0            # early stop after N evals; 0: never
-
-  config.summary = ml_collections.ConfigDict()
-  config.summary.every_steps = 100    # TensorBoard train scalars every N steps
-  config.summary.input_wait_every_loops = 10  # time the input wait 1 loop in N
-
-  config.log = ml_collections.ConfigDict()
-  config.log.every_secs = 0.0         # at most one progress line per N s;
-                                      # 0: one per inner loop
-
-  config.export = ml_collections.ConfigDict()
-  config.export.at_end = False        # SavedModel in model_dir/export
-
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'adamw'
-  config.optimizer.learning_rate = 2e-3
-  config.optimizer.beta_1 = 0.9
-  config.optimizer.beta_2 = 0.99
-  config.optimizer.weight_decay = 0.1
-  # Decay matrices only: not biases, LayerNorms or the position table.
-  config.optimizer.weight_decay_exclude = ('bias', 'norm', 'position')
-  config.optimizer.schedule = 'cosine'
-  config.optimizer.warmup_steps = 100
-  config.optimizer.end_learning_rate_factor = 0.1
-  config.optimizer.momentum = 0.0
-  config.optimizer.nesterov = False
+  config.data = dict(
+      files='',                        # glob of your text files; '': stdlib
+      eval_percent=5,                  # share of files held out
+      max_bytes=4_000_000,             # training bytes read (start-up time)
+      max_eval_bytes=262_144)          # held-out bytes read
+  config.model = dict(
+      seq_len=128,                     # bytes of context (and per sequence)
+      width=128, depth=2, heads=4,
+      mlp_ratio=4,                     # MLP hidden width = mlp_ratio * width
+      positions='learned',             # or 'rotary'
+      tie_embeddings=True,
+      dropout=0.0)                     # ~2 passes over the data: no need
+  config.train = dict(steps=2000, global_batch_size=32, clip_norm=1.0)
+  config.checkpoint = dict(every_steps=500)
+  config.eval = dict(global_batch_size=128, every_steps=500,
+                     timeout_secs=300.0, best_metric='bits_per_byte',
+                     best_mode='min')
+  config.optimizer = dict(
+      name='adamw', learning_rate=2e-3, beta_2=0.99, weight_decay=0.1,
+      # Decay matrices only: not biases, LayerNorms or the position table.
+      weight_decay_exclude=('bias', 'norm', 'position'),
+      schedule='cosine', warmup_steps=100, end_learning_rate_factor=0.1)
 
   if variant == 'smoke':
     config.data.max_bytes = 100_000
     config.data.max_eval_bytes = 8_192
-    config.model.seq_len = 32
-    config.model.width = 32
-    config.model.depth = 1
-    config.model.heads = 2
-    config.train.steps = 6
-    config.train.global_batch_size = 8
-    config.train.steps_per_loop = 3
+    config.model.update(seq_len=32, width=32, depth=1, heads=2)
+    config.train.update(steps=6, global_batch_size=8, steps_per_loop=3)
     config.optimizer.warmup_steps = 2
     config.checkpoint.every_steps = 3
-    config.eval.global_batch_size = 32
-    config.eval.every_steps = 3
-    config.summary.every_steps = 3
+    config.eval.update(global_batch_size=32, every_steps=3)
   elif variant == 'rotary':
     config.model.positions = 'rotary'
   return config

@@ -201,6 +201,10 @@ def dataset(split: str, *, input_context: tf.distribute.InputContext,
     per_pipeline = global_batch // pipelines
     ds = ds.filter(
         lambda i, _: (i % global_batch) // per_pipeline == pipeline_id)
+    # Still endless: said so, a multi-worker strategy needs no extra
+    # all-reduce per step to agree on "has data" (input/pipeline.finish).
+    ds = ds.apply(tf.data.experimental.assert_cardinality(
+        tf.data.INFINITE_CARDINALITY))
   stream = tf.constant([seed, pipeline_id if sharding == 'file' else 0],
                        tf.int64)
   ds = ds.map(

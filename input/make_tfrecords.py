@@ -44,7 +44,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from trainer import cli
+from trainer.experiment import cli
+from trainer import errors
 from trainer.errors import UserError
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -133,7 +134,7 @@ def encode_example(path: str, label: int, class_name: str) -> bytes:
       data = tf.io.encode_jpeg(image, quality=95,
                                chroma_downsampling=False).numpy()
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-    raise UserError(f'image {path!r} does not decode ({cli.one_line(e)}); '
+    raise UserError(f'image {path!r} does not decode ({errors.one_line(e)}); '
                     'delete or replace it, then run again') from e
 
   def feature(value):
@@ -229,14 +230,14 @@ def main(argv):
   del argv
   for name in ('images', 'output'):
     if not FLAGS[name].value:
-      cli.fail(f'flag --{name} is required; usage: python -m '
+      errors.fail(f'flag --{name} is required; usage: python -m '
                'input.make_tfrecords --images=DIR --output=OUT')
   try:
     counts = convert(FLAGS.images, FLAGS.output, num_shards=FLAGS.num_shards,
                      eval_fraction=FLAGS.eval_fraction, seed=FLAGS.seed,
                      split_name=FLAGS.split)
   except UserError as e:
-    cli.fail(str(e))
+    errors.fail(str(e))
   written = ' and '.join(f'{n} {name}' for name, n in counts.items())
   print(f'wrote {written} examples to {FLAGS.output} (labels.txt: class '
         'names, label = line number from 0)')

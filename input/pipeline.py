@@ -58,6 +58,12 @@ def finish(
       ds = ds.enumerate().filter(
           lambda i, _: (i % global_batch) // per_pipeline == pipeline_id)
       ds = ds.map(lambda _, example: example)
+      # The filter hides that the stream is still endless. Said again, a
+      # multi-worker strategy can take batches with a plain get_next;
+      # otherwise it agrees on "has data" with one extra all-reduce across
+      # workers at every step.
+      ds = ds.apply(tf.data.experimental.assert_cardinality(
+          tf.data.INFINITE_CARDINALITY))
   elif pipelines > 1:
     # Eval metrics are sums over examples: any disjoint, complete split works.
     ds = ds.shard(pipelines, input_context.input_pipeline_id)

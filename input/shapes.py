@@ -21,7 +21,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from trainer import cli
+from trainer import errors
+from trainer.experiment import cli
 
 CLASSES = ('circle', 'cross', 'square', 'triangle')  # sorted: label = index
 
@@ -89,12 +90,12 @@ def write(output: str, *, per_class: int, size: int = 32,
 def main(argv):
   del argv
   if not FLAGS.output:
-    cli.fail('flag --output is required: the directory to write '
+    errors.fail('flag --output is required: the directory to write '
           '<class>/*.jpg into, e.g. --output=/tmp/shapes')
   if FLAGS.per_class < 1:
-    cli.fail(f'flag --per_class={FLAGS.per_class} must be >= 1')
+    errors.fail(f'flag --per_class={FLAGS.per_class} must be >= 1')
   if FLAGS.size < 8:
-    cli.fail(f'flag --size={FLAGS.size} must be >= 8 pixels')
+    errors.fail(f'flag --size={FLAGS.size} must be >= 8 pixels')
   count = write(FLAGS.output, per_class=FLAGS.per_class, size=FLAGS.size,
                 seed=FLAGS.seed)
   print(f'wrote {count} images ({len(CLASSES)} classes x {FLAGS.per_class}, '

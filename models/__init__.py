@@ -1,6 +1,6 @@
 """Model builders and the Trainer subclasses that use them.
 
-Importing this package registers every trainer (trainer/registry.py).
+Importing this package registers every trainer (trainer/experiment/registry.py).
 """
 
 from models import classifier  # noqa: F401  (registers 'classifier')

@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from input import digits, synthetic
 from models import mlp
-from trainer import registry
+from trainer.experiment import registry
 from trainer.errors import UserError
 from trainer.trainer import Trainer
 
@@ -26,7 +26,8 @@ class ClassifierTrainer(Trainer):
   def build_model(self):
     return mlp.build_mlp(input_dim=self.config.model.input_dim,
                          hidden_sizes=self.config.model.hidden_sizes,
-                         num_classes=self.config.model.num_classes)
+                         num_classes=self.config.model.num_classes,
+                         dropout=self.config.model.get('dropout', 0.0))
 
   def dataset(self, split, input_context, batch_size):
     return DATASETS[self.config.data.name](

@@ -8,11 +8,14 @@ Logits are float32 under any `train.precision`: the ResNets' last layer
 computes in float32 whatever the Keras dtype policy.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from input import imagenet, synthetic_images
 from models import resnet
-from trainer import registry
+from trainer.experiment import registry
+from trainer import actions as actions_lib
+from trainer import schema
 from trainer.errors import UserError
 from trainer.trainer import Trainer
 
@@ -20,6 +23,7 @@ DATA = ('tfrecord', 'synthetic')
 CIFAR_DEPTHS = (8, 20, 32, 44, 56, 110)
 MODELS = tuple(f'resnet{d}' for d in CIFAR_DEPTHS) + ('resnet50',)
 SPLITS = ('train', 'eval')
+EXAMPLE_IMAGES = 8  # Written to the Images tab after each eval.
 
 
 @registry.register('image_classifier')
@@ -27,6 +31,7 @@ class ImageClassifierTrainer(Trainer):
   """Softmax cross-entropy (optional label smoothing); accuracy, top-5."""
 
   def __init__(self, *, config, strategy):
+    config = schema.resolve(config)  # Framework keys read below.
     for key, value, valid in (('data.name', config.data.name, DATA),
                               ('model.name', config.model.name, MODELS)):
       if value not in valid:
@@ -34,7 +39,7 @@ class ImageClassifierTrainer(Trainer):
                         f'{", ".join(valid)}')
     if config.data.name == 'tfrecord':
       # Checked now, before main.py writes anything into model_dir.
-      eval_split = config.eval.get('split', 'test')
+      eval_split = config.eval.split
       if eval_split not in SPLITS:
         raise UserError(f'config key eval.split={eval_split!r} names no '
                         f"TFRecord split; valid: {', '.join(SPLITS)}")
@@ -73,7 +78,7 @@ class ImageClassifierTrainer(Trainer):
         label_offset=data.label_offset, num_classes=self.num_classes, **common)
 
   def compute_loss(self, batch, outputs):
-    smoothing = self.config.train.get('label_smoothing', 0.0)
+    smoothing = self.config.model.get('label_smoothing', 0.0)
     if not smoothing:
       return tf.keras.losses.sparse_categorical_crossentropy(
           batch[1], outputs, from_logits=True)
@@ -90,11 +95,30 @@ class ImageClassifierTrainer(Trainer):
       metrics['top5_accuracy'] = tf.reduce_sum(hits, axis=1)
     return metrics
 
+  def actions(self):
+    return [actions_lib.Action(self.write_examples, after_eval=True,
+                               name='eval_images')]
+
+  def write_examples(self, context):
+    """After each eval: the first eval images with their predicted and true
+    labels (TensorBoard's Images tab; the labels in the description)."""
+    images, labels = next(iter(self.dataset(
+        self.config.eval.split, tf.distribute.InputContext(), EXAMPLE_IMAGES)))
+    with self.ema_weights():
+      predicted = np.argmax(self.model(images, training=False), axis=-1)
+    pixels = np.asarray(images) * imagenet.STDDEV_RGB + imagenet.MEAN_RGB
+    pixels = np.clip(pixels / 255.0, 0.0, 1.0)
+    lines = [f'{i}: predicted {p}, true {t}{"" if p == t else " (wrong)"}'
+             for i, (p, t) in enumerate(zip(predicted, np.asarray(labels)))]
+    context.writer.write_images(
+        context.step, {'eval/examples': pixels},
+        {'eval/examples': '  \n'.join(lines)})
+
 
 def _input_pipelines(strategy, config) -> int:
   """Input pipelines the strategy will make: one per worker (host)."""
   resolver = strategy.cluster_resolver
-  if config.data.get('pipeline', 'per_host') == 'global' or resolver is None:
+  if config.data.pipeline == 'global' or resolver is None:
     return 1
   jobs = resolver.cluster_spec().as_dict()
   return max(1, len(jobs.get('worker', [])) + len(jobs.get('chief', [])))

@@ -1,28 +1,28 @@
 """Every config file and variant loads; every smoke variant trains."""
 
 import glob
-import importlib.util
 import os
 
 import pytest
 
 from tests import runner
-from trainer import experiment
+from trainer import schema
+from trainer.errors import UserError
+from trainer.experiment import cli
+from trainer.experiment import run as experiment
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(runner.REPO, 'configs', '*.py')))
 
 
-def load_module(path):
-  spec = importlib.util.spec_from_file_location(
-      os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def all_variants():
+  """(file, variant) of every config; a file that does not even load is
+  collected too (and fails in the test), so it cannot stop collection."""
   for path in CONFIG_FILES:
-    for variant in load_module(path).VARIANTS:
+    try:
+      names = cli.variants(cli.load_module(path)) or ('',)
+    except Exception:  # pylint: disable=broad-except
+      names = ('',)
+    for variant in names:
       yield os.path.basename(path), variant
 
 
@@ -31,22 +31,23 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize('name, variant', list(all_variants()))
-def test_variant_loads_with_required_keys(name, variant):
-  module = load_module(os.path.join(runner.REPO, 'configs', name))
-  config = module.get_config(variant)
-  experiment.check_config(config)
+def test_variant_resolves_against_the_schema(name, variant):
+  path = os.path.join(runner.REPO, 'configs', name)
+  config = cli.load_config(f'{path}:{variant}' if variant else path)
+  schema.validate(config)
+  assert config.trainer and config.train.steps >= 1
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_docstring_states_command_runtime_and_metric(path):
-  doc = load_module(path).__doc__
+  doc = cli.load_module(path).__doc__
   for word in ('Command:', 'Runtime:', 'Expected:', 'smoke'):
     assert word in doc, f'{path} docstring lacks {word!r}'
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_smoke_variant_trains(path, tmp_path):
-  config = load_module(path).get_config('smoke')
+  config = cli.load_module(path).get_config('smoke')
   metrics = experiment.run(config, model_dir=str(tmp_path),
                            strategy_name='default')
   assert metrics['examples'] > 0
@@ -56,6 +57,27 @@ def test_smoke_variant_trains(path, tmp_path):
 
 
 def test_unknown_variant_lists_valid_ones():
-  module = load_module(os.path.join(runner.REPO, 'configs', 'digits_mlp.py'))
-  with pytest.raises(ValueError, match='valid: default, smoke, sgd'):
-    module.get_config('huge')
+  path = os.path.join(runner.REPO, 'configs', 'digits_mlp.py')
+  with pytest.raises(UserError, match='valid: default, smoke, sgd'):
+    cli.load_config(f'{path}:huge')
+
+
+def test_a_file_without_variants_refuses_any(tmp_path):
+  path = tmp_path / 'mine.py'
+  path.write_text('def get_config():\n  return dict(trainer="classifier", '
+                  'train=dict(steps=1, global_batch_size=8))\n')
+  assert cli.load_config(str(path)).train.steps_per_loop == 100  # Default.
+  with pytest.raises(UserError, match="variant 'smoke' is unknown in .*none: "
+                     'it declares no VARIANTS'):
+    cli.load_config(f'{path}:smoke')
+
+
+def test_a_typo_in_a_framework_key_of_a_file_is_one_line(tmp_path):
+  path = tmp_path / 'typo.py'
+  path.write_text('def get_config():\n  return dict(trainer="classifier", '
+                  'train=dict(steps=1, global_batch_size=8, clip_nrom=1.0))\n')
+  with pytest.raises(UserError, match=r'typo.py: config key train.clip_nrom '
+                     r'is not a framework key; did you mean train.clip_norm\?'
+                     ) as error:
+    cli.load_config(str(path))
+  assert '\n' not in str(error.value)

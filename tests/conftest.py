@@ -9,7 +9,7 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 # pylint: disable=wrong-import-position
-from trainer import strategies  # noqa: E402
+from trainer.cluster import strategies  # noqa: E402
 
 NUM_CPU_DEVICES = 4
 strategies.configure_cpu_devices(NUM_CPU_DEVICES)

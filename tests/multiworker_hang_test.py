@@ -16,9 +16,10 @@ import pytest
 import tensorflow as tf
 
 from tests import runner
-from trainer import launch
-from trainer import strategies
-from trainer import tf_config
+from trainer.cluster import launch
+from trainer.cluster import failures
+from trainer.cluster import strategies
+from trainer.cluster import tf_config
 from trainer.errors import UserError
 
 MWMS = '--strategy=multi_worker_mirrored'
@@ -85,7 +86,7 @@ def test_worker_that_never_starts_fails_the_others_within_cluster_timeout(
     missing = 1 - alone
     print(f'worker {alone} alone: exit {worker.returncode} {elapsed:.1f}s '
           'after it started')
-    assert worker.returncode == strategies.ClusterError.EXIT_CODE, (
+    assert worker.returncode == failures.ClusterError.EXIT_CODE, (
         stderr[-4000:])
     # The leader times out after exactly --cluster_timeout; the other worker
     # ~5 s later (its registration RPC's own deadline).
@@ -126,7 +127,7 @@ def test_worker_killed_mid_run_stops_the_other_within_60s(tmp_path, victim,
   stderr = read(tmp_path / f'w{survivor}.err')
   print(f'worker {victim} killed: worker {survivor} exit '
         f'{workers[survivor].returncode} {elapsed:.1f}s later')
-  assert workers[survivor].returncode == strategies.ClusterError.EXIT_CODE, (
+  assert workers[survivor].returncode == failures.ClusterError.EXIT_CODE, (
       stderr[-4000:])
   assert elapsed < 60, elapsed
   line = one_error_line(stderr)
@@ -192,22 +193,22 @@ def cluster(index, num_workers=3):
 def test_failed_tasks_are_read_from_tensorflow_messages(message, me,
                                                         expected):
   # pylint: disable=protected-access
-  assert strategies._failed_tasks(message, cluster(me)) == expected
+  assert failures._failed_tasks(message, cluster(me)) == expected
 
 
 def test_cluster_error_names_the_peer_only_for_peer_failures(monkeypatch):
-  monkeypatch.setattr(strategies, '_cluster', None)
+  monkeypatch.setattr(failures, '_cluster', None)
   unavailable = tf.errors.UnavailableError(None, None, HEARTBEATS)
-  assert strategies.cluster_error(unavailable) is None  # Not multi-worker.
-  monkeypatch.setattr(strategies, '_cluster', cluster(0))
-  error = strategies.cluster_error(unavailable)
+  assert failures.cluster_error(unavailable) is None  # Not multi-worker.
+  monkeypatch.setattr(failures, '_cluster', cluster(0))
+  error = failures.cluster_error(unavailable)
   assert str(error).startswith(
       'worker:1 (127.0.0.1:2223) stopped during the run (UnavailableError: '
       'stopped sending heartbeats); worker:0 cannot go on without it'), error
   wrapped = RuntimeError('while saving')
   wrapped.__cause__ = unavailable
-  assert strategies.cluster_error(wrapped) is not None
+  assert failures.cluster_error(wrapped) is not None
   # A bug keeps its traceback.
-  assert strategies.cluster_error(tf.errors.InvalidArgumentError(
+  assert failures.cluster_error(tf.errors.InvalidArgumentError(
       None, None, 'Incompatible shapes: [32,10] vs. [32]')) is None
-  assert strategies.cluster_error(ValueError('bad value')) is None
+  assert failures.cluster_error(ValueError('bad value')) is None

@@ -6,7 +6,9 @@ the same global batch and seed.
 """
 
 import glob
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,9 +16,11 @@ import tempfile
 import time
 
 import numpy as np
+import pytest
 
+from tests import docs
 from tests import runner
-from trainer import launch
+from trainer.cluster import launch
 
 SMOKE = ('--config=configs/digits_mlp.py:smoke', '--config.train.steps=24',
          '--config.train.steps_per_loop=8', '--config.optimizer.name=sgd',
@@ -26,7 +30,7 @@ MWMS = '--strategy=multi_worker_mirrored'
 
 
 def launch_command(num_workers, *args):
-  return [sys.executable, '-m', 'trainer.launch', f'--num_workers={num_workers}',
+  return [sys.executable, '-m', 'trainer.cluster.launch', f'--num_workers={num_workers}',
           '--', *args]
 
 
@@ -50,8 +54,16 @@ def worker_temp_dirs():
 
 
 def test_two_workers_match_one_process_through_the_launcher(tmp_path):
+  """The launcher command of docs/cluster.md, as printed (/tmp/ moved under
+  tmp_path), and with 2 CPU replicas per worker; each against one process
+  with as many replicas."""
+  (printed,) = docs.commands('docs/cluster.md', 'launch')
+  argv = shlex.split(printed.replace('/tmp/', f'{tmp_path}/'))
+  assert argv[:3] == ['python', '-m', 'trainer.cluster.launch']
+  launcher, worker_args = argv[3:argv.index('--')], argv[argv.index('--') + 1:]
+  config = [a for a in worker_args if a.startswith('--config')]
   before = worker_temp_dirs()
-  single = {n: runner.start_main(*SMOKE, '--strategy=mirrored',
+  single = {n: runner.start_main(*config, '--strategy=mirrored',
                                  f'--num_cpu_devices={n}',
                                  f'--model_dir={tmp_path / f"single{n}"}')
             for n in (2, 4)}
@@ -60,8 +72,12 @@ def test_two_workers_match_one_process_through_the_launcher(tmp_path):
     assert process.returncode == 0, stderr[-3000:]
   for cpus in (1, 2):
     model_dir = tmp_path / f'workers2x{cpus}'
-    result = run_launcher(2, *SMOKE, MWMS, f'--num_cpu_devices={cpus}',
-                          f'--model_dir={model_dir}')
+    args = [a for a in worker_args if not a.startswith('--model_dir')]
+    result = subprocess.run(
+        [sys.executable, '-m', 'trainer.cluster.launch', *launcher, '--',
+         *args, f'--model_dir={model_dir}', f'--num_cpu_devices={cpus}'],
+        cwd=runner.REPO, capture_output=True, text=True, timeout=240,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     assert 'launch: all 2 workers exited 0' in result.stderr
     assert_same_weights(tmp_path / f'single{2 * cpus}', model_dir)
@@ -70,38 +86,50 @@ def test_two_workers_match_one_process_through_the_launcher(tmp_path):
     # (TensorBoard's event file there is tests/tensorboard_test.py's.)
     assert sorted(f for f in os.listdir(model_dir) if 'tfevents' not in f) == [
         'checkpoint', 'ckpt-10.data-00000-of-00001', 'ckpt-10.index',
-        'ckpt-20.data-00000-of-00001', 'ckpt-20.index',
-        'ckpt-24.data-00000-of-00001', 'ckpt-24.index', 'config.json', 'eval',
-        'run.json', 'train']
+        'ckpt-20.data-00000-of-00001', 'ckpt-20.index', 'config.json', 'eval',
+        'goodput', 'goodput.json', 'run.json', 'train']
     evals = (model_dir / 'eval' / 'metrics.jsonl').read_text().splitlines()
     assert len(evals) == 1  # Both workers evaluated; only the chief wrote.
   assert worker_temp_dirs() == before
 
 
 def test_hand_written_tf_config_matches_one_process(tmp_path):
+  """Two workers and the evaluator task, each with its own TF_CONFIG and the
+  same command, as a TFJob runs them: the evaluator (outside "cluster")
+  evaluates the run's checkpoints by itself and exits when training ends."""
   reference = runner.start_main(*SMOKE, '--strategy=mirrored',
                                 '--num_cpu_devices=2',
                                 f'--model_dir={tmp_path / "single"}')
   ports = launch.free_ports(2)
-  workers = []
-  for tf_config in launch.cluster_configs(ports):
+  evaluator_config = json.dumps({
+      'cluster': json.loads(launch.cluster_configs(ports)[0])['cluster'],
+      'task': {'type': 'evaluator', 'index': 0}})
+  processes = []
+  for tf_config in launch.cluster_configs(ports) + [evaluator_config]:
     env = dict(os.environ, TF_CONFIG=tf_config, TF_CPP_MIN_LOG_LEVEL='2')
-    workers.append(subprocess.Popen(
-        runner.main_command(*SMOKE, MWMS, f'--model_dir={tmp_path / "mw"}'),
+    processes.append(subprocess.Popen(
+        runner.main_command(*SMOKE, MWMS, '--config.checkpoint.every_steps=8',
+                            f'--model_dir={tmp_path / "mw"}'),
         cwd=runner.REPO, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True))
-  outputs = [w.communicate(timeout=240) for w in workers]
-  for w, (_, stderr) in zip(workers, outputs):
-    assert w.returncode == 0, stderr[-3000:]
+  outputs = [p.communicate(timeout=240) for p in processes]
+  for p, (_, stderr) in zip(processes, outputs):
+    assert p.returncode == 0, stderr[-3000:]
   _, stderr = reference.communicate(timeout=240)
   assert reference.returncode == 0, stderr[-3000:]
   assert_same_weights(tmp_path / 'single', tmp_path / 'mw')
-  assert runner.final_eval(outputs[0][0]) == runner.final_eval(outputs[1][0])
+  workers, evaluator = outputs[:2], outputs[2]
+  assert runner.final_eval(workers[0][0]) == runner.final_eval(workers[1][0])
+  # The evaluator read the last checkpoint: the trained weights' metrics.
+  assert runner.final_eval(evaluator[0]) == pytest.approx(
+      runner.final_eval(workers[0][0]), rel=1e-4)  # 1 vs 2 replicas' sums.
+  assert 'evaluator task' in evaluator[1], evaluator[1][-2000:]
+  assert glob.glob(str(tmp_path / 'mw' / 'continuous_eval' / 'events.*'))
 
 
 def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
   long_run = ('--config=configs/digits_mlp.py:smoke', '--deterministic',
-              '--config.train.steps=3000', '--config.train.steps_per_loop=3000',
+              '--config.train.steps=800', '--config.train.steps_per_loop=800',
               '--config.checkpoint.every_steps=0', MWMS)
   model_dir = tmp_path / 'run'
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
@@ -124,7 +152,9 @@ def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
     assert job.poll() is None, log.read_text()[-4000:]
     assert time.monotonic() < deadline, log.read_text()[-4000:]
     time.sleep(0.2)
-  time.sleep(4)  # Both workers are in the 3000-step inner loop by now.
+  # Both workers log that line once their loops are traced, right before
+  # training: a second later both are inside the 800-step (~4-6 s) loop.
+  time.sleep(1)
   job.send_signal(signal.SIGTERM)
   signalled = time.monotonic()
   job.wait(timeout=120)
@@ -136,9 +166,88 @@ def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
       if 'SIGTERM' in line or 'rror' in line or 'launch:' in line)
   (saved,) = glob.glob(str(model_dir / 'ckpt-*.index'))
   step = int(saved.rsplit('-', 1)[1].split('.')[0])
-  assert 0 < step < 3000
+  assert 0 < step < 800
   resumed = run_launcher(2, *long_run, f'--model_dir={model_dir}')
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   reference = run_launcher(2, *long_run, f'--model_dir={tmp_path / "ref"}')
   assert reference.returncode == 0, reference.stderr[-4000:]
   assert_same_weights(tmp_path / 'ref', model_dir, rtol=0)
+
+
+@pytest.mark.parametrize('variant', ['two_optimizers', 'sync_norm_accum'])
+def test_user_trainers_on_two_workers_match_one_process(tmp_path, variant):
+  """A user's Trainer from outside models/ (registered by import path):
+  two optimizers, one through Keras' own apply_gradients; or synchronized
+  batch norm with gradient accumulation. Weighted (padded) losses in both."""
+  args = (f'--config=tests/user_config.py:{variant}',)
+  single = runner.start_main(*args, '--strategy=mirrored',
+                             '--num_cpu_devices=2',
+                             f'--model_dir={tmp_path / "single"}')
+  workers = run_launcher(2, *args, MWMS, f'--model_dir={tmp_path / "mw"}')
+  _, stderr = single.communicate(timeout=240)
+  assert single.returncode == 0, stderr[-3000:]
+  assert workers.returncode == 0, workers.stderr[-4000:]
+  expected = runner.checkpoint_values(str(tmp_path / 'single'))
+  got = runner.checkpoint_values(str(tmp_path / 'mw'))
+  assert set(got) == set(expected)
+  assert any('second_optimizer' in k for k in got) == (
+      variant == 'two_optimizers')
+  for key, value in expected.items():
+    np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+
+
+def test_streaming_and_aggregated_metrics_on_two_workers(tmp_path):
+  """AUC, F1 (Keras metric state summed over workers) and the median of
+  every example's loss (gathered from both workers) equal scikit-learn's on
+  the exported model's predictions."""
+  from tests.trainer.parts import streaming_test  # pylint: disable=import-outside-toplevel
+  model_dir = tmp_path / 'mw'
+  result = run_launcher(2, '--config=examples/extras_config.py:smoke', MWMS,
+                        '--config.export.at_end=True',
+                        f'--model_dir={model_dir}')
+  assert result.returncode == 0, result.stderr[-4000:]
+  chief = [line[len('[worker 0] '):] for line in result.stdout.splitlines()
+           if line.startswith('[worker 0] final eval: ')]
+  final = runner.final_eval(chief[-1])
+  expected = streaming_test.host_metrics(str(model_dir / 'export'))
+  assert final['eval_examples'] == 360
+  assert final['median_loss'] == pytest.approx(expected['median_loss'],
+                                               rel=1e-3)
+  assert final['f1'] == pytest.approx(expected['f1'], abs=1e-3)
+  assert final['auc'] == pytest.approx(expected['auc'], abs=2e-3)
+
+
+def test_resume_between_one_process_and_two_workers_both_ways(tmp_path):
+  """12 steps on one layout, then to 24 on the other: the same weights as
+  24 steps on one process (data.pipeline=per_host keeps the stream). The
+  two directions run side by side."""
+  common = (*SMOKE[:1], '--config.train.steps_per_loop=4',
+            '--config.checkpoint.every_steps=12', '--config.eval.every_steps=0')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+
+  def launcher(*args):
+    return subprocess.Popen(launch_command(2, *common, MWMS, *args),
+                            cwd=runner.REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+  def finish(*processes):
+    for process in processes:
+      _, stderr = process.communicate(timeout=300)
+      assert process.returncode == 0, stderr[-3000:]
+
+  reference = runner.start_main(*common, '--config.train.steps=24',
+                                f'--model_dir={tmp_path / "reference"}')
+  finish(runner.start_main(*common, '--config.train.steps=12',
+                           f'--model_dir={tmp_path / "to_workers"}'),
+         launcher('--config.train.steps=12',
+                  f'--model_dir={tmp_path / "to_process"}'))
+  finish(launcher('--config.train.steps=24',
+                  f'--model_dir={tmp_path / "to_workers"}'),
+         runner.start_main(*common, '--config.train.steps=24',
+                           f'--model_dir={tmp_path / "to_process"}'),
+         reference)
+  for name in ('to_workers', 'to_process'):
+    assert_same_weights(tmp_path / 'reference', tmp_path / name)
+    assert runner.checkpoint_values(str(tmp_path / name))[
+        'step/.ATTRIBUTES/VARIABLE_VALUE'] == 24

@@ -1,5 +1,6 @@
 """Running main.py in a subprocess and reading what it leaves on disk."""
 
+import glob
 import json
 import os
 import subprocess
@@ -66,3 +67,15 @@ def restored_model_weights(model_dir: str) -> list:
 
 def error_lines(stderr: str) -> list[str]:
   return [l for l in stderr.splitlines() if l.startswith('error: ')]
+
+
+def summary_values(logdir: str) -> dict:
+  """{tag: [(step, Summary.Value)]} of every event file directly in logdir."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  found = {}
+  for path in sorted(glob.glob(os.path.join(logdir, '*tfevents*'))):
+    for record in tf.data.TFRecordDataset(path):
+      event = event_pb2.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        found.setdefault(value.tag, []).append((event.step, value))
+  return found

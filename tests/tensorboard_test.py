@@ -25,28 +25,49 @@ from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from configs import digits_mlp
 from tests import runner
-from trainer import experiment
-from trainer import launch
-from trainer import summaries
+from trainer.experiment import cli
+from trainer.experiment import run as experiment
+from trainer.cluster import launch
+from trainer.monitoring import goodput
+from trainer.monitoring import summaries
 
 SMOKE = '--config=configs/digits_mlp.py:smoke'
 RUN_FLAGS = (SMOKE, '--mode=train_and_eval', '--config.train.steps=40',
              '--config.summary.every_steps=15', '--config.eval.every_steps=20',
-             '--profile_steps=12,14', '--config.summary.input_wait_every_loops=1')
+             '--profile_steps=12,14', '--config.summary.input_wait_every_loops=1',
+             '--config.summary.histograms_every_steps=20')
 TRAIN_TAGS = {
     'metrics/loss', 'metrics/accuracy', 'optimizer/learning_rate',
     'optimizer/grad_norm', 'optimizer/weight_norm', 'throughput/steps_per_sec',
-    'throughput/examples_per_sec', 'throughput/input_wait_share'}
+    'throughput/examples_per_sec', 'throughput/input_wait_share'} | {
+        f'goodput/{part}_share' for part in goodput.PARTS} | {
+            'goodput/lost_steps'}
 EVAL_TAGS = {'metrics/loss', 'metrics/accuracy'}
 PROGRESS = re.compile(r'\] (step (\d+)/40: .*)$', re.M)
 
 
 @pytest.fixture(name='run', scope='module')
 def fixture_run(tmp_path_factory):
-  """(model_dir, CompletedProcess) of the shared run; logdir is its parent."""
-  model_dir = tmp_path_factory.mktemp('logs') / 'run'
+  """(model_dir, CompletedProcess) of the shared run; logdir is its parent.
+
+  A twin run with the same flags (hence the same hparams) is made beside it,
+  at the same time: the HParams dashboard must show them as two sessions.
+  """
+  logdir = tmp_path_factory.mktemp('logs')
+  twin = runner.start_main(*RUN_FLAGS, f'--model_dir={logdir / "twin"}')
+  model_dir = logdir / 'run'
   result = runner.run_main(*RUN_FLAGS, f'--model_dir={model_dir}')
   assert result.returncode == 0, result.stderr[-3000:]
+  _, stderr = twin.communicate(timeout=300)
+  assert twin.returncode == 0, stderr[-3000:]
+  # Runs whose actions write a text sample (the LM) and eval images.
+  for name, config_file, mode in (
+      ('lm', 'lm_transformer.py', 'train_and_eval'),  # Evals at 3 and 6.
+      ('images', 'cifar_resnet20.py', 'train')):      # One, at step 4.
+    config = cli.load_config(os.path.join(runner.REPO, 'configs',
+                                          f'{config_file}:smoke'))
+    experiment.run(config, model_dir=str(logdir / name),
+                   strategy_name='default', mode=mode)
   return model_dir, result
 
 
@@ -97,6 +118,25 @@ def test_train_scalars_every_15_steps_and_at_the_end(run):
     assert examples == pytest.approx(steps * 64, rel=1e-6)
 
 
+def test_goodput_so_far_in_train_and_the_final_account_in_the_run(run):
+  model_dir, result = run
+  train = scalars(model_dir / 'train')
+  final = scalars(model_dir)
+  # The top-level run holds the final account once, at the last step: the
+  # one goodput.json and the last log line give.
+  assert {tag for tag in final if tag.startswith('goodput/')} == {
+      tag for tag in TRAIN_TAGS if tag.startswith('goodput/')}
+  totals = json.loads((model_dir / 'goodput.json').read_text())
+  for part, share in totals['shares'].items():
+    assert final[f'goodput/{part}_share'] == [(40, pytest.approx(share))]
+  assert final['goodput/lost_steps'] == [(40, 0.0)]
+  # The share of productive steps grows as training goes on.
+  shares = [share for _, share in train['goodput/productive_share']]
+  assert 0 <= shares[0] < shares[-1] < 1
+  (line,) = [l for l in result.stderr.splitlines() if '] goodput: ' in l]
+  assert f'goodput: {totals["shares"]["productive"]:.1%} productive' in line
+
+
 def test_eval_scalars_match_the_eval_records(run):
   model_dir, result = run
   evals = scalars(model_dir / 'eval')
@@ -114,7 +154,8 @@ def test_eval_scalars_match_the_eval_records(run):
 
 def test_config_text_at_step_0_and_hparams(run):
   model_dir, _ = run
-  (text, start) = events(model_dir)
+  # Then the final goodput account (test_goodput_so_far_...).
+  (text, start, *_) = events(model_dir)
   assert text.step == 0 and text.summary.value[0].tag == 'config'
   markdown = tf.make_ndarray(text.summary.value[0].tensor).item().decode()
   assert json.loads(markdown) == json.loads(
@@ -126,6 +167,9 @@ def test_config_text_at_step_0_and_hparams(run):
   assert info.hparams['train.steps'].number_value == 40
   assert info.hparams['summary.every_steps'].number_value == 15
   assert info.hparams['model.hidden_sizes'].string_value == '(64, 64)'
+  assert info.hparams['run.strategy'].string_value == 'default'
+  assert info.hparams['run.num_replicas'].number_value == 1
+  assert info.group_name == 'run'  # Its own session group: the run's name.
 
 
 def test_profile_trace_marks_each_profiled_step(run):
@@ -216,7 +260,7 @@ def test_continuous_evaluator_writes_its_own_directory(run, tmp_path):
 
 
 def test_bad_profile_steps_is_one_line_error(tmp_path):
-  # Other bad values: tests/trainer/progress_test.py.
+  # Other bad values: tests/trainer/monitoring/progress_test.py.
   value = '9,3'
   model_dir = tmp_path / 'run'
   result = runner.run_main(SMOKE, f'--profile_steps={value}',
@@ -233,7 +277,7 @@ def test_bad_profile_steps_is_one_line_error(tmp_path):
 def test_only_the_chief_writes_summaries(tmp_path):
   model_dir = tmp_path / 'run'
   result = subprocess.run(
-      [sys.executable, '-m', 'trainer.launch', '--num_workers=2', '--',
+      [sys.executable, '-m', 'trainer.cluster.launch', '--num_workers=2', '--',
        SMOKE, '--strategy=multi_worker_mirrored', f'--model_dir={model_dir}'],
       cwd=runner.REPO, capture_output=True, text=True, timeout=300,
       check=False, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
@@ -280,7 +324,7 @@ def fixture_tensorboard(run):
       assert process.poll() is None, process.stderr.read()[-3000:]
       try:
         tags = http_json(f'{url}/data/plugin/scalars/tags', timeout=2)
-        if {'run/train', 'run/eval'} <= set(tags):
+        if {'run/train', 'run/eval', 'twin/eval'} <= set(tags):
           break
       except OSError:
         pass
@@ -327,10 +371,39 @@ def test_tensorboard_serves_what_the_run_logged(run, tensorboard):
                            'STATUS_FAILURE', 'STATUS_RUNNING'],
        'colParams': [{'metric': {'group': 'eval', 'tag': 'metrics/accuracy'}},
                      {'hparam': 'train.steps'}]})
-  (group,) = groups['sessionGroups']
+  # Equal hparams, two runs: two groups, never one averaged group.
+  by_name = {g['name']: g for g in groups['sessionGroups']}
+  assert sorted(by_name) == ['images', 'lm', 'run', 'twin']
+  group = by_name['run']
   assert group['hparams']['train.steps'] == 40
+  assert by_name['twin']['hparams'] == group['hparams']
   (metric,) = [m for m in group['metricValues']
                if m['name'] == {'group': 'eval', 'tag': 'metrics/accuracy'}]
   final = runner.final_eval(result.stdout)
   assert metric['trainingStep'] == 40
   assert metric['value'] == pytest.approx(final['accuracy'], abs=1e-4)
+
+
+def test_tensorboard_serves_images_texts_and_histograms(run, tensorboard):
+  """What actions write (trainer/actions.py): weight histograms every 20
+  steps (summary.histograms_every_steps), the LM's text sample and the
+  image classifier's eval images after each eval."""
+  histograms = http_json(f'{tensorboard}/data/plugin/histograms/tags')
+  kernel = 'weights/mlp/dense_0/kernel'
+  assert kernel in histograms['run/train']
+  served = http_json(f'{tensorboard}/data/plugin/histograms/histograms?' +
+                     urllib.parse.urlencode({'run': 'run/train',
+                                             'tag': kernel}))
+  assert [step for _, step, _ in served] == [20, 40]
+  images = http_json(f'{tensorboard}/data/plugin/images/tags')
+  examples = images['images/eval']['eval/examples']
+  assert examples['samples'] == 8 and 'predicted' in examples['description']
+  served = http_json(f'{tensorboard}/data/plugin/images/images?' +
+                     urllib.parse.urlencode({'run': 'images/eval',
+                                             'tag': 'eval/examples',
+                                             'sample': 0}))
+  assert [image['step'] for image in served] == [4]
+  texts = http_json(f'{tensorboard}/data/plugin/text/text?' +
+                    urllib.parse.urlencode({'run': 'lm/eval',
+                                            'tag': 'sample'}))
+  assert [t['step'] for t in texts] == [3, 6] and texts[-1]['text']

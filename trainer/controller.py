@@ -14,13 +14,18 @@ import os
 import time
 
 from absl import logging
+import tensorflow as tf
 
-from trainer import checkpointing
-from trainer import preemption
-from trainer import profiling
-from trainer import progress
-from trainer import summaries
-from trainer import trainer as trainer_lib
+from trainer import actions as actions_lib
+from trainer.persistence import best as best_lib
+from trainer.persistence import preemption
+from trainer.monitoring import goodput
+from trainer.monitoring import profiling
+from trainer.monitoring import progress
+from trainer.monitoring import summaries
+from trainer.errors import UserError
+from trainer.parts import status as status_lib
+from trainer.parts import streaming
 
 
 class NonFiniteLoss(Exception):
@@ -48,7 +53,7 @@ class ControllerOptions:
     log_every_secs: at most one progress line per this many seconds; 0 logs
       every inner loop.
     profile_steps: (START, END): trace steps START..END into
-      model_dir/train/plugins/profile (see trainer/profiling.py); None: off.
+      model_dir/train/plugins/profile (see trainer/monitoring/profiling.py); None: off.
     input_wait_every: measure the input wait on one inner loop in this many
       (the 2nd, then every this many): timing every step costs a few percent
       of step time on small models. 1: every loop; 0: never.
@@ -71,13 +76,17 @@ class Controller:
 
   Args (keyword-only):
     trainer: a built Trainer.
-    checkpointer: a checkpointing.Checkpointer, or None to save nothing.
+    checkpointer: a persistence.checkpointing.Checkpointer, or None to save
+      nothing.
     model_dir: where eval records and the best checkpoint go (None: nowhere).
     total_steps: train until trainer.global_step reaches this.
     steps_per_loop: steps per tf.function call.
     options: ControllerOptions.
     train_writer, eval_writer: summaries.MetricWriter for the training and
       evaluation scalars (None: write nothing).
+    actions: the host actions (trainer/actions.py).
+    ledger: a goodput.Ledger that the time of each part is added to (None:
+      one kept in memory).
     clock: returns seconds; injected so tests control time.
 
   Scalars, at global step s (tags; train and eval share the metric tags, so
@@ -105,6 +114,8 @@ class Controller:
                options: ControllerOptions = ControllerOptions(),
                train_writer: summaries.MetricWriter | None = None,
                eval_writer: summaries.MetricWriter | None = None,
+               actions: actions_lib.Actions | None = None,
+               ledger: goodput.Ledger | None = None,
                clock=time.monotonic):
     self.trainer = trainer
     self.checkpointer = checkpointer
@@ -115,11 +126,15 @@ class Controller:
     self.clock = clock
     self.train_writer = train_writer or summaries.NullWriter()
     self.eval_writer = eval_writer or summaries.NullWriter()
+    self.actions = actions or actions_lib.Actions([])
+    self.ledger = ledger or goodput.Ledger()
     self.history = []
     self._loops = 0  # Inner loops run by this controller.
     self.evals = []
-    self._best_value = None
-    self._evals_since_best = 0
+    self.best = (best_lib.BestCheckpoint(
+        os.path.join(model_dir, 'best'), metric=options.best_metric,
+        mode=options.best_mode, patience=options.patience)
+                 if options.best_metric and model_dir else None)
     self._meter = progress.Meter(trainer.global_batch_size,
                                  trainer.metric_names)
     self.profile = None
@@ -149,6 +164,8 @@ class Controller:
     trainer = self.trainer
     with trainer.strategy.scope():
       trainer.stop_requested.assign(0.0)
+    # Start-up ends here; the step-0 save below is a checkpoint's time.
+    self.ledger.begin_training(self.step)
     if (self.checkpointer and self.options.nan_retries and
         self.checkpointer.last_saved_step is None and self.step == 0):
       self._save()  # Something to recover to if the very first steps fail.
@@ -172,20 +189,22 @@ class Controller:
           metrics, seconds, untimed = self._train_loop(iterator)
           self.history.append((self.step, metrics))
           status = metrics.pop('status')
-          progress_log.loop_done(self.step, metrics, seconds, self.clock(),
-                                 untimed)
-          if status == trainer_lib.NONFINITE:
+          with self.ledger.timed('summaries'):
+            progress_log.loop_done(self.step, metrics, seconds, self.clock(),
+                                   untimed)
+          if status == status_lib.NONFINITE:
             self._meter.reset()  # Those steps are being rolled back.
             retries += 1
             iterator = self._recover(retries)
             continue
           self._meter.add(metrics, seconds, untimed)
-          if status == trainer_lib.STOP_REQUESTED or watcher.requested:
+          if status == status_lib.STOP_REQUESTED or watcher.requested:
             self._preempt()
           if self._due(self.options.summary_every):
             self._write_train_summary()
           if self._due(self.options.checkpoint_every):
             self._save()
+          self._run_actions('steps')
           if (self._due(self.options.eval_every) and
               self.step < self.total_steps):
             if self.evaluate_and_track():
@@ -194,6 +213,9 @@ class Controller:
           self._write_train_summary()
         if self.checkpointer and self.checkpointer.last_saved_step != self.step:
           self._save()
+        if watcher.requested:  # After the last step: saved, now preempt.
+          self._preempt()
+        self._run_actions('end')
     except BaseException:
       if self.checkpointer:
         # A failed run (a non-finite loss, an error) still finishes the
@@ -208,7 +230,8 @@ class Controller:
         self.profile.stop()
       self.train_writer.flush()
     if self.checkpointer:
-      self.checkpointer.wait()
+      with self.ledger.timed('checkpoints'):
+        self.checkpointer.wait()
     return metrics
 
   def _train_loop(self, iterator):
@@ -224,14 +247,31 @@ class Controller:
     profiled = bool(self.profile and self.profile.covers(step))
     with self.profile.step(step) if self.profile else contextlib.nullcontext():
       start = self.clock()
-      metrics = trainer.train(iterator, num_steps, measure_input_wait=timed)
+      try:
+        metrics = trainer.train(iterator, num_steps, measure_input_wait=timed)
+      except tf.errors.OutOfRangeError as e:
+        # Validation catches a finite train split it can count; this is the
+        # one whose length it could not know.
+        raise UserError(
+            f"{type(trainer).__name__}.dataset('train') ran out of data "
+            f'after step {step} of {self.total_steps}: training reads the '
+            'stream for train.steps steps; add .repeat() before .batch()'
+            ) from e
       seconds = max(self.clock() - start, 1e-9)
     metrics['examples_per_sec'] = metrics['examples'] / seconds
     traced = sum(trainer.trace_counts.values()) != traces
+    self.ledger.loop(step=self.step, steps=self.step - step, seconds=seconds,
+                     traced=traced or profiled,
+                     input_wait=metrics.get('input_wait_secs'),
+                     loop_secs=metrics.get('loop_secs'))
     return metrics, seconds, traced or profiled
 
   def _write_train_summary(self):
     """Writes the training scalars of the steps since the last summary."""
+    with self.ledger.timed('summaries'):
+      self._write_train_scalars()
+
+  def _write_train_scalars(self):
     values = self._meter.result()
     self._meter.reset()
     if not values:
@@ -239,6 +279,11 @@ class Controller:
     trainer = self.trainer
     scalars = {f'metrics/{name}': values[name]
                for name in ('loss', *trainer.metric_names) if name in values}
+    train_metrics = {n[len('metrics/'):]: v for n, v in scalars.items()}
+    train_metrics.update(streaming.results(trainer.streaming['train'],
+                                           trainer.strategy))
+    train_metrics.update(trainer.derived_metrics(train_metrics))
+    scalars.update({f'metrics/{n}': v for n, v in train_metrics.items()})
     scalars['optimizer/learning_rate'] = trainer.learning_rate()
     if 'grad_norm' in values:
       scalars['optimizer/grad_norm'] = values['grad_norm']
@@ -248,6 +293,8 @@ class Controller:
     for name in ('steps_per_sec', 'examples_per_sec', 'input_wait_share'):
       if name in values:
         scalars[f'throughput/{name}'] = values[name]
+    self.ledger.write()  # goodput.json too, at the summaries' cadence.
+    scalars.update(self.ledger.scalars(self.ledger.last_totals))
     self.train_writer.write_scalars(self.step, scalars)
     self.train_writer.flush()
 
@@ -264,7 +311,7 @@ class Controller:
     step = self.step
     end = min(step + self.steps_per_loop, self.total_steps)
     for every in (self.options.checkpoint_every, self.options.eval_every,
-                  self.options.summary_every):
+                  self.options.summary_every, *self.actions.cadences):
       if every:
         end = min(end, (step // every + 1) * every)
     if self.profile:
@@ -276,7 +323,8 @@ class Controller:
 
   def _save(self):
     if self.checkpointer:
-      self.checkpointer.save()
+      with self.ledger.timed('checkpoints'):
+        self.checkpointer.save()
 
   def _request_stop(self):
     # Called from the watcher thread while an inner loop may be running.
@@ -286,10 +334,24 @@ class Controller:
   def _preempt(self):
     if self.options.summary_every and self._meter.steps:
       self._write_train_summary()  # At the checkpoint's step: no orphans.
-    path = self.checkpointer.save() if self.checkpointer else '(no checkpoint)'
+    path = None
     if self.checkpointer:
-      self.checkpointer.wait()
+      if self.checkpointer.last_saved_step != self.step:
+        self._save()
+      with self.ledger.timed('checkpoints'):
+        self.checkpointer.wait()
+      path = os.path.join(self.checkpointer.directory, f'ckpt-{self.step}')
+    self._run_actions('preemption')
+    logging.info('%s', self.ledger.finish())
     raise preemption.Preempted(self.step, path)
+
+  def _run_actions(self, event: str, metrics=None):
+    writer = self.eval_writer if event == 'eval' else self.train_writer
+    with self.ledger.timed('summaries'):
+      self.actions.run(event, actions_lib.Context(
+          step=self.step, trainer=self.trainer, event=event, writer=writer,
+          metrics=metrics, model_dir=self.model_dir))
+      writer.flush()
 
   def _recover(self, retries: int):
     """Restores the last checkpoint after a non-finite step, or gives up."""
@@ -302,11 +364,14 @@ class Controller:
           'update was not applied and no checkpoint was written after it '
           f'(train.nan_retries={self.options.nan_retries}); lower the '
           'learning rate, enable train.clip_norm, or set train.nan_retries')
-    self.checkpointer.wait()
-    path = self.checkpointer.restore_latest()
+    computed = self.step
+    with self.ledger.timed('checkpoints'):
+      self.checkpointer.wait()
+      path = self.checkpointer.restore_latest()
     if path is None:
       raise NonFiniteLoss(f'non-finite loss at step {failed_step} and no '
                           'checkpoint to recover from')
+    self.ledger.lose(computed - self.step)  # Computed again from here.
     # Continue with the data after the batch that failed: replaying it would
     # fail the same way.
     trainer.data_position.assign(position)
@@ -321,13 +386,14 @@ class Controller:
   def evaluate(self) -> dict[str, float]:
     """Evaluates the current weights on options.eval_split; records it."""
     split = self.options.eval_split
-    metrics = self.trainer.evaluate(split)
+    with self.ledger.timed('eval'):
+      metrics = self.trainer.evaluate(split)
     logging.info('eval %s at step %d: %s', split, self.step,
-                 format_metrics(metrics))
+                 progress.format_metrics(metrics))
     self.evals.append((self.step, metrics))
     self.eval_writer.write_scalars(
-        self.step, {f'metrics/{name}': metrics[name]
-                    for name in ('loss', *self.trainer.metric_names)})
+        self.step, {f'metrics/{name}': value for name, value in
+                    metrics.items() if name != 'examples'})
     self.eval_writer.flush()
     if self.model_dir:
       record = {'step': self.step, 'split': split, **metrics}
@@ -335,51 +401,12 @@ class Controller:
       with open(os.path.join(self.model_dir, 'eval', 'metrics.jsonl'),
                 'a') as f:
         f.write(json.dumps(record) + '\n')
+    self._run_actions('eval', metrics)
     return metrics
 
   def evaluate_and_track(self) -> bool:
     """Evaluates, keeps the best checkpoint; True when patience ran out."""
     metrics = self.evaluate()
-    name = self.options.best_metric
-    if not name or not self.model_dir:
+    if not self.best:
       return False
-    value = metrics[name]
-    better = (self._best_value is None or
-              (value > self._best_value if self.options.best_mode == 'max'
-               else value < self._best_value))
-    if better:
-      self._best_value, self._evals_since_best = value, 0
-      self._save_best(name, value)
-      return False
-    self._evals_since_best += 1
-    if self.options.patience and self._evals_since_best >= self.options.patience:
-      logging.warning('early stop at step %d: %s has not improved on %.6g for '
-                      '%d evals (eval.patience)', self.step, name,
-                      self._best_value, self._evals_since_best)
-      return True
-    return False
-
-  def _save_best(self, name: str, value: float):
-    """Writes best/ckpt-<step> then best/record.json (atomically, after)."""
-    best_dir = os.path.join(self.model_dir, 'best')
-    manager = checkpointing.Checkpointer(self.trainer, best_dir, max_to_keep=1,
-                                         async_save=False)
-    path = manager.save()
-    checkpointing.write_json_atomically(
-        os.path.join(best_dir, 'record.json'),
-        {'metric': name, 'mode': self.options.best_mode, 'value': value,
-         'step': self.step, 'checkpoint': os.path.basename(path)})
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-  """'accuracy=0.973 loss=0.091': sorted key=value pairs, counts as ints."""
-  parts = []
-  for key in sorted(metrics):
-    value = metrics[key]
-    if key in ('examples', 'steps'):
-      parts.append(f'{key}={int(value)}')
-    elif key.endswith('_per_sec'):
-      parts.append(f'{key}={value:.0f}')
-    else:
-      parts.append(f'{key}={value:.4g}')
-  return ' '.join(parts)
+    return self.best.track(self.trainer, self.step, metrics)

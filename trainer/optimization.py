@@ -1,15 +1,18 @@
 """Optimizers and learning-rate schedules from config.
 
-Keras' own cross-replica aggregation is disabled on every optimizer made
-here. Why: Keras 3's TensorFlow optimizer sums gradients across replicas by
-itself when `apply_gradients` runs in a replica context
-(`TFOptimizer._all_reduce_sum_gradients`). The Trainer all-reduces explicitly
-(so the reduction is visible, and clipping sees the global gradient), so the
-optimizer must not sum a second time, or every update would be N x too large
-on N replicas. Keras 3 has no public switch for this, so `build_optimizer`
-replaces that one method on the instance with the identity. The 1-vs-N replica
-weight tests (tests/trainer/trainer_test.py) fail if gradients are ever summed
-twice or not at all.
+The optimizers made here are plain Keras optimizers under a strategy: called
+in a replica context, `optimizer.apply_gradients` sums the gradients across
+replicas itself (Keras 3's `TFOptimizer._all_reduce_sum_gradients`), as the
+tutorial training loop expects. The Trainer's own step all-reduces
+explicitly (so the reduction is visible, and clipping sees the global
+gradient), and applies those already-summed gradients through
+`apply_reduced`, which tells that one call not to sum them again. Keras 3
+has no public switch for this (keras#19308), so the first `apply_reduced`
+call on an optimizer wraps its `_all_reduce_sum_gradients` in a gate that
+passes the gradients through while an `apply_reduced` call is under way and
+calls Keras otherwise. The 1-vs-N replica weight tests
+(tests/trainer/trainer_test.py, tests/trainer/apply_paths_test.py) fail if
+gradients are summed twice or not at all on any of these paths.
 
 Adam, AdamW and Lamb here are Keras' own classes with one change: Keras
 recomputes the step's bias corrections (two `pow`s, a `sqrt`, casts and
@@ -19,23 +22,10 @@ the same arithmetic in the same order, bitwise equal to Keras' (tested in
 tests/trainer/optimization_test.py), with ~10 fewer ops per variable per
 step: ~3% of the seed MLP's 0.3 ms step (bench/throughput.py).
 
-Config keys (the `optimizer` ConfigDict; all but name/learning_rate optional):
-  name            sgd | adam | adamw | lamb
-  learning_rate   peak learning rate (after warmup)
-  momentum, nesterov        sgd only
-  beta_1, beta_2, epsilon   adam, adamw, lamb
-  weight_decay    decoupled weight decay (0: none; adamw's default 0.01 is
-                  not applied unless set here)
-  weight_decay_exclude      substrings of variable paths never decayed
-                  (default: biases and normalization layers: 'bias', 'norm',
-                  'gamma', 'beta')
-  schedule        constant | cosine | linear | step
-  warmup_steps    linear warmup from 0 to learning_rate
-  decay_steps     steps of the decay after warmup (default: train.steps -
-                  warmup_steps)
-  end_learning_rate_factor  cosine/linear end value, as a fraction of peak
-  step_boundaries, step_factor  step decay: multiply by step_factor at each
-                  boundary (steps counted from the start of training)
+The `optimizer` config section (its keys, defaults and meanings are in
+trainer/schema.py) picks the optimizer, its schedule and weight decay.
+Weight decay is decoupled (x learning rate) for every optimizer; adamw's
+own default 0.01 is not applied unless set.
 """
 
 import math
@@ -43,11 +33,7 @@ import threading
 
 import tensorflow as tf
 
-from trainer.errors import UserError
-
-OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lamb')
-SCHEDULES = ('constant', 'cosine', 'linear', 'step')
-DEFAULT_EXCLUDE = ('bias', 'norm', 'gamma', 'beta')
+from trainer import schema
 
 
 class WarmupDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
@@ -174,31 +160,18 @@ class Lamb(_SharedStepScalars, tf.keras.optimizers.Lamb):
 
 
 def build_schedule(config, total_steps: int):
-  """The learning rate: a float, or a WarmupDecay for non-constant schedules."""
-  schedule = config.get('schedule', 'constant')
-  warmup = config.get('warmup_steps', 0)
-  if schedule not in SCHEDULES:
-    raise UserError(f'config key optimizer.schedule={schedule!r} is unknown; '
-                    f'valid: {", ".join(SCHEDULES)}')
-  if not isinstance(warmup, int) or warmup < 0:
-    raise UserError(f'config key optimizer.warmup_steps={warmup!r} must be an '
-                    'integer >= 0')
-  if total_steps and warmup >= total_steps and schedule != 'constant':
-    raise UserError(f'config key optimizer.warmup_steps={warmup} leaves no '
-                    f'steps to decay in train.steps={total_steps}; lower it')
-  if schedule == 'constant' and not warmup:
+  """The learning rate of a resolved `optimizer` section: a float, or a
+  WarmupDecay for non-constant schedules."""
+  if config.schedule == 'constant' and not config.warmup_steps:
     return config.learning_rate
-  boundaries = tuple(config.get('step_boundaries', ()))
-  if schedule == 'step' and (not boundaries or list(boundaries) != sorted(
-      boundaries)):
-    raise UserError('config key optimizer.step_boundaries='
-                    f'{boundaries!r} must be a non-empty increasing tuple of '
-                    'steps for schedule=step, e.g. (30000, 60000)')
+  warmup = config.warmup_steps
   return WarmupDecay(
-      peak=config.learning_rate, schedule=schedule, warmup_steps=warmup,
-      decay_steps=config.get('decay_steps', 0) or max(total_steps - warmup, 1),
-      end_factor=config.get('end_learning_rate_factor', 0.0),
-      step_boundaries=boundaries, step_factor=config.get('step_factor', 0.1))
+      peak=config.learning_rate, schedule=config.schedule,
+      warmup_steps=warmup,
+      decay_steps=config.decay_steps or max(total_steps - warmup, 1),
+      end_factor=config.end_learning_rate_factor,
+      step_boundaries=tuple(config.step_boundaries),
+      step_factor=config.step_factor)
 
 
 def build_optimizer(config, *, variables=None,
@@ -206,37 +179,23 @@ def build_optimizer(config, *, variables=None,
   """Builds the optimizer named by `config.name` (call under strategy.scope()).
 
   Args:
-    config: the `optimizer` ConfigDict (see the module docstring).
+    config: an `optimizer` section, complete or partial: missing keys take
+      their defaults (trainer/schema.py lists them).
     variables: the trainable variables; needed for weight-decay exclusions.
     total_steps: train.steps, the default end of a decaying schedule.
   Raises:
-    UserError: an unknown name or schedule, a bad value or combination.
+    UserError: a bad value or combination, naming the key.
   """
-  name = config.name
-  if name not in OPTIMIZERS:
-    raise UserError(f'config key optimizer.name={name!r} is unknown; '
-                    f'valid: {", ".join(OPTIMIZERS)}')
-  if config.learning_rate <= 0:
-    raise UserError(f'config key optimizer.learning_rate={config.learning_rate}'
-                    ' must be > 0')
-  if name != 'sgd' and (config.get('momentum', 0.0) or
-                        config.get('nesterov', False)):
-    raise UserError(f'config keys optimizer.momentum/nesterov apply to sgd '
-                    f'only, not optimizer.name={name!r}; set them to 0/False')
-  weight_decay = config.get('weight_decay', 0.0)
-  if weight_decay < 0:
-    raise UserError(f'config key optimizer.weight_decay={weight_decay} must '
-                    'be >= 0')
-  learning_rate = build_schedule(config, total_steps)
-  common = dict(learning_rate=learning_rate,
+  config = schema.resolve_section('optimizer', config,
+                                  total_steps=total_steps)
+  name, weight_decay = config.name, config.weight_decay
+  common = dict(learning_rate=build_schedule(config, total_steps),
                 weight_decay=weight_decay or None)
-  adam_like = dict(beta_1=config.get('beta_1', 0.9),
-                   beta_2=config.get('beta_2', 0.999),
-                   epsilon=config.get('epsilon', 1e-7))
+  adam_like = dict(beta_1=config.beta_1, beta_2=config.beta_2,
+                   epsilon=config.epsilon)
   if name == 'sgd':
     optimizer = tf.keras.optimizers.SGD(
-        momentum=config.get('momentum', 0.0),
-        nesterov=config.get('nesterov', False), **common)
+        momentum=config.momentum, nesterov=config.nesterov, **common)
   elif name == 'adam':
     optimizer = Adam(**adam_like, **common)
   elif name == 'adamw':
@@ -244,20 +203,39 @@ def build_optimizer(config, *, variables=None,
   else:
     optimizer = Lamb(**adam_like, **common)
   if weight_decay and variables is not None:
-    patterns = tuple(config.get('weight_decay_exclude', DEFAULT_EXCLUDE))
+    patterns = tuple(config.weight_decay_exclude)
     excluded = [v for v in variables
                 if any(p in getattr(v, 'path', v.name) for p in patterns)]
     if excluded:
       optimizer.exclude_from_weight_decay(var_list=excluded)
-  disable_cross_replica_aggregation(optimizer)
   return optimizer
 
 
-def disable_cross_replica_aggregation(optimizer) -> None:
-  """Makes `optimizer.apply_gradients` use the gradients it is given as-is."""
-  if not hasattr(optimizer, '_all_reduce_sum_gradients'):
-    raise RuntimeError(
-        f'{type(optimizer).__name__} has no _all_reduce_sum_gradients: this '
-        'Keras version aggregates gradients differently; pin keras==3.15.1 '
-        '(requirements.txt) or update trainer/optimization.py')
-  optimizer._all_reduce_sum_gradients = list  # pylint: disable=protected-access
+def apply_reduced(optimizer, grads_and_vars) -> None:
+  """`optimizer.apply_gradients` for gradients already summed across
+  replicas (replica context): Keras does not sum them again.
+
+  Works for any Keras 3 optimizer; the gate is a counter, not a thread-local,
+  because MirroredStrategy may run the apply of each replica in a thread of
+  its own (call_for_each_replica inside a merge_call).
+  """
+  if not getattr(optimizer, '_distloop_gate', False):
+    if not hasattr(optimizer, '_all_reduce_sum_gradients'):
+      raise RuntimeError(
+          f'{type(optimizer).__name__} has no _all_reduce_sum_gradients: this '
+          'Keras version aggregates gradients differently; pin keras==3.15.1 '
+          '(requirements.txt) or update trainer/optimization.py')
+    keras_sum = optimizer._all_reduce_sum_gradients  # pylint: disable=protected-access
+
+    def gated(grads_and_vars):
+      if optimizer._distloop_reduced:  # pylint: disable=protected-access
+        return list(grads_and_vars)
+      return keras_sum(grads_and_vars)
+    optimizer._all_reduce_sum_gradients = gated  # pylint: disable=protected-access
+    optimizer._distloop_reduced = 0  # pylint: disable=protected-access
+    optimizer._distloop_gate = True  # pylint: disable=protected-access
+  optimizer._distloop_reduced += 1  # pylint: disable=protected-access
+  try:
+    optimizer.apply_gradients(grads_and_vars)
+  finally:
+    optimizer._distloop_reduced -= 1  # pylint: disable=protected-access

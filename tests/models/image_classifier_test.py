@@ -92,6 +92,15 @@ def test_main_trains_on_tfrecords_with_two_replicas(records, tmp_path):
   assert metrics['examples'] == 160  # the whole eval split, once
   assert set(metrics) == {'accuracy', 'examples', 'loss'}  # no top-5 of 4
   assert tf.train.latest_checkpoint(str(tmp_path / 'run'))
+  # After each eval, a grid of eval images with their labels (Images tab).
+  ((step, value),) = runner.summary_values(str(tmp_path / 'run' / 'eval'))[
+      'eval/examples']
+  assert step == 4
+  images = tf.make_ndarray(value.tensor)  # [width, height, PNG x N]
+  assert len(images) == 2 + image_classifier.EXAMPLE_IMAGES
+  assert tf.io.decode_png(images[2]).shape == (16, 16, 3)
+  description = value.metadata.summary_description
+  assert description.count('predicted') == image_classifier.EXAMPLE_IMAGES
 
 
 def test_main_without_tfrecords_exits_2_and_writes_nothing(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from models import resnet
-from trainer import strategies
+from trainer.cluster import strategies
 
 
 def _size(variables):

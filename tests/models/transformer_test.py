@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from models import transformer
-from trainer import strategies
+from trainer.cluster import strategies
 
 VOCAB, SEQ_LEN = 20, 16
 

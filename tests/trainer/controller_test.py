@@ -12,9 +12,9 @@ import tensorflow as tf
 
 from models.classifier import ClassifierTrainer
 from tests.trainer.trainer_test import make_config, strategy_for
-from trainer import checkpointing
-from trainer import continuous_eval
-from trainer import preemption
+from trainer.persistence import checkpointing
+from trainer.experiment import continuous_eval
+from trainer.persistence import preemption
 from trainer.controller import Controller, ControllerOptions, NonFiniteLoss
 
 NAN_AT = 13  # 1-based step whose batch is poisoned.

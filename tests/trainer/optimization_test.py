@@ -8,6 +8,7 @@ import tensorflow as tf
 from models.classifier import ClassifierTrainer
 from tests.trainer.trainer_test import make_config, strategy_for, train
 from trainer import optimization
+from trainer import schema
 from trainer.errors import UserError
 
 
@@ -17,13 +18,18 @@ def opt_config(**overrides):
   return ml_collections.ConfigDict(values)
 
 
+def schedule_of(**overrides):
+  """A resolved optimizer section: what build_schedule is given."""
+  return schema.resolve_section('optimizer', opt_config(**overrides))
+
+
 def rate(schedule, step):
   return float(schedule(tf.constant(step)))
 
 
 def test_cosine_with_warmup():
   schedule = optimization.build_schedule(
-      opt_config(schedule='cosine', warmup_steps=10,
+      schedule_of(schedule='cosine', warmup_steps=10,
                  end_learning_rate_factor=0.1), total_steps=110)
   assert rate(schedule, 0) == 0.0
   assert rate(schedule, 5) == pytest.approx(0.05)
@@ -34,19 +40,19 @@ def test_cosine_with_warmup():
 
 
 def test_linear_and_step_decay():
-  linear = optimization.build_schedule(opt_config(schedule='linear'),
+  linear = optimization.build_schedule(schedule_of(schedule='linear'),
                                        total_steps=100)
   assert [rate(linear, s) for s in (0, 50, 100)] == pytest.approx(
       [0.1, 0.05, 0.0])
   step = optimization.build_schedule(
-      opt_config(schedule='step', step_boundaries=(30, 60), step_factor=0.5),
+      schedule_of(schedule='step', step_boundaries=(30, 60), step_factor=0.5),
       total_steps=100)
   assert [rate(step, s) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx(
       [0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
 
 
 def test_constant_without_warmup_is_a_plain_float():
-  assert optimization.build_schedule(opt_config(), total_steps=100) == 0.1
+  assert optimization.build_schedule(schedule_of(), total_steps=100) == 0.1
 
 
 @pytest.mark.parametrize('name', ['sgd', 'adamw', 'lamb'])
@@ -109,11 +115,12 @@ def test_shared_step_scalars_update_bitwise_as_keras(name, extra,
       variables = [tf.Variable(v) for v in initial]
       optimizer = cls(**kwargs)
       optimizer.build(variables)
-    optimization.disable_cross_replica_aggregation(optimizer)
 
     @tf.function
     def step(g):
-      strategy.run(lambda: optimizer.apply_gradients(zip(g, variables)))  # pylint: disable=cell-var-from-loop
+      # As the Trainer applies them: the same (already summed) gradients.
+      strategy.run(lambda: optimization.apply_reduced(  # pylint: disable=cell-var-from-loop
+          optimizer, zip(g, variables)))  # pylint: disable=cell-var-from-loop
 
     for g in grads:
       step([tf.constant(x) for x in g])

@@ -1,0 +1,110 @@
+"""The command line: errors before TensorFlow is imported, Trainers from any
+module, the resolved config shown and saved whole."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests import runner
+from trainer.errors import UserError
+from trainer.experiment import registry
+
+# Runs main.py with ARGS and reports, after it exits, whether TensorFlow was
+# imported: the error path must not pay for it.
+PROBE = textwrap.dedent('''
+    import runpy, sys
+    sys.argv = ['main.py'] + sys.argv[1:]
+    try:
+      runpy.run_path('main.py', run_name='__main__')
+    except SystemExit as e:
+      print('exit', e.code, 'tensorflow' in sys.modules)
+''')
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--config.train.stepz=5',), "config has no key 'train.stepz'"),
+    (('--config.train.clip_norm=-1',), 'train.clip_norm=-1.0 must be >= 0'),
+    (('--config=configs/digits_mlp.py:huge',), "config variant 'huge' is "
+     'unknown'),
+    (('--mode=fit',), "flag --mode='fit' is unknown"),
+    (('--strategy=tpu',), 'flag --strategy=tpu needs --tpu='),
+    (('--strategy=multi_worker_mirrored', '--worker_hosts=a:1,b:2'),
+     '--task_index'),
+    (('--profile_steps=5,1',), 'flag --profile_steps='),
+], ids=['key', 'value', 'variant', 'mode', 'tpu', 'worker_hosts', 'profile'])
+def test_a_bad_flag_or_key_exits_2_without_importing_tensorflow(args,
+                                                                 message):
+  result = subprocess.run([sys.executable, '-c', PROBE, *args],
+                          capture_output=True, text=True, cwd=runner.REPO,
+                          timeout=60, check=False)
+  assert result.stdout.strip() == 'exit 2 False', (result.stdout,
+                                                   result.stderr[-2000:])
+  (line,) = runner.error_lines(result.stderr)
+  assert message in line
+
+
+MODULE = '''
+import tensorflow as tf
+from trainer.trainer import Trainer
+
+
+class Mean(Trainer):
+  """Regresses a constant: the smallest Trainer there is."""
+
+  def build_model(self):
+    return tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)],
+                               name='mean_model')
+
+  def dataset(self, split, input_context, batch_size):
+    data = tf.data.Dataset.from_tensor_slices(
+        (tf.ones([64, 2]), 3.0 * tf.ones([64])))
+    if split == 'train':
+      data = data.repeat()
+    return data.batch(batch_size, drop_remainder=split == 'train')
+
+  def compute_loss(self, batch, outputs):
+    return tf.square(outputs[:, 0] - batch[1])
+'''
+CONFIG = '''
+def get_config():
+  return dict(trainer='my_trainers:Mean',
+              train=dict(steps=20, global_batch_size=8, steps_per_loop=10),
+              optimizer=dict(learning_rate=0.1))
+'''
+
+
+def test_a_trainer_from_the_working_directory_trains(tmp_path):
+  (tmp_path / 'my_trainers.py').write_text(MODULE)
+  (tmp_path / 'my_config.py').write_text(CONFIG)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+             PYTHONPATH=runner.REPO)  # distloop itself, as an install would.
+  result = subprocess.run(
+      [sys.executable, runner.MAIN, '--config=my_config.py',
+       '--model_dir=run'], capture_output=True, text=True, cwd=tmp_path,
+      timeout=300, env=env, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  final = runner.final_eval(result.stdout)
+  assert final['examples'] == 64 and final['loss'] < 9.0  # 9 at the start.
+  saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  # The whole resolved config: keys the file never mentioned included.
+  assert saved['checkpoint']['max_to_keep'] == 3
+  assert saved['eval']['global_batch_size'] == 8
+
+
+@pytest.mark.parametrize('name, message', [
+    ('no_such_module:Trainer', "no module 'no_such_module' on the path"),
+    ('tests.user_trainers:Nope', "module 'tests.user_trainers' has no 'Nope'; "
+     'Trainer subclasses there: DefaultForward'),
+    ('tests.user_trainers:sequence_arrays', 'sequence_arrays is not a '
+     'subclass of trainer.trainer.Trainer'),
+    ('clasifier', "trainer='clasifier' names no registered trainer; valid: "),
+])
+def test_a_wrong_trainer_is_one_line(name, message):
+  with pytest.raises(UserError, match=None) as error:
+    registry.get(name)
+  assert message in str(error.value)
+  assert '\n' not in str(error.value)

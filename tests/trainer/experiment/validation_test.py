@@ -1,0 +1,99 @@
+"""Validate before writing: a Trainer's mistakes stop the run with one line
+naming the method, before anything lands in model_dir."""
+
+import pytest
+
+from tests import resume_test
+from tests import runner
+from tests import user_config
+from trainer.errors import UserError
+from trainer.experiment import run as experiment
+
+
+def config(trainer='SequenceTrainer', **eval_keys):
+  result = user_config.get_config('two_optimizers')
+  result.trainer = f'tests.user_trainers:{trainer}'
+  result.train.steps = 4
+  result.train.steps_per_loop = 2
+  result.eval.update(eval_keys)
+  return result
+
+
+@pytest.mark.parametrize('trainer, message', [
+    ('ScalarLoss', r'ScalarLoss.compute_loss returned shape \[\], expected '
+     r'\[32\]: one value per example'),
+    ('MisnamedMetric', r"MisnamedMetric.train_step returned keys \['accuracy',"
+     r" 'loss'\] but the Trainer declares metric_names=\('acc',\)"),
+    ('DefaultForward', r"DefaultForward.dataset\('train'\) yields dict "
+     r'batches \(keys labels, mask, tokens\) but DefaultForward keeps the '
+     r'default forward'),
+    ('FiniteTrainSplit', r"FiniteTrainSplit.dataset\('train'\) ends after 16 "
+     r'batches, but training reads the stream for train.steps steps: add '
+     r'.repeat\(\)'),
+    ('EmptyEvalSplit', r"EmptyEvalSplit.dataset\('test'\) is empty"),
+    ('RaisesInComputeLoss', r'RaisesInComputeLoss.compute_loss raised '
+     r"KeyError while the train step was traced: .*'labelz'"),
+    ('RaisesInBuildModel', r'RaisesInBuildModel.build_model raised '
+     'ValueError: width must be even, got 5'),
+])
+def test_mistakes_stop_the_run_before_model_dir_exists(tmp_path, trainer,
+                                                      message):
+  model_dir = tmp_path / 'run'
+  with pytest.raises(UserError, match=message) as error:
+    experiment.run(config(trainer), model_dir=str(model_dir),
+                   strategy_name='default')
+  assert '\n' not in str(error.value)
+  assert not model_dir.exists()
+
+
+def test_an_unknown_eval_split_stops_a_resumed_run_untouched(tmp_path):
+  model_dir = tmp_path / 'run'
+  experiment.run(config(), model_dir=str(model_dir), strategy_name='default')
+  before = resume_test.snapshot(model_dir)
+  longer = config(split='validation')
+  longer.train.steps = 8  # A resume with more steps would write.
+  with pytest.raises(UserError, match=r"SequenceTrainer.dataset\('validation'"
+                     r"\) raised ValueError: no split 'validation'.*config "
+                     r"key eval.split='validation'"):
+    experiment.run(longer, model_dir=str(model_dir), strategy_name='default')
+  assert resume_test.snapshot(model_dir) == before
+
+
+def test_main_reports_a_mistake_in_one_line_with_exit_2(tmp_path):
+  model_dir = tmp_path / 'run'
+  result = runner.run_main('--config=tests/user_config.py',
+                           '--config.trainer=tests.user_trainers:ScalarLoss',
+                           f'--model_dir={model_dir}')
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = runner.error_lines(result.stderr)
+  assert len(errors) == 1 and 'ScalarLoss.compute_loss returned' in errors[0]
+  assert 'Traceback' not in result.stderr
+  assert not model_dir.exists()
+
+
+def test_the_validated_trace_is_the_one_training_uses(tmp_path):
+  """Validation traces the loops once; training adds no second trace."""
+  traces = {}
+  original = experiment.controller_lib.Controller.train
+
+  def train(controller):
+    result = original(controller)
+    traces.update(controller.trainer.trace_counts)
+    return result
+
+  experiment.controller_lib.Controller.train = train
+  try:
+    experiment.run(config(), model_dir=str(tmp_path / 'run'),
+                   strategy_name='default')
+  finally:
+    experiment.controller_lib.Controller.train = original
+  assert traces['train_loop'] == 1 and traces['eval_loop'] == 1
+
+
+def test_a_train_split_that_runs_out_unseen_is_one_line(tmp_path):
+  long = config('EndsUnseen')
+  long.train.steps = 40  # 512 examples in batches of 32: 16 steps of data.
+  with pytest.raises(UserError, match=r"EndsUnseen.dataset\('train'\) ran out "
+                     r'of data after step 16 of 40: .*add .repeat\(\)'):
+    experiment.run(long, model_dir=str(tmp_path / 'run'),
+                   strategy_name='default')

@@ -1,0 +1,85 @@
+"""The per-example contract: a loss or metric of the wrong shape is one error
+naming the method, the shape returned and the shape expected."""
+
+import ml_collections
+import pytest
+import tensorflow as tf
+
+from models.classifier import ClassifierTrainer
+from trainer.cluster import strategies
+from trainer.parts import contracts
+
+CPUS = [d.name for d in tf.config.list_logical_devices('CPU')]
+
+
+def make_config():
+  config = ml_collections.ConfigDict()
+  config.trainer = 'classifier'
+  config.seed = 0
+  config.data = dict(name='synthetic')
+  config.model = dict(input_dim=100, hidden_sizes=(8,), num_classes=10)
+  config.train = dict(steps=4, global_batch_size=32, steps_per_loop=2)
+  config.eval = dict(global_batch_size=96)
+  config.optimizer = dict(name='sgd', learning_rate=0.1)
+  return config
+
+
+class DoubledLoss(ClassifierTrainer):
+  """Flattened per-token losses: [2B], which would double the gradient."""
+
+  def compute_loss(self, batch, outputs):
+    loss = super().compute_loss(batch, outputs)
+    return tf.concat([loss, loss], axis=0)
+
+
+class SquareMetric(ClassifierTrainer):
+  """A broadcasting slip: [B] - [B, 1] is [B, B]."""
+
+  def compute_metrics(self, batch, outputs):
+    predictions = tf.cast(tf.argmax(outputs, -1), tf.float32)
+    labels = tf.cast(batch[1], tf.float32)[:, None]
+    return {'accuracy': tf.abs(predictions - labels)}
+
+
+class MismatchedWeights(ClassifierTrainer):
+
+  def compute_loss(self, batch, outputs):
+    loss = super().compute_loss(batch, outputs)
+    return loss, tf.ones([3])
+
+
+def train_one(cls, replicas=2):
+  strategy = strategies.mirrored_strategy(CPUS[:replicas])
+  trainer = cls(config=make_config(), strategy=strategy)
+  iterator = iter(trainer.distribute_dataset('train', batch_size=32))
+  return trainer.train(iterator, 1)
+
+
+@pytest.mark.parametrize('cls, message', [
+    (DoubledLoss, r'DoubledLoss.compute_loss returned shape \[32\], expected '
+     r'\[16\]: one value per example'),
+    (SquareMetric, r"SquareMetric.compute_metrics \['accuracy'\] returned "
+     r'shape \[16, 16\], expected \[16\]'),
+    (MismatchedWeights, r'MismatchedWeights.compute_loss \(weights\) returned '
+     r'shape \[3\], expected \[16\]'),
+], ids=['loss_2B', 'metric_BxB', 'weights'])
+def test_wrong_shapes_are_refused_when_traced(cls, message):
+  with pytest.raises(contracts.ContractError, match=message):
+    train_one(cls)
+
+
+def test_a_wrong_eval_shape_fails_when_it_runs():
+  # Eval batches have a free batch dimension: checked as the step runs.
+  trainer = DoubledLoss(config=make_config(),
+                        strategy=tf.distribute.OneDeviceStrategy(CPUS[0]))
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match='DoubledLoss.eval_step .*one value per example'):
+    trainer.evaluate('test')
+
+
+def test_per_example_accepts_values_and_weight_pairs():
+  values, weights = contracts.per_example(
+      (tf.ones([4]), tf.constant([1, 2, 3, 4])), where='f', size=4)
+  assert weights.dtype == tf.float32 and values.shape == [4]
+  values, weights = contracts.per_example(tf.ones([4]), where='f', size=4)
+  assert weights is None

@@ -1,0 +1,36 @@
+"""The step status every replica agrees on."""
+
+import tensorflow as tf
+
+from trainer.parts import status
+
+
+def test_agreed_status_from_all_reduced_values():
+  def agreed(finite, stop, loss_finite=None):
+    return int(status.agreed(finite=tf.constant(finite),
+                             stop=tf.constant(stop),
+                             loss_finite=None if loss_finite is None else
+                             tf.constant(loss_finite)))
+  assert agreed(True, 0.0) == status.OK
+  assert agreed(True, 1.0) == status.STOP_REQUESTED
+  assert agreed(False, 1.0) == status.NONFINITE
+  # Under loss scaling, a finite loss with non-finite gradients overflowed.
+  assert agreed(False, 0.0, loss_finite=True) == status.OVERFLOW
+  assert agreed(False, 0.0, loss_finite=False) == status.NONFINITE
+
+
+def test_which_statuses_go_on_and_which_were_applied():
+  values = [status.OK, status.STOP_REQUESTED, status.NONFINITE, status.OVERFLOW]
+  goes_on = [bool(status.continues(tf.constant(v))) for v in values]
+  applied = [bool(status.applied(tf.constant(v))) for v in values]
+  assert goes_on == [True, False, False, True]
+  assert applied == [True, True, False, False]
+
+
+def test_a_replicas_own_view():
+  assert int(status.local(tf.constant([1.0, 2.0]), tf.constant(0.0))) == (
+      status.OK)
+  assert int(status.local(tf.constant([1.0, float('nan')]),
+                          tf.constant(0.0))) == status.NONFINITE
+  assert int(status.local(tf.constant([1.0]), tf.constant(1.0))) == (
+      status.STOP_REQUESTED)

@@ -1,0 +1,67 @@
+"""Metrics that are not per-example means: streaming Keras metrics (AUC, F1)
+and metrics aggregated on the host from every prediction, exact on any
+replica count (examples/extras.py is the Trainer)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn import metrics as sk
+
+from examples.extras import ExtrasTrainer
+from input import digits
+from trainer.cluster import strategies
+from trainer.experiment import cli
+from trainer.persistence import export
+
+CPUS = [d.name for d in tf.config.list_logical_devices('CPU')]
+
+
+def config():
+  result = cli.load_module('examples/extras_config.py').get_config('smoke')
+  result.eval.global_batch_size = 96  # 360 = 3 x 96 + 72: a partial batch.
+  result.train.global_batch_size = 48  # Divides by 1, 2, 3 and 4.
+  return result
+
+
+def host_metrics(export_dir):
+  """AUC, macro F1, median loss of the exported model's predictions, with
+  scikit-learn on the host."""
+  serve = tf.saved_model.load(export_dir).signatures['serving_default']
+  features, labels = digits.load('test')
+  logits = serve(input_0=tf.constant(features))['outputs'].numpy()
+  probabilities = tf.nn.softmax(logits).numpy()
+  loss = tf.keras.losses.sparse_categorical_crossentropy(
+      labels, logits, from_logits=True).numpy()
+  return {'auc': sk.roc_auc_score(labels == 8, probabilities[:, 8]),
+          'f1': sk.f1_score(labels, logits.argmax(-1), average='macro'),
+          'median_loss': float(np.median(loss)), 'eval_examples': len(labels)}
+
+
+@pytest.fixture(name='trained', scope='module')
+def fixture_trained(tmp_path_factory):
+  """(weights, host metrics) of an ExtrasTrainer trained 40 steps."""
+  tf.keras.utils.set_random_seed(0)
+  trainer = ExtrasTrainer(config=config(), strategy=tf.distribute.get_strategy())
+  iterator = iter(trainer.distribute_dataset('train', batch_size=48))
+  trainer.train(iterator, 40)
+  path = export.export_saved_model(
+      trainer, str(tmp_path_factory.mktemp('extras') / 'export'))
+  return trainer.model.get_weights(), host_metrics(path)
+
+
+@pytest.mark.parametrize('replicas', [1, 2, 3, 4])
+def test_streaming_and_aggregated_metrics_equal_the_host_computation(
+    trained, replicas):
+  weights, expected = trained
+  strategy = (tf.distribute.OneDeviceStrategy(CPUS[0]) if replicas == 1 else
+              strategies.mirrored_strategy(CPUS[:replicas]))
+  trainer = ExtrasTrainer(config=config(), strategy=strategy)
+  trainer.model.set_weights(weights)
+  assert 0.6 < expected['auc'] < 1 and 0.1 < expected['f1'] < 1  # Learning.
+  for _ in range(2):  # State is reset between evaluations.
+    got = trainer.evaluate('test')
+    assert got['eval_examples'] == 360  # Each example exactly once.
+    assert got['median_loss'] == pytest.approx(expected['median_loss'],
+                                               rel=1e-5)
+    assert got['f1'] == pytest.approx(expected['f1'], rel=1e-5)
+    assert got['auc'] == pytest.approx(expected['auc'], abs=2e-3)

@@ -1,0 +1,65 @@
+"""Resume on another topology: a run checkpointed on one replica layout
+continues on another with the same example stream and ends within float
+summation tolerance of the uninterrupted run."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models.classifier import ClassifierTrainer
+from tests.trainer.trainer_test import make_config, strategy_for
+from trainer.errors import UserError
+from trainer.persistence import checkpointing
+from trainer.persistence import run_record
+
+
+def train(trainer, steps, position=0):
+  iterator = iter(trainer.distribute_dataset(
+      'train', batch_size=trainer.global_batch_size, skip_batches=position))
+  for _ in range(steps // 4):
+    trainer.train(iterator, 4)
+
+
+@pytest.mark.parametrize('pipeline', ['per_host', 'global'])
+@pytest.mark.parametrize('before, after', [(1, 4), (4, 1), (2, 3)])
+def test_a_resumed_run_on_another_layout_continues_the_stream(
+    tmp_path, pipeline, before, after):
+  config = make_config('adam', pipeline=pipeline, batch=48)
+  tf.keras.utils.set_random_seed(config.seed)
+  reference = ClassifierTrainer(config=config, strategy=strategy_for(1))
+  initial = reference.model.get_weights()
+  train(reference, 16)
+  first = ClassifierTrainer(config=config, strategy=strategy_for(before))
+  first.model.set_weights(initial)
+  train(first, 8)
+  checkpointing.Checkpointer(first, str(tmp_path), async_save=False).save()
+  resumed = ClassifierTrainer(config=config, strategy=strategy_for(after))
+  checkpointing.Checkpointer(resumed, str(tmp_path)).restore_latest()
+  assert int(resumed.data_position.numpy()) == 8
+  train(resumed, 8, position=8)
+  for a, b in zip(reference.model.get_weights(), resumed.model.get_weights()):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(initial[0], resumed.model.get_weights()[0])
+
+
+def write_layout(tmp_path, **layout):
+  (tmp_path / 'run.json').write_text(json.dumps({'layout': dict(
+      {'replicas': 4, 'workers': 1, 'pipeline': 'per_host'}, **layout)}))
+
+
+def test_a_layout_that_cannot_keep_the_stream_is_one_line(tmp_path):
+  write_layout(tmp_path)
+  new = {'replicas': 3, 'workers': 1, 'pipeline': 'per_host'}
+  with pytest.raises(UserError, match=r'on 3 replica\(s\) on 1 worker\(s\): '
+                     r'it ran on 4 replica\(s\) on 1 worker\(s\) with '
+                     r'train.global_batch_size=64, which does not divide by '
+                     '3 replicas'):
+    run_record.check_layout(str(tmp_path), new, 64)
+  run_record.check_layout(str(tmp_path), dict(new, replicas=8), 64)  # Fine.
+  write_layout(tmp_path, pipeline='global')
+  with pytest.raises(UserError, match='with data.pipeline=global, whose '
+                     'auto-shard deals examples to workers'):
+    run_record.check_layout(str(tmp_path), {'replicas': 4, 'workers': 2,
+                                            'pipeline': 'global'}, 64)

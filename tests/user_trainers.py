@@ -1,0 +1,245 @@
+"""Trainers as a user writes them, outside models/: the paths off the built-in
+step that must stay exact (tests/trainer/apply_paths_test.py and
+tests/multiworker_test.py run them; configs in tests/user_config.py).
+
+Data: token sequences of uneven length. Each example is SEQ_LEN tokens of
+FEATURES floats, of which the first `length` are real (1..SEQ_LEN) and the
+rest padding; the label of a real token is a fixed linear function of its
+features. Replicas therefore hold different numbers of real tokens.
+"""
+
+import os
+import signal
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from input import pipeline
+from models import classifier
+from trainer import actions as actions_lib
+from trainer import optimization
+from trainer.trainer import Trainer
+
+SPLITS = ('train', 'test')
+
+SEQ_LEN, FEATURES, CLASSES = 6, 8, 4
+NUM_EXAMPLES = 512
+
+
+def sequence_arrays(split: str, seed: int):
+  """(tokens float32 [N, T, F], labels int32 [N, T], mask float32 [N, T])."""
+  rng = np.random.RandomState(seed + (split != 'train'))
+  tokens = rng.normal(size=(NUM_EXAMPLES, SEQ_LEN, FEATURES)).astype(np.float32)
+  teacher = np.random.RandomState(seed).normal(size=(FEATURES, CLASSES))
+  labels = np.argmax(tokens @ teacher, axis=-1).astype(np.int32)
+  lengths = rng.randint(1, SEQ_LEN + 1, size=NUM_EXAMPLES)
+  mask = (np.arange(SEQ_LEN)[None, :] < lengths[:, None]).astype(np.float32)
+  return tokens * mask[..., None], labels, mask
+
+
+class SequenceTrainer(Trainer):
+  """Per-token classification with padding: a weighted per-example loss."""
+
+  metric_names = ('accuracy',)
+
+  def build_model(self):
+    return tf.keras.Sequential([
+        tf.keras.Input((SEQ_LEN, FEATURES)),
+        tf.keras.layers.Dense(16, activation='relu', name='hidden'),
+        tf.keras.layers.Dense(CLASSES, name='logits')], name='sequence_model')
+
+  def dataset(self, split, input_context, batch_size):
+    if split not in SPLITS:
+      raise ValueError(f'no split {split!r}; this data has {SPLITS}')
+    tokens, labels, mask = sequence_arrays(split, self.config.seed)
+    examples = tf.data.Dataset.from_tensor_slices(
+        {'tokens': tokens, 'labels': labels, 'mask': mask})
+    return pipeline.finish(examples, input_context=input_context,
+                           batch_size=batch_size, training=split == 'train',
+                           seed=self.config.seed, num_examples=NUM_EXAMPLES)
+
+  def forward(self, batch, training):
+    return self.model(batch['tokens'], training=training)
+
+  def compute_loss(self, batch, outputs):
+    # Each sequence's mean loss over its real tokens, weighted by their
+    # number: the global mean is the mean over all real tokens.
+    token_loss = tf.keras.losses.sparse_categorical_crossentropy(
+        batch['labels'], outputs, from_logits=True) * batch['mask']
+    tokens = tf.reduce_sum(batch['mask'], axis=-1)
+    return tf.reduce_sum(token_loss, axis=-1) / tokens, tokens
+
+  def compute_metrics(self, batch, outputs):
+    correct = tf.cast(tf.argmax(outputs, -1, output_type=tf.int32) ==
+                      batch['labels'], tf.float32) * batch['mask']
+    tokens = tf.reduce_sum(batch['mask'], axis=-1)
+    return {'accuracy': (tf.reduce_sum(correct, axis=-1) / tokens, tokens)}
+
+
+class TutorialTrainer(SequenceTrainer):
+  """The tutorial pattern: own tape, the loss scaled by the global batch,
+  then the optimizer's own apply_gradients (Keras sums across replicas)."""
+
+  def compute_loss(self, batch, outputs):  # Unweighted: per-token means.
+    loss, _ = super().compute_loss(batch, outputs)
+    return loss
+
+  def compute_metrics(self, batch, outputs):
+    accuracy, _ = super().compute_metrics(batch, outputs)['accuracy']
+    return {'accuracy': accuracy}
+
+  def train_step(self, batch):
+    with tf.GradientTape() as tape:
+      outputs = self.forward(batch, training=True)
+      per_example = self.compute_loss(batch, outputs)
+      loss = tf.nn.compute_average_loss(
+          per_example, global_batch_size=self.global_batch_size)
+    variables = self.model.trainable_variables
+    grads = tape.gradient(loss, variables)
+    self.optimizer.apply_gradients(zip(grads, variables))
+    return {'loss': per_example, **self.compute_metrics(batch, outputs)}
+
+
+class TwoOptimizerTrainer(SequenceTrainer):
+  """A GAN-like step: the hidden layer and the output layer are updated by
+  two optimizers from the factory, one through the Trainer's explicit
+  all-reduce, one through Keras' own apply_gradients."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    with self.strategy.scope():
+      self.second = optimization.build_optimizer(
+          self.config.optimizer, total_steps=self.config.train.steps)
+      self.second.build(self.model.get_layer('logits').trainable_variables)
+
+  def train_step(self, batch):
+    grads, loss, values = self.compute_gradients(batch)
+    hidden = self.model.get_layer('hidden').trainable_variables
+    logits = self.model.get_layer('logits').trainable_variables
+    self.apply_gradients(grads[:len(hidden)], hidden, loss=loss)
+    self.second.apply_gradients(zip(grads[len(hidden):], logits))
+    return values
+
+  def checkpoint_items(self, model_only=False):
+    items = super().checkpoint_items(model_only)
+    if not model_only:
+      items['second_optimizer'] = self.second
+    return items
+
+
+class SecondOptimizerApplyTrainer(TwoOptimizerTrainer):
+  """Both optimizers through self.apply_gradients (two explicit all-reduces)."""
+
+  def train_step(self, batch):
+    grads, loss, values = self.compute_gradients(batch)
+    hidden = self.model.get_layer('hidden').trainable_variables
+    logits = self.model.get_layer('logits').trainable_variables
+    self.apply_gradients(grads[:len(hidden)], hidden, loss=loss)
+    self.apply_gradients(grads[len(hidden):], logits, optimizer=self.second)
+    return values
+
+
+class SyncNormTrainer(SequenceTrainer):
+  """Synchronized batch norm between the layers (use with accumulation)."""
+
+  def build_model(self):
+    return tf.keras.Sequential([
+        tf.keras.Input((SEQ_LEN, FEATURES)),
+        tf.keras.layers.Dense(16, name='hidden'),
+        tf.keras.layers.BatchNormalization(synchronized=True, momentum=0.5,
+                                           name='norm'),
+        tf.keras.layers.ReLU(),
+        tf.keras.layers.Dense(CLASSES, name='logits')], name='norm_model')
+
+
+# -----------------------------------------------------------------------------
+# Mistakes a user makes, one per class: each must stop the run before it
+# writes anything, with one line naming the method
+# (tests/trainer/experiment/validation_test.py).
+
+
+class ScalarLoss(SequenceTrainer):
+
+  def compute_loss(self, batch, outputs):
+    loss, tokens = super().compute_loss(batch, outputs)
+    return tf.reduce_sum(loss * tokens) / tf.reduce_sum(tokens)
+
+
+class MisnamedMetric(SequenceTrainer):
+  metric_names = ('acc',)
+
+
+class DefaultForward(SequenceTrainer):
+  """Dict batches, but the default forward (batch[0])."""
+  forward = Trainer.forward
+
+
+class FiniteTrainSplit(SequenceTrainer):
+
+  def dataset(self, split, input_context, batch_size):
+    tokens, labels, mask = sequence_arrays(split, self.config.seed)
+    return tf.data.Dataset.from_tensor_slices(
+        {'tokens': tokens, 'labels': labels, 'mask': mask}).batch(
+            batch_size, drop_remainder=True)
+
+
+class EmptyEvalSplit(SequenceTrainer):
+
+  def dataset(self, split, input_context, batch_size):
+    dataset = super().dataset(split, input_context, batch_size)
+    return dataset if split == 'train' else dataset.take(0)
+
+
+class RaisesInComputeLoss(SequenceTrainer):
+
+  def compute_loss(self, batch, outputs):
+    return batch['labelz']  # A typo: KeyError while the step is traced.
+
+
+class RaisesInBuildModel(SequenceTrainer):
+
+  def build_model(self):
+    raise ValueError('width must be even, got 5')
+
+
+class EndsUnseen(SequenceTrainer):
+  """A train split that ends, of a length tf.data cannot count (a filter):
+  found only when it runs out."""
+
+  def dataset(self, split, input_context, batch_size):
+    tokens, labels, mask = sequence_arrays(split, self.config.seed)
+    return tf.data.Dataset.from_tensor_slices(
+        {'tokens': tokens, 'labels': labels, 'mask': mask}).filter(
+            lambda example: True).batch(batch_size, drop_remainder=True)
+
+
+class SlowEval(SequenceTrainer):
+  """An evaluation that takes seconds (a sleep per batch): a window for a
+  SIGTERM after training."""
+
+  def dataset(self, split, input_context, batch_size):
+    dataset = super().dataset(split, input_context, batch_size)
+    if split == 'train':
+      return dataset
+
+    def slow(batch):
+      tf.py_function(lambda: time.sleep(0.3), [], [])
+      return batch
+    return dataset.map(slow)
+
+
+class KilledAtStep(classifier.ClassifierTrainer):
+  """The digits classifier, sent SIGKILL by itself right after step
+  $DISTLOOP_TEST_KILL_AT (when set): a real kill -9 at a known step, for the
+  goodput's count of lost steps (tests/resume_test.py)."""
+
+  def actions(self):
+    at = os.environ.get('DISTLOOP_TEST_KILL_AT')
+    if not at:
+      return []
+
+    def kill(context):
+      if context.step == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [actions_lib.Action(kill, every_steps=int(at), name='kill')]

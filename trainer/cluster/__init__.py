@@ -1,0 +1,15 @@
+"""Distribution and the cluster: which devices and processes a run uses.
+
+  strategies   --strategy / --tpu / TF_CONFIG -> tf.distribute.Strategy; the
+               one-line errors of a cluster that does not form or loses a
+               worker
+  failures     a peer that did not join or died, as one line (exit 75)
+  tf_config    TF_CONFIG: validation, --worker_hosts, roles
+  tpu          the static-shape checks a TPU needs of an input pipeline
+  launch       `python -m trainer.cluster.launch`: N local worker processes
+"""
+
+# --strategy values (here, not in strategies.py, so that flags are checked
+# before TensorFlow is imported).
+STRATEGIES = ('default', 'one_device', 'mirrored', 'multi_worker_mirrored',
+              'tpu')

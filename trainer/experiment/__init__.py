@@ -1,0 +1,12 @@
+"""One experiment from the command line: flags, config, trainer, mode.
+
+  cli             flag parsing with one-line errors
+  registry        config.trainer -> a Trainer subclass (name or import path)
+  run             the experiment main.py runs: strategy, trainer, controller
+  continuous_eval --mode=continuous_eval: evaluate checkpoints as they come
+  check_replicas  `python -m trainer.experiment.check_replicas`: 1 vs N
+                  replicas on your own Trainer
+
+Nothing here is imported by the training loop; the dependencies point from
+here down to it.
+"""

@@ -1,0 +1,301 @@
+"""Command-line plumbing: the --config flag, its schema, one-line errors.
+
+Imports no TensorFlow. main.py parses flags and checks the whole config
+against the schema (trainer/schema.py) with this module before TensorFlow is
+imported, so a mistake there costs a fraction of a second.
+
+Config files: `--config=path/to/file.py[:VARIANT]`. The file's
+`get_config(variant)` returns a (partial) ConfigDict; the variant after ':'
+must be one of the file's module-level VARIANTS tuple (a file without one
+has no variants, and any ':VARIANT' is refused). The result is laid over the
+schema's defaults (`schema.merge`), then `--config.KEY=VALUE` overrides apply
+to any key, whether or not the file mentions it.
+"""
+
+import dataclasses
+import datetime
+import glob
+import importlib.util
+import os
+import re
+
+from absl import flags
+from absl import logging
+from ml_collections import config_dict
+from ml_collections.config_flags import config_flags
+
+from trainer import errors
+from trainer import schema
+from trainer.cluster import STRATEGIES
+from trainer.cluster import tf_config
+from trainer.errors import UserError
+
+MODES = ('train', 'eval', 'train_and_eval', 'continuous_eval', 'export')
+# Exit statuses a job manager must not retry: a bad command (UserError) and
+# a non-finite loss (controller.NonFiniteLoss).
+PERMANENT_CODES = (2, 3)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+
+def use_default_config(argv, default_path: str) -> None:
+  """Adds --config=default_path to argv (in place) when no --config is given.
+
+  ml_collections parses a default config file, with the --config.KEY
+  overrides, while the flag is being *defined*, outside any error handling.
+  Naming the file on the command line moves that parse into `parse_flags`.
+  """
+  if not any(re.match(r'^--?config(=|$)', a) for a in argv[1:]):
+    argv.insert(1, f'--config={default_path}')
+
+
+def define_config_flag(default_path: str, flag_values=flags.FLAGS):
+  """Defines --config: a config file laid over the schema's defaults."""
+  flag = config_flags._ConfigFlag(  # pylint: disable=protected-access
+      parser=_ConfigFileParser(name='config', lock_config=True),
+      serializer=flags.ArgumentSerializer(), name='config',
+      default=default_path, flag_values=flag_values,
+      help_string='Experiment config: FILE.py[:VARIANT]; override any key '
+      'with --config.KEY=VALUE (trainer/schema.py lists them).')
+  return flags.DEFINE_flag(flag, flag_values)
+
+
+class _ConfigFileParser(config_flags.ConfigFileFlagParser):
+
+  def parse(self, path):
+    config = load_config(path)
+    config.lock()
+    return config
+
+
+def load_config(spec: str) -> config_dict.ConfigDict:
+  """FILE.py[:VARIANT] -> its config laid over the schema's defaults.
+
+  Raises:
+    UserError: no such file, an unknown variant, get_config failing, or a
+      key of a framework section that the framework does not know.
+  """
+  path, _, variant = spec.partition(':')
+  if not os.path.isfile(path):
+    available = sorted(os.path.relpath(p) for p in
+                       glob.glob(os.path.join(REPO, 'configs', '*.py')))
+    raise UserError(f'flag --config={spec}: no such file {path!r}; '
+                    f'available: {", ".join(available)}')
+  module = load_module(path)
+  names = variants(module)
+  if variant and variant not in names:
+    valid = ('none: it declares no VARIANTS' if not names else
+             f'valid: {", ".join(names)}')
+    raise UserError(f'config variant {variant!r} is unknown in {path}; '
+                    f'{valid}')
+  if not callable(getattr(module, 'get_config', None)):
+    raise UserError(f'flag --config={spec}: {path} has no get_config() '
+                    'function returning the config')
+  try:
+    user = module.get_config(variant) if names else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'flag --config={spec}: get_config() raised '
+                    f'{type(e).__name__}: {errors.one_line(e)}') from e
+  if not isinstance(user, (config_dict.ConfigDict, dict)):
+    raise UserError(f'flag --config={spec}: get_config() returned '
+                    f'{type(user).__name__}, not a ConfigDict')
+  return schema.merge(user, source=path)
+
+
+def load_module(path: str):
+  """Executes a config file as a module of its own."""
+  spec = importlib.util.spec_from_file_location(
+      '_distloop_config_' + re.sub(r'\W', '_', path), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def variants(module) -> tuple[str, ...]:
+  """The variants a config module declares (module-level VARIANTS)."""
+  names = getattr(module, 'VARIANTS', ())
+  return tuple(names) if isinstance(names, (tuple, list)) else ()
+
+
+def exit_preempted(error, retryable_exit_code=None):
+  """Logs a Preempted error and exits with the retryable status."""
+  from trainer.persistence import preemption  # pylint: disable=import-outside-toplevel
+  code = retryable_exit_code or preemption.EXIT_CODE
+  logging.warning('%s (exit status %d)', error, code)
+  logging.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def parse_flags(argv):
+  """absl flag parsing (for app.run) with every mistake in one line.
+
+  Also loads --config now, so a missing file, unknown variant or unknown
+  override key is reported here rather than deep inside the run.
+  """
+  from trainer.persistence import preemption  # pylint: disable=import-outside-toplevel
+  try:
+    rest = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS:
+      flags.FLAGS.config  # pylint: disable=pointless-statement
+  except preemption.Preempted as e:
+    exit_preempted(e, _retryable_code(argv))
+  except UserError as e:
+    errors.fail(str(e))
+  except (flags.Error, IOError, ValueError, TypeError, KeyError,
+          AttributeError) as e:
+    errors.fail(_explain(argv, e))
+  if len(rest) > 1:
+    errors.fail(f'unexpected argument(s) {rest[1:]}; flags take the form '
+                '--name=value')
+  return rest
+
+
+def _config_spec(argv):
+  return next((a.split('=', 1)[1] for a in argv[1:]
+               if a.startswith('--config=')), None)
+
+
+def _explain(argv, error: Exception) -> str:
+  """A one-line message for a flag error, naming the flag and the fix."""
+  spec = _config_spec(argv)
+  if spec is None:
+    return errors.one_line(error)
+  if isinstance(error, (KeyError, AttributeError)):
+    try:
+      config = load_config(spec)
+    except Exception:  # pylint: disable=broad-except
+      return errors.one_line(error)
+    for arg in argv[1:]:
+      match = re.match(r'^--(?:no)?config\.([^=]+)', arg)
+      if match:
+        missing = _missing_key(config, match.group(1))
+        if missing:
+          return f'flag {arg}: {missing}'
+  return f'flag --config={spec}: {errors.one_line(error)}'
+
+
+def _missing_key(config, dotted: str):
+  """Why `dotted` is not a key of config, or None when it is."""
+  node, walked = config, []
+  for part in dotted.split('.'):
+    keys = list(node.keys()) if hasattr(node, 'keys') else []
+    if part not in keys:
+      where = f"under '{'.'.join(walked)}'" if walked else 'at the top level'
+      return (f'config has no key {dotted!r} (no {part!r} {where}); valid '
+              f'there: {", ".join(sorted(keys))}')
+    node, walked = node[part], walked + [part]
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRequest:
+  """What main.py was asked to do, every flag and the config checked."""
+  config: config_dict.ConfigDict
+  model_dir: str
+  mode: str
+  strategy: str
+  tpu: str
+  tpu_timeout: float
+  num_cpu_devices: int
+  cluster_timeout: float
+  deterministic: bool
+  profile_steps: tuple[int, int] | None
+  retryable_exit_code: int | None = None
+
+
+def run_request(flag_values) -> RunRequest:
+  """main.py's flags and config, checked without TensorFlow.
+
+  Raises:
+    UserError: the first bad flag or config value, in one line.
+  """
+  f = flag_values
+  if f.mode not in MODES:
+    raise UserError(f'flag --mode={f.mode!r} is unknown; valid: '
+                    f'{", ".join(MODES)}')
+  if f.strategy not in STRATEGIES:
+    raise UserError(f'flag --strategy={f.strategy!r} is unknown; valid: '
+                    f'{", ".join(STRATEGIES)}')
+  if f.tpu and f.strategy != 'tpu':
+    raise UserError(f'flag --tpu={f.tpu!r} needs --strategy=tpu (got '
+                    f'--strategy={f.strategy}); drop --tpu or pass '
+                    '--strategy=tpu')
+  if f.strategy == 'tpu' and not f.tpu:
+    raise UserError('flag --strategy=tpu needs --tpu=NAME, '
+                    '--tpu=grpc://HOST:PORT or --tpu=local (on a TPU VM)')
+  for name in ('tpu_timeout', 'cluster_timeout'):
+    if not f[name].value > 0:
+      raise UserError(f'flag --{name}={f[name].value:g} must be > 0 '
+                      '(seconds)')
+  if f.num_cpu_devices < 1:
+    raise UserError(f'flag --num_cpu_devices={f.num_cpu_devices} must be '
+                    '>= 1')
+  profile_steps = parse_profile_steps(f.profile_steps)
+  code = f.retryable_exit_code
+  if code is not None and (not 1 <= code <= 255 or code in PERMANENT_CODES):
+    raise UserError(f'flag --retryable_exit_code={code} must be in 1..255 '
+                    f'and not {" or ".join(map(str, PERMANENT_CODES))} (a '
+                    'bad command, a non-finite loss: never retried); e.g. '
+                    '143 for a TFJob that retries 128-255')
+  tf_config.set_from_flags(f.worker_hosts, f.task_index, strategy=f.strategy)
+  mode, strategy = f.mode, f.strategy
+  if strategy == 'multi_worker_mirrored':
+    # Validated now: TensorFlow would wait forever.
+    if tf_config.role(tf_config.from_environ()) == 'evaluator':
+      # The evaluator task (outside the cluster, as TFJob puts it) runs the
+      # same command: it evaluates each checkpoint of --model_dir, alone.
+      mode, strategy = 'continuous_eval', 'default'
+      logging.info('TF_CONFIG names this process the evaluator task: it '
+                   'evaluates each checkpoint of --model_dir as it appears '
+                   '(--mode=continuous_eval) and exits when training ends')
+      os.environ.pop('TF_CONFIG', None)
+      os.environ.pop('CLUSTER_SPEC', None)
+  config = f.config
+  schema.validate(config)
+  return RunRequest(
+      config=config, mode=mode, strategy=strategy, tpu=f.tpu,
+      model_dir=f.model_dir or default_model_dir(
+          config_flags.get_config_filename(f['config'])),
+      tpu_timeout=f.tpu_timeout, num_cpu_devices=f.num_cpu_devices,
+      cluster_timeout=f.cluster_timeout, deterministic=f.deterministic,
+      profile_steps=profile_steps, retryable_exit_code=code)
+
+
+def default_model_dir(config_path: str) -> str:
+  """runs/<config name>-<variant>-<timestamp>, relative to the working dir."""
+  name = os.path.basename(config_path).replace('.py', '').replace(':', '-')
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  return os.path.join('runs', f'{name}-{stamp}')
+
+
+def parse_profile_steps(value: str) -> tuple[int, int] | None:
+  """'10,15' -> (10, 15); '' -> None.
+
+  Raises:
+    UserError: naming --profile_steps, when the value is not two integers
+      1 <= START <= END.
+  """
+  if not value:
+    return None
+  parts = value.split(',')
+  try:
+    start, end = (int(p) for p in parts)
+  except ValueError:
+    start = end = None
+  if start is None or not 1 <= start <= end:
+    raise UserError(f'flag --profile_steps={value!r} must be START,END with '
+                    '1 <= START <= END (the first and last step to trace, '
+                    'e.g. --profile_steps=10,15)')
+  return start, end
+
+
+def _retryable_code(argv):
+  """--retryable_exit_code from raw argv (flags may not be parsed yet)."""
+  for arg in argv:
+    if arg.startswith('--retryable_exit_code='):
+      try:
+        return int(arg.split('=', 1)[1])
+      except ValueError:
+        return None
+  return None

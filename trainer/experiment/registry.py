@@ -1,0 +1,76 @@
+"""config.trainer -> the Trainer subclass: a registered name or an import path.
+
+  config.trainer = 'classifier'                         # @register('classifier')
+  config.trainer = 'my_package.my_module:MyTrainer'     # any importable module
+
+An import path needs no registration and no edit of this repository: the
+module is imported from the working directory or PYTHONPATH (main.py puts
+the working directory first on sys.path).
+"""
+
+import importlib
+import sys
+
+from trainer.errors import UserError
+
+_TRAINERS = {}
+
+
+def register(name: str):
+  """Class decorator: `@register('classifier') class ClassifierTrainer(...)`."""
+  def wrap(cls):
+    if name in _TRAINERS and _TRAINERS[name] is not cls:
+      raise ValueError(f'trainer name {name!r} is registered twice: '
+                       f'{_TRAINERS[name].__name__} and {cls.__name__}')
+    _TRAINERS[name] = cls
+    return cls
+  return wrap
+
+
+def get(name: str):
+  """Returns the Trainer subclass named by `name` (see the module docstring).
+
+  Raises:
+    UserError: an unknown name, a module that does not import, a missing
+      class, or a class that is not a Trainer.
+  """
+  if not isinstance(name, str) or not name:
+    raise UserError(f'config key trainer={name!r} must name a trainer: a '
+                    'registered name or "module.path:ClassName"')
+  if ':' in name:
+    return _from_path(name)
+  if name not in _TRAINERS:
+    raise UserError(f'config key trainer={name!r} names no registered trainer; '
+                    f'valid: {", ".join(sorted(_TRAINERS))}, or an import path '
+                    '"my_module:MyTrainer"')
+  return _TRAINERS[name]
+
+
+def _from_path(name: str):
+  from trainer.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  module_name, _, class_name = name.partition(':')
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name and module_name.startswith(e.name):
+      raise UserError(
+          f'config key trainer={name!r}: no module {e.name!r} on the path '
+          f'(working directory {sys.path[0] or "."} and PYTHONPATH); check '
+          'the spelling, or add its directory to PYTHONPATH') from e
+    raise  # A module of the user's imports something missing: a traceback.
+  cls = getattr(module, class_name, None)
+  if cls is None:
+    found = sorted(k for k, v in vars(module).items()
+                   if isinstance(v, type) and issubclass(v, Trainer) and
+                   v is not Trainer)
+    raise UserError(f'config key trainer={name!r}: module {module_name!r} has '
+                    f'no {class_name!r}; Trainer subclasses there: '
+                    f'{", ".join(found) or "none"}')
+  if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+    raise UserError(f'config key trainer={name!r}: {class_name} is not a '
+                    'subclass of trainer.trainer.Trainer')
+  return cls
+
+
+def names():
+  return sorted(_TRAINERS)

@@ -1,0 +1,153 @@
+"""Validate before writing: a Trainer's mistakes surface before model_dir.
+
+After the Trainer is built and before anything lands in model_dir, every
+split the mode reads is built and one batch taken from it, and the train and
+eval loops are traced (tracing changes no weight; the traced graphs are the
+ones the run then uses, so this costs no second trace). Shape, dtype, key and
+contract errors in build_model, dataset, forward, compute_loss and
+compute_metrics therefore stop the run in seconds, with one line naming the
+method and the fix (exit 2), instead of a traceback after training with
+checkpoints and event files already written.
+"""
+
+import types
+
+import tensorflow as tf
+
+from trainer import errors
+from trainer import loops
+from trainer.errors import UserError
+from trainer.trainer import Trainer
+
+# The methods a Trainer subclass writes, in the order a run calls them.
+USER_METHODS = ('__init__', 'build_model', 'dataset', 'forward',
+                'compute_loss', 'compute_metrics', 'train_step', 'eval_step',
+                'serve', 'serving_input_signature', 'checkpoint_items')
+
+
+def built(trainer_cls, config, strategy):
+  """trainer_cls(config=config, strategy=strategy), an error raised in one
+  of its own methods (build_model...) becoming one line naming it."""
+  try:
+    return trainer_cls(config=config, strategy=strategy)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    method = _user_method(e, trainer_cls)
+    if method is None:
+      raise
+    raise UserError(f'{trainer_cls.__name__}.{method} raised '
+                    f'{type(e).__name__}: {errors.one_line(e)}') from e
+
+
+def check(trainer, *, train: bool, eval_split: str | None,
+          data_position: int = 0) -> None:
+  """Builds the splits `trainer` will read, traces its loops.
+
+  Args:
+    trainer: a built Trainer.
+    train: whether the run trains (the 'train' split and the train loop).
+    eval_split: the split it evaluates, or None.
+    data_position: global batches the training stream resumes after.
+  Raises:
+    UserError: one line naming the method or key and the fix.
+  """
+  name = type(trainer).__name__
+  if train:
+    _check_split(trainer, 'train', training=True)
+  if eval_split:
+    _check_split(trainer, eval_split, training=False)
+  loops.build_streaming(trainer)  # Before any trace: it makes variables.
+  if train:
+    iterator = iter(trainer.distribute_dataset(
+        'train', batch_size=trainer.global_batch_size,
+        skip_batches=data_position))
+    _trace(trainer, f'{name} train step', lambda: loops.trace_train(
+        trainer, iterator))
+  if eval_split:
+    dataset = trainer.distribute_dataset(
+        eval_split, batch_size=trainer.eval_global_batch_size)
+    _trace(trainer, f'{name} eval step',
+           lambda: loops.trace_eval(trainer, dataset))
+
+
+def _check_split(trainer, split: str, *, training: bool) -> None:
+  """One batch of `split`, from one input pipeline."""
+  name = type(trainer).__name__
+  where = f'{name}.dataset({split!r})'
+  batch_size = (trainer.global_batch_size if training else
+                trainer.eval_global_batch_size) // trainer.num_replicas
+  try:
+    dataset = trainer.dataset(split, tf.distribute.InputContext(), batch_size)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    key = ('' if training else
+           f' (config key eval.split={split!r}: is it a split your dataset '
+           'has?)')
+    raise UserError(f'{where} raised {type(e).__name__}: '
+                    f'{errors.one_line(e)}{key}') from e
+  if not isinstance(dataset, tf.data.Dataset):
+    raise UserError(f'{where} returned {type(dataset).__name__}, not a '
+                    'tf.data.Dataset')
+  cardinality = int(dataset.cardinality())
+  if cardinality == 0:
+    raise UserError(f'{where} is empty: it yields no batch; check the data '
+                    f'keys of the config and the files behind {split!r}')
+  if training and cardinality > 0:
+    raise UserError(
+        f"{where} ends after {cardinality} batches, but training reads the "
+        'stream for train.steps steps: add .repeat() before .batch() (with '
+        'drop_remainder=True), as input/pipeline.py finish() does')
+  try:
+    batch = next(iter(dataset))
+  except StopIteration:
+    raise UserError(f'{where} is empty: it yields no batch; check the data '
+                    f'keys of the config and the files behind {split!r}'
+                    ) from None
+  if (isinstance(batch, dict) and
+      type(trainer).forward is Trainer.forward):
+    raise UserError(
+        f'{where} yields dict batches (keys {", ".join(sorted(batch))}) but '
+        f'{name} keeps the default forward, which reads (inputs, labels) '
+        'tuples: override forward(self, batch, training) to call '
+        "self.model on the inputs, e.g. self.model(batch['features'], "
+        'training=training)')
+
+
+def _trace(trainer, what: str, fn) -> None:
+  try:
+    fn()
+  except UserError as e:
+    # A contract error raised while tracing: AutoGraph wraps its message in
+    # "in user code: ..." frames; its own line is the last.
+    raise UserError(errors.one_line(e)) from e
+  except Exception as e:  # pylint: disable=broad-except
+    method = _user_method(e, type(trainer))
+    if method is None:
+      raise  # Not from the Trainer's own methods: a bug, with its traceback.
+    raise UserError(
+        f'{type(trainer).__name__}.{method} raised {type(e).__name__} while '
+        f'the {what.split(" ", 1)[1]} was traced: {errors.one_line(e)}'
+        ) from e
+
+
+def _user_method(error, cls) -> str | None:
+  """The innermost user-written Trainer method in the error's traceback
+  (under AutoGraph a method `m` runs as a generated `tf__m`)."""
+  owned = {}
+  for klass in cls.__mro__:
+    if klass is Trainer or klass is object:
+      continue
+    for method in USER_METHODS:
+      function = vars(klass).get(method)
+      if isinstance(function, types.FunctionType):
+        owned[function.__code__.co_name] = method
+  found, tb = None, error.__traceback__
+  while tb is not None:
+    name = tb.tb_frame.f_code.co_name
+    name = name[len('tf__'):] if name.startswith('tf__') else name
+    if name in owned:
+      found = owned[name]
+    tb = tb.tb_next
+  return found

@@ -1,0 +1,94 @@
+"""What compute_loss, compute_metrics and a train/eval step must return.
+
+Per-example values, shape [B] with B the leading dimension of the batch
+(of its first tensor), or a pair (values [B], weights [B]) for weighted
+values: a language model returns each sequence's mean token loss with its
+token count as weight, so that padding counts for nothing and the mean over
+the global batch is the mean over its real tokens.
+
+A value of any other shape is an error at trace time naming the method, the
+shape returned and the shape expected: a loss of shape [2B] (flattened
+per-token losses) would double the gradient, a metric of shape [B, B] (a
+broadcasting slip) would report nonsense, and neither raises anything in
+TensorFlow by itself.
+"""
+
+import tensorflow as tf
+
+from trainer.errors import UserError
+
+
+class ContractError(UserError):
+  """A Trainer method returned something the contract does not allow."""
+
+
+def batch_size(batch):
+  """The leading dimension of the batch's first tensor: static int, or a
+  scalar tensor when it is not known while tracing (eval batches)."""
+  first = tf.nest.flatten(batch)[0]
+  static = first.shape[0] if first.shape.rank else None
+  return static if static is not None else tf.shape(first)[0]
+
+
+def per_example(value, *, where: str, size, dtype=tf.float32):
+  """Checks one per-example value; returns (values, weights or None).
+
+  Args:
+    value: a tensor [B], or a (values [B], weights [B]) pair.
+    where: how to name it in an error, e.g. "MyTrainer.compute_loss".
+    size: B (static int, or a scalar tensor: then checked when it runs).
+    dtype: the dtype both are cast to.
+  Raises:
+    ContractError: a rank other than 1, or a static length other than B.
+  """
+  weights = None
+  if isinstance(value, (tuple, list)):
+    if len(value) != 2:
+      raise ContractError(
+          f'{where} returned a {type(value).__name__} of {len(value)} items; '
+          'return per-example values [B] or a pair (values [B], weights [B])')
+    value, weights = value
+  value = _checked(value, where=where, size=size, dtype=dtype)
+  if weights is not None:
+    weights = _checked(weights, where=f'{where} (weights)', size=size,
+                       dtype=dtype)
+  return value, weights
+
+
+def _checked(tensor, *, where, size, dtype):
+  tensor = tf.convert_to_tensor(tensor)
+  shape = tensor.shape
+  expected = f'[{size}]' if isinstance(size, int) else '[B] (the batch size)'
+  if shape.rank != 1 or (isinstance(size, int) and shape[0] is not None and
+                         shape[0] != size):
+    raise ContractError(
+        f'{where} returned shape {shape.as_list() if shape.rank is not None else "unknown"}'
+        f', expected {expected}: one value per example of the batch (a '
+        'scalar or a mean is the wrong reduction: the Trainer reduces over '
+        'the global batch itself; flattened per-token values belong in a '
+        'per-example mean with its token count as weight)')
+  if not isinstance(size, int) or shape[0] is None:
+    # Known only when it runs (eval batches have a free batch dimension).
+    with tf.control_dependencies([tf.debugging.assert_equal(
+        tf.shape(tensor)[0], tf.cast(size, tf.int32), message=(
+            f'{where} must return one value per example of the batch'))]):
+      tensor = tf.identity(tensor)
+  return tf.cast(tensor, dtype)
+
+
+def step_outputs(values, *, where: str, names, size):
+  """Checks a step's {'loss': ..., metric: ...}; returns {name: (v, w)}.
+
+  Raises:
+    ContractError: keys other than 'loss' and `names`, or a bad shape.
+  """
+  expected = {'loss', *names}
+  if not isinstance(values, dict) or set(values) != expected:
+    got = sorted(values) if isinstance(values, dict) else type(values).__name__
+    raise ContractError(
+        f'{where} returned keys {got} but the Trainer declares '
+        f'metric_names={tuple(names)} (plus \'loss\'); make compute_metrics '
+        'return exactly metric_names')
+  return {name: per_example(values[name], where=f'{where} [{name!r}]',
+                            size=size)
+          for name in ('loss', *names)}

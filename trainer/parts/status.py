@@ -1,0 +1,51 @@
+"""The status of a train step, agreed by every replica and worker.
+
+The status is decided from values that went through the step's all-reduce
+(the global loss, the global gradient norm, the host's stop request), so
+every replica of every worker computes the same one and the inner loop ends
+after the same step everywhere. Anything but OK (or OVERFLOW) ends the loop.
+"""
+
+import tensorflow as tf
+
+OK = 0
+# The host asked to stop (a SIGTERM): the step was applied, the loop ends.
+STOP_REQUESTED = 1
+# The loss or gradient norm was NaN/Inf: the update was skipped everywhere.
+NONFINITE = 2
+# mixed_float16: the scaled gradients overflowed float16. The update is
+# skipped, the loss scale halves and the loop goes on (not an error).
+OVERFLOW = 3
+
+
+def continues(status):
+  """Whether the inner loop may run another step after `status`."""
+  return (status == OK) | (status == OVERFLOW)
+
+
+def applied(status):
+  """Whether the step that returned `status` changed the weights."""
+  return (status == OK) | (status == STOP_REQUESTED)
+
+
+def agreed(*, finite, stop, loss_finite=None):
+  """The status from all-reduced values (the same on every replica).
+
+  Args:
+    finite: whether the global loss and gradient norm are finite.
+    stop: the all-reduced stop request (> 0: stop after this step).
+    loss_finite: under loss scaling, whether the loss alone is finite:
+      non-finite gradients with a finite loss are an OVERFLOW of the scale.
+  """
+  bad = NONFINITE
+  if loss_finite is not None:
+    bad = tf.where(loss_finite, OVERFLOW, NONFINITE)
+  return tf.where(finite, tf.where(stop > 0, STOP_REQUESTED, OK), bad)
+
+
+def local(loss, stop_requested):
+  """The status from this replica's own view, for a step that did not go
+  through Trainer.apply_gradients (exact on a single replica)."""
+  finite = tf.reduce_all(tf.math.is_finite(loss))
+  return tf.where(finite, tf.where(stop_requested > 0, STOP_REQUESTED, OK),
+                  NONFINITE)

@@ -1,0 +1,132 @@
+"""The run record: what must not change when a run is resumed (run.json),
+and atomic writes of the small files beside the checkpoints."""
+
+import json
+import os
+
+from trainer.errors import UserError
+
+RECORD = 'run.json'
+
+
+def build(config, trainer) -> dict:
+  """The settings a checkpoint's meaning depends on."""
+  return {
+      'trainer': config.trainer,
+      'seed': config.seed,
+      'train.global_batch_size': config.train.global_batch_size,
+      'optimizer.name': config.optimizer.name,
+      'data': config.data.to_dict(),
+      'model weights': {v.path: list(v.shape) for v in trainer.model.weights},
+      # A checkpoint without the average cannot seed one (it would start
+      # from the initial weights), and the reverse would drop it.
+      'train.ema': trainer.ema is not None,
+  }
+
+
+def check_or_write(model_dir: str, record: dict, *,
+                   write: bool = True) -> None:
+  """Refuses to resume a run whose record differs; writes it for a new run.
+
+  Changing the model, global batch, data, seed, optimizer or trainer would
+  mix two different runs in one model_dir (the data position, for one, counts
+  global batches). Everything else (train.steps, learning rate, cadences) may
+  change between restarts.
+
+  Raises:
+    UserError: naming the first setting that changed, old and new values.
+  """
+  path = os.path.join(model_dir, RECORD)
+  record = dict(record)
+  layout = record.pop('layout', None)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    for key in record:
+      if key not in old or _jsonable(record[key]) == old[key]:
+        continue
+      if isinstance(old[key], dict) and isinstance(record[key], dict):
+        keys = sorted(set(old[key]) | set(record[key]))
+        sub = next(k for k in keys
+                   if _jsonable(record[key].get(k)) != old[key].get(k))
+        what = f'{key} {sub!r}: {old[key].get(sub)!r} -> {record[key].get(sub)!r}'
+        if key == 'model weights':
+          what += ' (a model.* config key changed)'
+      else:
+        what = f'{key}: {old[key]!r} -> {record[key]!r}'
+      raise UserError(
+          f'cannot resume --model_dir={model_dir}: {what} since the run '
+          f'started ({RECORD}); restore the old value or use a new --model_dir')
+    if write and layout and old.get('layout') != layout:
+      write_json_atomically(path, dict(old, layout=layout))
+    return
+  if write:
+    write_json_atomically(path, dict(record, layout=layout) if layout else
+                          record)
+
+
+def write_json_atomically(path: str, value) -> None:
+  """Writes JSON to `path` so a reader never sees a partial file."""
+  write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True))
+
+
+def write_text_atomically(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temporary file and a rename."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _jsonable(value):
+  return json.loads(json.dumps(value))
+
+
+def layout(strategy, config) -> dict:
+  """How a run is distributed: replicas, workers (input pipelines), pipeline."""
+  resolver = strategy.cluster_resolver
+  workers = 1
+  if resolver is not None:
+    jobs = resolver.cluster_spec().as_dict()
+    workers = max(1, len(jobs.get('worker', [])) + len(jobs.get('chief', [])))
+  return {'replicas': strategy.num_replicas_in_sync, 'workers': workers,
+          'pipeline': config.data.pipeline}
+
+
+def check_layout(model_dir: str, new: dict, global_batch_size: int) -> None:
+  """Refuses to resume where the example stream cannot continue.
+
+  With data.pipeline='per_host' (the default) the global order of the
+  examples does not depend on how many hosts read them (input/pipeline.py),
+  so a run may resume on any other replica and worker layout whose replica
+  count divides the global batch. With 'global', the strategy's auto-shard
+  deals elements to workers, so the worker count must stay.
+
+  Raises:
+    UserError: naming the layout the run had and the one asked for.
+  """
+  path = os.path.join(model_dir, RECORD)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f).get('layout')
+  if not old or old == new:
+    return
+  def describe(layout):
+    return (f'{layout["replicas"]} replica(s) on {layout["workers"]} '
+            f'worker(s)')
+  if global_batch_size % new['replicas']:
+    raise UserError(
+        f'cannot resume --model_dir={model_dir} on {describe(new)}: it ran on '
+        f'{describe(old)} with train.global_batch_size={global_batch_size}, '
+        f'which does not divide by {new["replicas"]} replicas; resume on a '
+        'layout whose replica count divides it (the global batch must stay)')
+  if new['pipeline'] == 'global' and old['workers'] != new['workers']:
+    raise UserError(
+        f'cannot resume --model_dir={model_dir} on {describe(new)}: it ran on '
+        f'{describe(old)} with data.pipeline=global, whose auto-shard deals '
+        'examples to workers, so the stream would change; keep '
+        f'{old["workers"]} worker(s), or start runs with data.pipeline='
+        'per_host, which keeps the stream on any layout')

@@ -1,0 +1,272 @@
+"""The replica step: one screen, in the order it runs.
+
+For one replica's batch, inside `strategy.run` (replica context, traced):
+
+  compute_gradients(trainer, batch)
+    1. per-example loss   compute_loss(batch, forward(batch)) -> [B]
+    2. global scaling     sum over this replica / the global batch size
+    3. gradients          tape.gradient (of the scaled loss under
+                          mixed_float16, divided by the scale right after)
+  apply_gradients(trainer, grads, variables)
+    4. all-reduce         ONE explicit all_reduce(SUM) of the gradients and
+                          the step's scalars (loss, stop request)
+    5. clip               by the global norm of the all-reduced gradient
+    6. apply              the optimizer update, skipped on every replica
+                          when the loss or gradient norm is not finite
+
+Why each line is there:
+  2. The SUM of per-replica sums divided by the global batch is the mean
+     over the global batch, whatever the replica count; a per-replica mean
+     would weigh replicas, not examples (tensorflow#28956). Weighted losses
+     (values, weights) are normalised by the global weight sum instead,
+     all-reduced before the gradients leave compute_gradients, so the
+     gradients it returns are right for any way of applying them.
+  3. Gradients come back unscaled, so a train_step override may hand them to
+     any optimizer.
+  4. Keras' optimizer would all-reduce again by itself in a replica context
+     (DESIGN.md fact 1); `optimization.apply_reduced` tells it these are
+     already summed. The stop request and the loss ride in the same
+     collective, so every replica and worker sees the same values and takes
+     the same decision (trainer/parts/status.py) at no extra launch.
+  5. Clipping after the all-reduce makes it the same on 1 or N replicas.
+
+The features hook in at named seams: `trainer.grad_accum_steps`
+(parts/accumulation.py), `trainer.loss_scaling` (parts/loss_scale.py),
+`trainer.clip_norm`, the status (parts/status.py); the per-example contract
+is parts/contracts.py.
+"""
+
+import contextlib
+import threading
+
+import tensorflow as tf
+
+from trainer import optimization
+from trainer.parts import accumulation
+from trainer.parts import contracts
+from trainer.parts import precision
+from trainer.parts import status as status_lib
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+def compute_gradients(trainer, batch):
+  """(gradients, scaled loss, per-example values) of this replica's batch.
+
+  The gradients are this replica's share of the gradient of the global-batch
+  mean loss: summed over replicas they are the whole gradient. Under
+  `train.grad_accum_steps=k` the batch runs as k micro-batches.
+
+  Returns:
+    (grads, loss, {'loss': per-example loss, metric: per-example values}),
+    each value a tensor [B] or a (values, weights) pair.
+  """
+  summed, values = accumulation.accumulate(
+      trainer.one_batch_gradients, batch, trainer.grad_accum_steps)
+  grads, loss = summed['grads'], summed['loss']
+  if 'weight' in summed:
+    # 2'. Weighted: sum(loss * weight) over the global weight sum, which is
+    # only known once every replica's micro-batches are through.
+    total = tf.distribute.get_replica_context().all_reduce(
+        SUM, summed['weight'])
+    factor = tf.math.divide_no_nan(
+        tf.cast(trainer.global_batch_size, total.dtype), total)
+    grads = [g * factor for g in grads]
+    loss = loss * factor
+    if 'regularization_grads' in summed:
+      grads = [g + r for g, r in zip(grads, summed['regularization_grads'])]
+      loss += summed['regularization']
+  return grads, loss, values
+
+
+def one_batch_gradients(trainer, batch):
+  """Steps 1-3 for one (micro-)batch: ({'grads', 'loss', ...}, values)."""
+  variables = trainer.model.trainable_variables
+  scaling = trainer.loss_scaling
+  size = contracts.batch_size(batch)
+  where = f'{type(trainer).__name__}.compute_loss'
+  regularized = bool(trainer.model.losses)
+  with tf.GradientTape(persistent=regularized) as tape:
+    outputs = precision.float32(trainer.forward(batch, training=True))
+    loss, weight = contracts.per_example(trainer.compute_loss(batch, outputs),
+                                         where=where, size=size)
+    scaled = tf.nn.compute_average_loss(
+        loss, sample_weight=weight, global_batch_size=trainer.global_batch_size)
+    regularization = None
+    if regularized:
+      # Counted once per step: 1/N on each of N replicas, 1/k in each of k
+      # micro-batches.
+      regularization = tf.nn.scale_regularization_loss(
+          tf.add_n(trainer.model.losses)) / trainer.grad_accum_steps
+      if weight is None:
+        scaled += regularization
+    objective = scaled if scaling is None else scaling.scale_loss(scaled)
+  summed = {'grads': _gradients(tape, objective, variables, scaling),
+            'loss': scaled}
+  if weight is not None:
+    summed['weight'] = tf.reduce_sum(weight)
+    if regularized:
+      # Not normalised by the weight sum: its own gradients.
+      target = (regularization if scaling is None else
+                scaling.scale_loss(regularization))
+      summed['regularization_grads'] = _gradients(tape, target, variables,
+                                                  scaling)
+      summed['regularization'] = regularization
+  del tape
+  values = {'loss': loss if weight is None else (loss, weight)}
+  where = f'{type(trainer).__name__}.compute_metrics'
+  for name, value in trainer.compute_metrics(batch, outputs).items():
+    value, weight = contracts.per_example(value, where=f'{where} [{name!r}]',
+                                          size=size)
+    values[name] = value if weight is None else (value, weight)
+  if trainer.streaming['train']:
+    trainer.update_streaming_metrics(trainer.streaming['train'], batch,
+                                     outputs)
+  return summed, values
+
+
+def _gradients(tape, target, variables, scaling):
+  grads = tape.gradient(target, variables)
+  grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+           for g, v in zip(grads, variables)]
+  return grads if scaling is None else scaling.unscale(grads)
+
+
+def apply_gradients(trainer, grads, variables, *, loss=None, optimizer=None):
+  """Steps 4-6: all-reduce, clip, apply (replica context).
+
+  Args:
+    trainer: the Trainer (its stop request, clip norm, loss scaling).
+    grads: this replica's gradients (from compute_gradients, or any whose
+      sum over replicas is the step's gradient).
+    variables: the variables they belong to.
+    loss: this replica's scaled loss, checked for finiteness with the
+      gradients (optional).
+    optimizer: default `trainer.optimizer`; any Keras optimizer built under
+      the strategy's scope (before the first trace).
+  Returns:
+    The step status, the same on every replica (parts/status.py).
+  """
+  optimizer = optimizer or trainer.optimizer
+  if not optimizer.built:
+    raise contracts.ContractError(
+        f'{type(trainer).__name__}: apply_gradients got an optimizer that is '
+        'not built; build it in __init__ under self.strategy.scope() with '
+        'optimizer.build(variables) (optimizer variables cannot be created '
+        'inside the traced step under a strategy)')
+  # tf.identity places the reads on this replica's device; a bare variable
+  # read has none, and the all-reduce then has no destination.
+  extras = [tf.identity(trainer.stop_requested),
+            tf.zeros([]) if loss is None else tf.identity(loss)]
+  reduced = tf.distribute.get_replica_context().all_reduce(
+      SUM, list(grads) + extras)
+  grads, (stop, total_loss) = reduced[:-2], reduced[-2:]
+  grad_norm = tf.linalg.global_norm(grads)
+  finite = tf.math.is_finite(grad_norm) & tf.math.is_finite(total_loss)
+  if trainer.clip_norm > 0:
+    grads, _ = tf.clip_by_global_norm(grads, trainer.clip_norm,
+                                      use_norm=grad_norm)
+  _apply_if(finite, optimizer, grads, variables)
+  loss_finite = (tf.math.is_finite(total_loss)
+                 if trainer.loss_scaling is not None else None)
+  status = status_lib.agreed(finite=finite, stop=stop, loss_finite=loss_finite)
+  _records.current.add(status, grad_norm)
+  return status
+
+
+class StepRecord:
+  """What the apply_gradients calls of one traced step decided: the status
+  and the global gradient norm, combined over several calls (a step with
+  two optimizers: the worst status, the norm over all gradients).
+
+  One per replica and step, kept per thread: MirroredStrategy traces each
+  replica in a thread of its own, and the threads take turns at every
+  all-reduce.
+  """
+
+  def __init__(self):
+    self.status = None
+    self.grad_norm = None
+
+  def add(self, status, grad_norm):
+    if self.status is None:
+      self.status, self.grad_norm = status, grad_norm
+      return
+    # Ordered by severity: NONFINITE > OVERFLOW > STOP_REQUESTED > OK.
+    rank = tf.constant([0, 1, 3, 2])
+    worse = tf.gather(rank, status) > tf.gather(rank, self.status)
+    self.status = tf.where(worse, status, self.status)
+    self.grad_norm = tf.sqrt(tf.square(self.grad_norm) + tf.square(grad_norm))
+
+
+class _Records(threading.local):
+  current = StepRecord()
+
+
+_records = _Records()
+
+
+@contextlib.contextmanager
+def recording():
+  """Within it (in one replica's step), apply_gradients calls record what
+  they decided; yields the StepRecord."""
+  previous, _records.current = _records.current, StepRecord()
+  try:
+    yield _records.current
+  finally:
+    _records.current = previous
+
+
+def _apply_if(finite, optimizer, grads, variables):
+  """optimizer update only when `finite` (replica context).
+
+  A cond whose branch calls merge_call (as apply_gradients does under
+  MirroredStrategy) is not allowed in a replica context, so there the cond
+  runs in cross-replica context, as Keras' LossScaleOptimizer does.
+  """
+  def apply():
+    optimization.apply_reduced(optimizer, zip(grads, variables))
+
+  if tf.__internal__.distribute.strategy_supports_no_merge_call():
+    # Here the cond and everything it touches sit on this replica's one
+    # device, so it can stay one functional If op. By default TensorFlow
+    # lowers it to Switch/Merge nodes around every op of the update, which
+    # made the seed MLP's step ~10-20% slower than the same step without
+    # the guard; kept as an If op, the guard costs ~nothing measurable
+    # (bench/throughput.py). (Across devices, as under MirroredStrategy
+    # below, an unlowered If cannot be placed, so that path is lowered.)
+    with _unlowered_conds():
+      tf.cond(finite, apply, lambda: None)
+    return
+
+  def cross_replica(distribution, finite, grads):
+    def apply_everywhere():
+      distribution.extended.call_for_each_replica(
+          lambda g: optimization.apply_reduced(optimizer, zip(g, variables)),
+          args=(grads,))
+    first = distribution.experimental_local_results(finite)[0]
+    tf.cond(first, apply_everywhere, lambda: None)
+
+  tf.distribute.get_replica_context().merge_call(
+      cross_replica, args=(finite, grads))
+
+
+@contextlib.contextmanager
+def _unlowered_conds():
+  """tf.cond ops made within are not lowered to Switch/Merge.
+
+  TF 2.21 has no public switch for this; the private flag is read when the
+  If op is made (control_flow_util_v2.maybe_set_lowering_attr). Without it
+  (another TF version) conds are lowered, which is correct, only slower.
+  """
+  from tensorflow.python.ops import control_flow_util_v2 as util  # pylint: disable=g-direct-tensorflow-import,import-outside-toplevel
+  name = '_DISABLE_LOWER_USING_SWITCH_MERGE'
+  if not hasattr(util, name):
+    yield
+    return
+  previous = getattr(util, name)
+  setattr(util, name, True)
+  try:
+    yield
+  finally:
+    setattr(util, name, previous)
