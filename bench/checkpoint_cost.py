@@ -53,9 +53,10 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
+from bench import harness
 from configs import digits_mlp
 from models import classifier
-from trainer import checkpointing
+from trainer.persistence import checkpointing
 from trainer.controller import Controller, ControllerOptions
 
 flags.DEFINE_bool('quick', False, 'Smoke check: fewer rounds.')
@@ -192,9 +193,7 @@ def build_ways(directory: str, window_steps: int):
 
 
 def _iqr(values) -> str:
-  low, high = ((values[0],) * 2 if len(values) < 2 else
-               statistics.quantiles(values, n=4)[::2])
-  return f'{low:.1%} .. {high:.1%}'
+  return harness.format_range(harness.iqr(values), '.1%', ' .. ')
 
 
 def main(argv):
@@ -212,14 +211,12 @@ def main(argv):
     intervals = {way: [] for way in WAYS}
     windows = {way: [] for way in WAYS}
     inside = []
-    for r in range(rounds):
-      order = WAYS[r % len(WAYS):] + WAYS[:r % len(WAYS)]
-      for way in order:
-        interval, window, ended = runs[way]()
-        intervals[way].append(interval)
-        windows[way].append(window)
-        if way == 'async':
-          inside.append(ended)
+    for _, way in harness.interleaved(WAYS, rounds):
+      interval, window, ended = runs[way]()
+      intervals[way].append(interval)
+      windows[way].append(window)
+      if way == 'async':
+        inside.append(ended)
   base = statistics.median(intervals['none'])
   print(f'{rounds} rounds; a checkpoint every {EVERY} steps, a window of '
         f'{window_steps} steps after it; 1,000 steps without checkpoints '

@@ -36,7 +36,8 @@ import numpy as np
 
 from configs import lm_transformer
 from input import text
-from trainer import cli
+from trainer.experiment import cli
+from trainer import errors
 from trainer.errors import UserError
 
 flags.DEFINE_string('model_dir', '', 'A run of configs/lm_transformer.py (or '
@@ -88,7 +89,7 @@ def main(argv):
     targets = text.windows(text.check_length(source, split, seq_len),
                            seq_len)[:, 1:]
   except UserError as e:
-    cli.fail(str(e))
+    errors.fail(str(e))
   unigram = unigram_bits_per_byte(train, targets)
   print(f'held-out bytes scored: {targets.size:,} ({len(targets):,} windows '
         f'of {seq_len}); unigram fitted on {len(train):,} training bytes')
@@ -97,7 +98,7 @@ def main(argv):
   if not FLAGS.model_dir:
     return
   if record is None:
-    cli.fail(f'flag --model_dir={FLAGS.model_dir!r} has no evaluation of '
+    errors.fail(f'flag --model_dir={FLAGS.model_dir!r} has no evaluation of '
              f'split {split!r} in eval/metrics.jsonl; run python main.py '
              f'--mode=eval --config=configs/lm_transformer.py '
              f'--model_dir={FLAGS.model_dir}')

@@ -6,10 +6,15 @@
 Measures examples/sec of the seed MLP (100 features, Dense 64 relu, Dense 64
 relu, Dense 10 logits; Adam lr 1e-3; sparse softmax cross-entropy; global batch
 64; in-memory data from input/synthetic.py), 100 steps per tf.function call,
-trained three ways:
+trained four ways:
 
   trainer    ClassifierTrainer: `trainer.train(iterator, 100)`, with the
              input wait timed on one call in 10 as the Controller does.
+  minimal    the reference: the least a skilled user would write.
+             `for _ in tf.range(n): strategy.run(step, ...)`, GradientTape,
+             `tf.nn.compute_average_loss`, a plain Keras Adam, the step's
+             loss reduced with strategy.reduce and summed per step; nothing
+             else (no metric objects, no guard, no gradient norm).
   bare       the loop of the TF "custom training with tf.distribute" tutorial:
              `for _ in tf.range(n): strategy.run(step, ...)`, GradientTape,
              `tf.nn.compute_average_loss`, a plain Keras Adam (Keras' own
@@ -17,29 +22,36 @@ trained three ways:
              metrics read and reset once per call.
   keras_fit  `compile(..., steps_per_execution=100)`, `fit(steps_per_epoch=100)`.
 
-each under the default strategy and under MirroredStrategy on 2 logical CPUs
-(where keras_fit fails with Keras 3.15.1, keras#19246, and shows n/a).
+each under the default strategy, under MirroredStrategy on 2 logical CPUs
+(where keras_fit fails with Keras 3.15.1, keras#19246, and shows n/a), and
+under MultiWorkerMirroredStrategy in 2 worker processes of one CPU replica
+each (TF_CONFIG with 127.0.0.1 ports; keras_fit not run there).
 Logical CPUs must be split before TensorFlow initialises, so the parent runs
 each strategy in a child process (`--strategy=default`, `--strategy=mirrored
---num_cpu_devices=2`) that prints one JSON line; the parent prints the table.
+--num_cpu_devices=2`, and 2 processes of `--strategy=multi_worker_mirrored`)
+whose chief prints one JSON line; the parent prints the table. On workers
+every method runs a fixed 10 calls per segment (2 with --quick) instead of
+a calibrated count: both workers must make the same calls.
 
-Method: every method is warmed up (tracing, not timed: one call, two for the
-trainer, whose second call traces the input-wait graph) and calibrated so that
-one timed segment lasts ~--seconds_per_round (for the trainer a whole multiple
-of 10 calls, so each segment holds one input-wait call in 10). Each of
---rounds rounds then times one segment of every method in turn, rotating the
-order, so machine noise hits all methods alike. A method's throughput is the
-median of its per-round examples/sec; ratio a/b is median(a) / median(b) within
-one strategy ("per round" shows the min-max of trainer/bare within a round).
-All three start from the same weights and data, so their mean loss over the
-first 100 steps must agree: a check that they do the same work.
+Method (bench/harness.py): every method is warmed up (tracing, not timed:
+one call, two for the trainer, whose second call traces the input-wait
+graph) and calibrated so that one timed segment lasts ~--seconds_per_round
+(for the trainer a whole multiple of 10 calls, so each segment holds one
+input-wait call in 10). Each of --rounds rounds then times one segment of
+every method in turn, rotating the order, so machine noise hits all methods
+alike. A method's throughput is the median of its per-round examples/sec;
+ratio a/b is median(a) / median(b) within one strategy ("per round" shows
+the min-max of trainer/bare within a round). All three start from the same
+weights and data, so their mean loss over the first 100 steps must agree: a
+check that they do the same work.
 
-Target: trainer >= 0.95 x bare, under each strategy.
+Target: trainer >= 0.95 x minimal in one process, >= 0.9 x on 2 workers. The trainer does
+more per step than the minimal loop (the NaN/Inf guard, the stop request,
+metric sums, the gradient norm): the target is that they cost < 5 %.
 """
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -54,13 +66,17 @@ from absl import flags
 import ml_collections
 import tensorflow as tf
 
+from bench import harness
 from configs import digits_mlp
 from input import synthetic
 from models import classifier
 from models import mlp
-from trainer import strategies
+from trainer import schema
+from trainer.cluster import launch
+from trainer.cluster import strategies
 
-flags.DEFINE_enum('strategy', None, ['default', 'mirrored'],
+flags.DEFINE_enum('strategy', None,
+                  ['default', 'mirrored', 'multi_worker_mirrored'],
                   'Child mode: measure under this strategy and print one JSON '
                   'line. Unset: parent mode, runs every strategy.')
 flags.DEFINE_integer('num_cpu_devices', 1, 'Child mode: logical CPU devices.')
@@ -70,10 +86,18 @@ flags.DEFINE_float('seconds_per_round', 2.0, 'Seconds each method is timed '
                    'per round, roughly (ignored with --quick).')
 FLAGS = flags.FLAGS
 
-METHODS = ('trainer', 'bare', 'keras_fit')
+METHODS = ('trainer', 'minimal', 'bare', 'keras_fit')
 CHILDREN = (('default', 1), ('mirrored', 2))
+# 2 worker processes on 127.0.0.1, one CPU replica each: collectives over gRPC.
+WORKERS = 2
+# On workers every method runs a fixed number of calls per segment: a
+# calibration by time could pick different counts on the two workers, whose
+# collectives would then never meet. 10 keeps the trainer's share of
+# input-wait calls; a call is 100 steps of ~5 ms here.
+WORKER_CALLS, QUICK_WORKER_CALLS = 10, 2
 RESULT_TAG = 'THROUGHPUT_RESULT '
 TARGET = 0.95
+TARGETS = {'multi_worker_mirrored': 0.9}  # Per step, on 2 workers.
 QUICK_ROUNDS, QUICK_SECONDS = 2, 0.5
 
 GLOBAL_BATCH = 64
@@ -81,7 +105,9 @@ STEPS_PER_LOOP = 100
 INPUT_DIM, HIDDEN_SIZES, NUM_CLASSES = 100, (64, 64), 10
 LEARNING_RATE = 1e-3
 SEED = 0
-INPUT_WAIT_EVERY = digits_mlp.get_config().summary.input_wait_every_loops
+# The config file states only what differs from the defaults: resolve it.
+INPUT_WAIT_EVERY = schema.resolve(
+    digits_mlp.get_config()).summary.input_wait_every_loops
 
 
 def bench_config() -> ml_collections.ConfigDict:
@@ -134,23 +160,61 @@ def trainer_method(strategy):
   return run
 
 
-def bare_method(strategy):
-  """The tutorial's custom loop, as an engineer would write it by hand."""
+def _model_optimizer_iterator(strategy):
+  """The seed MLP, a plain Keras Adam built under the strategy's scope, and
+  an iterator over the distributed training data."""
   with strategy.scope():
     model = build_model()
     optimizer = tf.keras.optimizers.Adam(learning_rate=LEARNING_RATE)
     # Needed under MirroredStrategy: slots created lazily inside the traced
     # step fail with "must feed a value for placeholder" (keras#23085).
     optimizer.build(model.trainable_variables)
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: train_dataset(ctx, ctx.get_per_replica_batch_size(
+          GLOBAL_BATCH)))
+  return model, optimizer, iter(dataset)
+
+
+def minimal_method(strategy):
+  """The minimal loop: the step and the loss, nothing else."""
+  model, optimizer, iterator = _model_optimizer_iterator(strategy)
+
+  def step(batch):
+    features, labels = batch
+    with tf.GradientTape() as tape:
+      logits = model(features, training=True)
+      loss = tf.nn.compute_average_loss(
+          tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits),
+          global_batch_size=GLOBAL_BATCH)
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return loss
+
+  @tf.function
+  def train_loop(iterator, num_steps):
+    total = tf.constant(0.0)
+    for _ in tf.range(num_steps):
+      total += strategy.reduce(tf.distribute.ReduceOp.SUM,
+                               strategy.run(step, args=(next(iterator),)),
+                               axis=None)
+    return total / tf.cast(num_steps, tf.float32)
+
+  def run(num_calls):
+    for _ in range(num_calls):
+      loss = float(train_loop(iterator, tf.constant(STEPS_PER_LOOP)))
+    return loss
+  return run
+
+
+def bare_method(strategy):
+  """The tutorial's custom loop, as an engineer would write it by hand."""
+  model, optimizer, iterator = _model_optimizer_iterator(strategy)
+  with strategy.scope():
     train_loss = tf.keras.metrics.Mean(name='train_loss')
     train_accuracy = tf.keras.metrics.SparseCategoricalAccuracy(
         name='train_accuracy')
   loss_object = tf.keras.losses.SparseCategoricalCrossentropy(
       from_logits=True, reduction=None)
-  dataset = strategy.distribute_datasets_from_function(
-      lambda ctx: train_dataset(ctx, ctx.get_per_replica_batch_size(
-          GLOBAL_BATCH)))
-  iterator = iter(dataset)
 
   def step(batch):
     features, labels = batch
@@ -196,7 +260,8 @@ def keras_fit_method(strategy):
   return run
 
 
-BUILDERS = {'trainer': trainer_method, 'bare': bare_method,
+BUILDERS = {'trainer': trainer_method, 'minimal': minimal_method,
+            'bare': bare_method,
             'keras_fit': keras_fit_method}
 
 
@@ -204,37 +269,38 @@ def measure(strategy, rounds: int, seconds_per_round: float) -> dict:
   """Warms up, calibrates and times every method; returns the JSON result.
 
   A method whose warm-up call fails (e.g. Keras fit with steps_per_execution
-  under MirroredStrategy, keras#19246) is reported in 'failed', not timed.
+  under MirroredStrategy, keras#19246) is reported in 'failed', not timed;
+  so is one whose build or calibration raises a tf.errors.OpError.
   """
-  runs, calls, first_loss, failed = {}, {}, {}, {}
-  for name in METHODS:
-    run = BUILDERS[name](strategy)
-    try:
-      first_loss[name] = float(run(1))  # Traces; not timed.
-      if name == 'trainer':
-        run(1)  # The 2nd call measures the input wait: traces that graph.
-    except tf.errors.OpError as e:
-      failed[name] = _first_error_line(e)
-      continue
-    start = time.perf_counter()
-    run(2)
-    per_call = (time.perf_counter() - start) / 2
-    runs[name] = run
-    calls[name] = max(1, round(seconds_per_round / per_call))
-    if name == 'trainer':
-      # Whole multiples of INPUT_WAIT_EVERY calls, so every segment has the
-      # Controller's share of input-wait calls (1 in INPUT_WAIT_EVERY).
-      calls[name] = INPUT_WAIT_EVERY * max(
-          1, round(calls[name] / INPUT_WAIT_EVERY))
+  first_loss, calls = {}, {}
 
-  names = list(runs)
-  rates = {name: [] for name in names}
-  for r in range(rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      start = time.perf_counter()
-      runs[name](calls[name])
-      elapsed = time.perf_counter() - start
-      rates[name].append(calls[name] * STEPS_PER_LOOP * GLOBAL_BATCH / elapsed)
+  workers = strategy.extended._in_multi_worker_mode()  # pylint: disable=protected-access
+  # Keras fit is the single-process comparison; not run on workers.
+  methods = [m for m in METHODS if not (workers and m == 'keras_fit')]
+
+  def prepare(name):
+    run = BUILDERS[name](strategy)
+    first_loss[name] = float(run(1))  # Traces; not timed.
+    if name == 'trainer':
+      run(1)  # The 2nd call measures the input wait: traces that graph.
+    if workers:
+      calls[name] = QUICK_WORKER_CALLS if FLAGS.quick else WORKER_CALLS
+      return run
+    # Calibrated right after its own warm-up, before the next method is
+    # built. The trainer's segments are whole multiples of INPUT_WAIT_EVERY
+    # calls, so every segment has the Controller's share of input-wait calls.
+    calls[name] = harness.calibrate(
+        run, seconds_per_round,
+        multiple=INPUT_WAIT_EVERY if name == 'trainer' else 1)
+    return run
+
+  runs, failed = harness.warm_up(methods, prepare,
+                                 errors=(tf.errors.OpError,),
+                                 describe=_first_error_line)
+  rates = {name: [] for name in runs}
+  for _, name in harness.interleaved(list(runs), rounds):
+    _, elapsed = harness.timed(runs[name], calls[name])
+    rates[name].append(calls[name] * STEPS_PER_LOOP * GLOBAL_BATCH / elapsed)
 
   return {
       'strategy': FLAGS.strategy,
@@ -242,7 +308,7 @@ def measure(strategy, rounds: int, seconds_per_round: float) -> dict:
       'calls_per_round': calls,
       'first_loss': first_loss,  # Mean loss of steps 1-100: should agree.
       'rates': rates,
-      'median': {name: statistics.median(rates[name]) for name in names},
+      'median': harness.medians(rates),
       'failed': failed,
   }
 
@@ -259,7 +325,31 @@ def run_child():
   rounds, seconds = ((QUICK_ROUNDS, QUICK_SECONDS) if FLAGS.quick else
                      (FLAGS.rounds, FLAGS.seconds_per_round))
   result = measure(strategy, rounds, seconds)
-  print(RESULT_TAG + json.dumps(result), flush=True)
+  if strategy.extended.should_checkpoint:  # One process, or the chief.
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def launch_workers(num_workers: int) -> dict:
+  """Runs the multi-worker child as `num_workers` processes with their own
+  TF_CONFIG (127.0.0.1 ports) and returns the chief's result."""
+  command = [sys.executable, os.path.abspath(__file__),
+             '--strategy=multi_worker_mirrored', f'--rounds={FLAGS.rounds}']
+  if FLAGS.quick:
+    command.append('--quick')
+  procs = [subprocess.Popen(command, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, TF_CONFIG=tf_config))
+           for tf_config in launch.cluster_configs(
+               launch.free_ports(num_workers))]
+  outputs = [p.communicate(timeout=1800) for p in procs]
+  for stdout, _ in outputs:
+    for line in stdout.splitlines():
+      if line.startswith(RESULT_TAG):
+        return json.loads(line[len(RESULT_TAG):])
+  for p, (stdout, stderr) in zip(procs, outputs):
+    sys.stderr.write(stdout[-2000:] + stderr[-3000:])
+  raise SystemExit(f'{num_workers} workers exited with '
+                   f'{[p.returncode for p in procs]} and printed no result')
 
 
 def launch_child(strategy_name: str, num_cpu_devices: int) -> dict:
@@ -282,7 +372,7 @@ def launch_child(strategy_name: str, num_cpu_devices: int) -> dict:
 
 
 def _ratio(median, a, b) -> str:
-  return f'{median[a] / median[b]:.3f}' if a in median and b in median else 'n/a'
+  return harness.format_ratio(harness.ratio(median, a, b))
 
 
 def print_table(results) -> None:
@@ -290,24 +380,20 @@ def print_table(results) -> None:
   rounds = len(results[0]['rates']['trainer'])
   print(f'\nexamples/sec, median of {rounds} rounds (global batch '
         f'{GLOBAL_BATCH}, {STEPS_PER_LOOP} steps per call)\n')
-  widths = (24, 9, 9, 11, 14, 12, 13, 10)
-  rows = [('strategy', *METHODS, 'trainer/bare', 'per round', 'trainer/fit',
-           'bare/fit')]
+  widths = (36, 9, 9, 9, 11, 17, 12, 14, 13)
+  rows = [('strategy', *METHODS, 'trainer/minimal', 'per round',
+           'trainer/bare', 'trainer/fit')]
   for result in results:
     med, rates = result['median'], result['rates']
-    per_round = [t / b for t, b in zip(rates['trainer'], rates['bare'])]
+    per_round = harness.paired_ratios(rates['trainer'], rates['minimal'])
     replicas = result['replicas']
     rows.append((
         f'{result["strategy"]} ({replicas} replica{"s" * (replicas > 1)})',
         *[f'{med[name]:,.0f}' if name in med else 'n/a' for name in METHODS],
-        _ratio(med, 'trainer', 'bare'),
-        f'{min(per_round):.2f}-{max(per_round):.2f}',
-        _ratio(med, 'trainer', 'keras_fit'), _ratio(med, 'bare', 'keras_fit')))
-  for i, row in enumerate(rows):
-    print(row[0].ljust(widths[0]) +
-          ''.join(cell.rjust(w) for cell, w in zip(row[1:], widths[1:])))
-    if i == 0:
-      print('-' * sum(widths))
+        _ratio(med, 'trainer', 'minimal'),
+        harness.format_range(harness.min_max(per_round), '.2f'),
+        _ratio(med, 'trainer', 'bare'), _ratio(med, 'trainer', 'keras_fit')))
+  harness.print_table(rows, widths)
   print()
   for result in results:
     name = result['strategy']
@@ -317,10 +403,11 @@ def print_table(results) -> None:
                        for method, loss in result['first_loss'].items())
     print(f'{name}: mean loss of steps 1-100 (must agree): {losses}')
   for result in results:
-    ratio = result['median']['trainer'] / result['median']['bare']
-    verdict = 'meets' if ratio >= TARGET else 'is BELOW'
-    print(f'{result["strategy"]}: trainer/bare = {ratio:.3f} {verdict} the '
-          f'target {TARGET}')
+    ratio = result['median']['trainer'] / result['median']['minimal']
+    target = TARGETS.get(result['strategy'], TARGET)
+    verdict = 'meets' if ratio >= target else 'is BELOW'
+    print(f'{result["strategy"]}: trainer/minimal = {ratio:.3f} {verdict} '
+          f'the target {target}')
 
 
 def main(argv):
@@ -334,6 +421,9 @@ def main(argv):
     print(f'measuring --strategy={strategy_name} '
           f'--num_cpu_devices={num_cpu_devices} ...', flush=True)
     results.append(launch_child(strategy_name, num_cpu_devices))
+  print(f'measuring --strategy=multi_worker_mirrored, {WORKERS} worker '
+        'processes ...', flush=True)
+  results.append(launch_workers(WORKERS))
   print_table(results)
   print(f'\ntotal {time.perf_counter() - start:.0f} s')
 
