@@ -91,14 +91,34 @@ def _exit(code: int, request: cli.RunRequest) -> None:
   background threads, which matters after a SIGTERM, when the cluster
   manager's grace period is running. Multi-worker processes do exit
   normally: TensorFlow's coordination service expects every task to pass its
-  shutdown barrier.
+  shutdown barrier. Before that they wait for each other (`_leave_together`).
   """
   sys.stdout.flush()
   sys.stderr.flush()
   logging.flush()
   if request.strategy != 'multi_worker_mirrored':
     os._exit(code)  # pylint: disable=protected-access
+  _leave_together(request.cluster_timeout)
   sys.exit(code)
+
+
+def _leave_together(timeout: float) -> None:
+  """Waits until every worker is here, i.e. done with its collectives.
+
+  A collective can finish on one worker while a peer still fetches its last
+  buffer from it: a worker that then exits (a preemption exits ~70 ms after
+  the last step) breaks the peer's fetch, and the peer fails with 'connection
+  lost' instead of saving and reporting its preemption. A worker reaches this
+  barrier only once its own collectives are done. If a peer never arrives
+  (it died), the barrier fails and this worker exits anyway.
+  """
+  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.eager import context
+  try:
+    context.context().wait_at_barrier('distloop_exit', int(timeout * 1000))
+  except tf.errors.OpError as e:
+    logging.warning('not every worker reached the end of the run (%s); '
+                    'exiting anyway', str(e).splitlines()[0])
 
 
 def prepare_model_dir(model_dir: str) -> None:
