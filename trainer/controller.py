@@ -57,6 +57,8 @@ class ControllerOptions:
     input_wait_every: measure the input wait on one inner loop in this many
       (the 2nd, then every this many): timing every step costs a few percent
       of step time on small models. 1: every loop; 0: never.
+    data_service_job: with data.service, the run's job name (the same on
+      every worker; the data position is appended).
   """
   checkpoint_every: int = 0
   eval_every: int = 0
@@ -69,6 +71,7 @@ class ControllerOptions:
   log_every_secs: float = 0.0
   profile_steps: tuple[int, int] | None = None
   input_wait_every: int = 10
+  data_service_job: str = 'distloop'
 
 
 class Controller:
@@ -302,7 +305,8 @@ class Controller:
     trainer = self.trainer
     dataset = trainer.distribute_dataset(
         'train', batch_size=trainer.global_batch_size,
-        skip_batches=int(trainer.data_position.numpy()))
+        skip_batches=int(trainer.data_position.numpy()),
+        service_job=self.options.data_service_job)
     return iter(dataset)
 
   def _next_loop_length(self) -> int:

@@ -8,7 +8,8 @@ mentions it. `validate` then checks types, ranges and combinations, each
 mistake a one-line UserError naming the key, the value and the fix.
 
 Sections `model` and `data` belong to the Trainer: any key goes there
-(`data.pipeline` and `data.auto_shard` are the framework's). Every other
+(`data.pipeline`, `data.auto_shard` and `data.service` are the
+framework's). Every other
 section is the framework's: a key it does not know is a typo, and an error.
 
 Pure Python (no TensorFlow): main.py checks flags and config with it before
@@ -71,6 +72,10 @@ SCHEMA = {
                         'strategy splits', choices=PIPELINES),
         'auto_shard': Key('data', 'with pipeline=global: the tf.data auto-'
                           'shard policy, set explicitly', choices=AUTO_SHARD),
+        'service': Key('', 'grpc://HOST:PORT of a tf.data service dispatcher '
+                       '(python -m input.data_service): the training input '
+                       'runs on its workers; the data order is then not '
+                       'reproducible (docs/cluster.md); empty: off'),
     },
     'model': {},
     'train': {
@@ -264,7 +269,17 @@ def validate(config) -> None:
     raise UserError("config key eval.split='train' is the endless training "
                     'stream and cannot be evaluated once; evaluate a held-out '
                     'split, e.g. --config.eval.split=test')
+  _check_data_service(config.data.service)
   check_optimizer(config.optimizer, total_steps=train.steps)
+
+
+def _check_data_service(address: str) -> None:
+  host, _, port = address.removeprefix('grpc://').rpartition(':')
+  if address and not (address.startswith('grpc://') and host and
+                      port.isdigit()):
+    raise UserError(f'config key data.service={address!r} is not a tf.data '
+                    'service address; use grpc://HOST:PORT, the address '
+                    'python -m input.data_service prints')
 
 
 def check_optimizer(optimizer, *, total_steps: int = 0) -> None:

@@ -24,6 +24,8 @@ class StepSettings:
     eval_global_batch_size: examples per eval step over all replicas.
     pipeline: 'per_host' or 'global' (data.pipeline).
     auto_shard: the tf.data auto-shard policy for pipeline='global'.
+    data_service: grpc://HOST:PORT of a tf.data service dispatcher the
+      training input runs on, or '' (data.service).
     clip_norm: global-norm clipping of the all-reduced gradient (0: off).
     precision: the Keras dtype policy name.
     grad_accum_steps: micro-batches per optimizer step.
@@ -34,6 +36,7 @@ class StepSettings:
   eval_global_batch_size: int
   pipeline: str
   auto_shard: tf.data.experimental.AutoShardPolicy
+  data_service: str
   clip_norm: float
   precision: str
   grad_accum_steps: int
@@ -54,6 +57,7 @@ class StepSettings:
             'eval.global_batch_size', config.eval.global_batch_size,
             num_replicas),
         pipeline=data.pipeline, auto_shard=AUTO_SHARD[data.auto_shard],
+        data_service=data.service,
         clip_norm=float(train.clip_norm),
         precision=precision_lib.resolve(train.precision, tpu=tpu),
         grad_accum_steps=_grad_accum_steps(

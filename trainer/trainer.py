@@ -291,11 +291,12 @@ class Trainer:
   # Input and loops: called from the host by the controller.
 
   def distribute_dataset(self, split: str, *, batch_size: int,
-                         skip_batches: int = 0):
+                         skip_batches: int = 0, service_job: str = 'distloop'):
     """The distributed dataset of `split` at `batch_size` (global), after
     `skip_batches` global batches (parts/distributed_input.py)."""
     return distributed_input.distribute(self, split, batch_size=batch_size,
-                                        skip_batches=skip_batches)
+                                        skip_batches=skip_batches,
+                                        service_job=service_job)
 
   def train(self, iterator, num_steps: int, *,
             measure_input_wait: bool = False) -> dict[str, float]:

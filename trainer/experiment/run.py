@@ -10,8 +10,10 @@ created, every split the mode reads and the traced steps
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -198,6 +200,10 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
     run_record.check_layout(model_dir, layout, config.train.global_batch_size)
   trainer = validation.built(trainer_cls, config, strategy)
   options = controller_options(config, trainer)
+  if config.data.service:
+    _check_data_service(config.data.service, deterministic=deterministic)
+    options = dataclasses.replace(options, data_service_job='distloop-' + (
+        hashlib.sha1(os.path.abspath(model_dir).encode()).hexdigest()[:12]))
   if mode != 'train_and_eval':  # Only train_and_eval evaluates periodically.
     options = dataclasses.replace(options, eval_every=0)
   logging.info('%s on %d replica(s) (%s), global batch %d, mode %s',
@@ -218,6 +224,26 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
   finally:
     if not is_chief:
       shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _check_data_service(address: str, *, deterministic: bool) -> None:
+  """Refuses what the service cannot hold; warns of what it changes."""
+  if deterministic:
+    raise UserError(f'flag --deterministic with config key data.service='
+                    f'{address!r}: the service hands out batches in the '
+                    'order its workers finish them, so runs differ; drop '
+                    'one of the two')
+  host, _, port = address.removeprefix('grpc://').rpartition(':')
+  try:
+    socket.create_connection((host, int(port)), timeout=10).close()
+  except OSError as e:
+    raise UserError(f'config key data.service={address!r}: no dispatcher '
+                    f'answers there ({e.strerror or e}); start one with '
+                    'python -m input.data_service or fix the address') from e
+  logging.warning('data.service=%s: the training input comes from the '
+                  'tf.data service; its order is not reproducible, so a '
+                  'resumed run goes on with other batches than the '
+                  'interrupted one would have read (docs/cluster.md)', address)
 
 
 def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,

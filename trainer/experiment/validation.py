@@ -61,7 +61,7 @@ def check(trainer, *, train: bool, eval_split: str | None,
   if train:
     iterator = iter(trainer.distribute_dataset(
         'train', batch_size=trainer.global_batch_size,
-        skip_batches=data_position))
+        skip_batches=data_position, service_job=''))
     _trace(trainer, f'{name} train step', lambda: loops.trace_train(
         trainer, iterator))
   if eval_split:

@@ -1,0 +1,163 @@
+"""Training through a real tf.data service: `python -m input.data_service`
+(a dispatcher and two workers on loopback) feeding main.py."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from input import make_tfrecords
+from input import shapes
+from tests import runner
+
+SMOKE = '--config=configs/digits_mlp.py:smoke'
+
+
+class Service:
+  """`python -m input.data_service --port=0 --workers=2`, its output kept."""
+
+  def __init__(self, tmp_path):
+    self.log = tmp_path / 'service.log'
+    self._out = open(self.log, 'w')
+    self.process = subprocess.Popen(
+        [sys.executable, '-m', 'input.data_service', '--port=0',
+         '--workers=2'], cwd=runner.REPO, stdout=self._out,
+        stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+    deadline = time.monotonic() + 120
+    while not (found := re.search(r'dispatcher (grpc://127\.0\.0\.1:\d+)',
+                                  self.log.read_text())):
+      assert self.process.poll() is None, self.log.read_text()
+      assert time.monotonic() < deadline, self.log.read_text()
+      time.sleep(0.2)
+    self.address = found.group(1)
+
+  def tasks_seen(self) -> list[int]:
+    """Every task count the service printed, in order."""
+    return [int(n) for n in re.findall(r'(\d+) pipeline task',
+                                       self.log.read_text())]
+
+  def tasks_started(self) -> int:
+    """Tasks started so far (a finished job's tasks linger a while)."""
+    seen = self.tasks_seen()
+    return sum(max(0, now - before)
+               for before, now in zip([0] + seen, seen))
+
+  def stop(self) -> int:
+    self.process.send_signal(signal.SIGTERM)
+    code = self.process.wait(timeout=60)
+    self._out.close()
+    return code
+
+
+@pytest.fixture
+def service(tmp_path):
+  running = Service(tmp_path)
+  yield running
+  assert running.stop() == 0, running.log.read_text()
+  assert 'tf.data service: stopped' in running.log.read_text()
+
+
+def test_resnet20_trains_and_evaluates_through_the_service(tmp_path, service):
+  root = tmp_path / 'shapes'
+  shapes.write(str(root / 'images'), per_class=100, size=24)
+  make_tfrecords.convert(str(root / 'images'), str(root / 'records'),
+                         num_shards=4, eval_fraction=0.2)
+  model_dir = tmp_path / 'run'
+  result = runner.run_main(
+      '--config=configs/cifar_resnet20.py:shapes', '--mode=train_and_eval',
+      f'--config.data.train_pattern={root}/records/train-*',
+      f'--config.data.eval_pattern={root}/records/eval-*',
+      '--config.data.image_size=24', '--config.data.shuffle_buffer=64',
+      '--config.model.base_filters=4', '--config.train.steps=40',
+      '--config.train.global_batch_size=16', '--config.train.steps_per_loop=20',
+      '--config.optimizer.warmup_steps=2', '--strategy=mirrored',
+      '--num_cpu_devices=2', f'--config.data.service={service.address}',
+      f'--model_dir={model_dir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = runner.final_eval(result.stdout)
+  assert metrics['examples'] == 80  # The eval split, read here, once.
+  assert 0 <= metrics['accuracy'] <= 1 and metrics['loss'] > 0
+  assert 'not reproducible' in result.stderr
+  # The training pipeline ran on the service: one task on each worker.
+  assert max(service.tasks_seen()) == 2, service.log.read_text()
+  values = runner.checkpoint_values(str(model_dir))
+  assert values['step/.ATTRIBUTES/VARIABLE_VALUE'] == 40
+
+
+def test_resume_through_the_service_counts_every_step_once(tmp_path, service):
+  model_dir = tmp_path / 'run'
+  flags = (SMOKE, f'--config.data.service={service.address}',
+           '--config.checkpoint.every_steps=10', f'--model_dir={model_dir}')
+  first = runner.run_main(*flags, '--config.train.steps=20')
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = runner.run_main(*flags, '--config.train.steps=40')
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'restored' in second.stderr and 'ckpt-20' in second.stderr
+  steps = sorted(int(name.split('-')[1].split('.')[0])
+                 for name in os.listdir(model_dir)
+                 if name.startswith('ckpt-') and name.endswith('.index'))
+  assert steps[-1] == 40, steps
+  values = runner.checkpoint_values(str(model_dir))
+  # 40 steps trained, 40 batches read: none twice, none skipped over.
+  assert values['step/.ATTRIBUTES/VARIABLE_VALUE'] == 40
+  assert values['data_position/.ATTRIBUTES/VARIABLE_VALUE'] == 40
+  # Each run was a job of its own (named after model_dir and the position).
+  assert service.tasks_started() == 4, service.log.read_text()
+
+
+def test_two_workers_share_one_service_job(tmp_path, service):
+  model_dir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, '-m', 'trainer.cluster.launch', '--num_workers=2',
+       '--', SMOKE, '--strategy=multi_worker_mirrored',
+       f'--config.data.service={service.address}',
+       f'--model_dir={model_dir}'],
+      cwd=runner.REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for worker in (0, 1):  # Both report the eval of the whole test split.
+    lines = [line[len(f'[worker {worker}] '):]
+             for line in result.stdout.splitlines()
+             if line.startswith(f'[worker {worker}] ')]
+    assert runner.final_eval('\n'.join(lines))['examples'] == 360
+  # Both workers read one job (one task per service worker), not two.
+  assert max(service.tasks_seen()) == 2, service.log.read_text()
+  values = runner.checkpoint_values(str(model_dir))
+  assert values['step/.ATTRIBUTES/VARIABLE_VALUE'] == 20
+
+
+@pytest.mark.parametrize('flags, message', [
+    (('--config.data.service=127.0.0.1:5050',),
+     "config key data.service='127.0.0.1:5050' is not a tf.data service "
+     'address'),
+    (('--config.data.service=grpc://127.0.0.1:1',),
+     "config key data.service='grpc://127.0.0.1:1': no dispatcher answers "
+     'there'),
+    (('--config.data.service=grpc://127.0.0.1:1', '--deterministic'),
+     "flag --deterministic with config key data.service="),
+])
+def test_bad_service_setting_is_one_line_and_writes_nothing(tmp_path, flags,
+                                                            message):
+  model_dir = tmp_path / 'run'
+  result = runner.run_main(SMOKE, *flags, f'--model_dir={model_dir}')
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines()
+            if line.startswith('error:')]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+  assert not model_dir.exists()
+
+
+def test_service_command_refuses_a_bad_dispatcher_flag():
+  result = subprocess.run(
+      [sys.executable, '-m', 'input.data_service', '--dispatcher=nohost'],
+      cwd=runner.REPO, capture_output=True, text=True, timeout=120,
+      check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: flag --dispatcher='nohost' must be HOST:PORT")
+
