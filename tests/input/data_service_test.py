@@ -21,7 +21,7 @@ class Service:
   """`python -m input.data_service --port=0 --workers=2`, its output kept."""
 
   def __init__(self, tmp_path):
-    self.log = tmp_path / 'service.log'
+    self.log = tmp_path / f'service-{len(list(tmp_path.glob("service-*")))}.log'
     self._out = open(self.log, 'w')
     self.process = subprocess.Popen(
         [sys.executable, '-m', 'input.data_service', '--port=0',
@@ -129,6 +129,43 @@ def test_two_workers_share_one_service_job(tmp_path, service):
   assert max(service.tasks_seen()) == 2, service.log.read_text()
   values = runner.checkpoint_values(str(model_dir))
   assert values['step/.ATTRIBUTES/VARIABLE_VALUE'] == 20
+
+
+def test_a_lost_dispatcher_ends_the_run_with_75_and_it_resumes(tmp_path):
+  model_dir = tmp_path / 'run'
+  common = (SMOKE, '--config.train.steps=100000',
+            '--config.checkpoint.every_steps=20', '--cluster_timeout=6',
+            f'--model_dir={model_dir}')
+  lost = Service(tmp_path)
+  process = runner.start_main(*common,
+                              f'--config.data.service={lost.address}')
+  deadline = time.monotonic() + 180
+  while not list(model_dir.glob('ckpt-*.index')):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.5)
+  lost.process.kill()  # The dispatcher and its workers, at once.
+  lost.process.wait()
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 75, stderr[-3000:]
+  errors = [line for line in stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1, stderr[-3000:]
+  assert f"data.service='{lost.address}': the dispatcher has not answered " \
+      'for --cluster_timeout=6s' in errors[0]
+  saved = runner.checkpoint_values(str(model_dir))[
+      'step/.ATTRIBUTES/VARIABLE_VALUE']
+  assert saved >= 20
+  # A new service, the same model_dir: training goes on from the checkpoint.
+  again = Service(tmp_path)
+  try:
+    result = runner.run_main(*common, f'--config.train.steps={saved + 20}',
+                             f'--config.data.service={again.address}')
+  finally:
+    assert again.stop() == 0
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'ckpt-{saved}' in result.stderr
+  values = runner.checkpoint_values(str(model_dir))
+  assert values['step/.ATTRIBUTES/VARIABLE_VALUE'] == saved + 20
 
 
 @pytest.mark.parametrize('flags, message', [

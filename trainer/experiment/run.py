@@ -27,6 +27,7 @@ from trainer import controller as controller_lib
 from trainer import errors
 from trainer import schema
 from trainer.cluster import failures
+from trainer.cluster import service_watch
 from trainer.cluster import strategies
 from trainer.errors import UserError
 from trainer.experiment import cli
@@ -57,6 +58,8 @@ def main(request: cli.RunRequest) -> None:
         cluster_timeout=request.cluster_timeout,
         deterministic=request.deterministic,
         profile_steps=request.profile_steps,
+        failure_exit_code=(request.retryable_exit_code
+                           or failures.ClusterError.EXIT_CODE),
         started=goodput.process_start_time())
   except UserError as e:
     errors.fail(str(e))
@@ -160,7 +163,9 @@ def controller_options(config, trainer) -> controller_lib.ControllerOptions:
 def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
         tpu: str = '', tpu_timeout: float = 300.0, num_cpu_devices: int = 1,
         deterministic: bool = False, profile_steps=None,
-        cluster_timeout: float = 300.0, started: float | None = None):
+        cluster_timeout: float = 300.0,
+        failure_exit_code: int = failures.ClusterError.EXIT_CODE,
+        started: float | None = None):
   """Runs one experiment in `mode`; see MODES.
 
   Args:
@@ -168,7 +173,10 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
       keys take their defaults, trainer/schema.py).
     profile_steps: (START, END) to trace training steps START..END into
       model_dir/train/plugins/profile (chief only), or None.
-    cluster_timeout: multi-worker: seconds for every worker to join.
+    cluster_timeout: multi-worker: seconds for every worker to join; with
+      data.service: seconds the dispatcher may not answer.
+    failure_exit_code: the status a lost tf.data service dispatcher ends the
+      process with (service_watch).
     started: when the process started (Unix seconds), where goodput's
       start-up begins; None: now.
 
@@ -217,11 +225,16 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
       prefix=f'distloop-worker{strategy.cluster_resolver.task_id}-')
   options = dataclasses.replace(
       options, profile_steps=profile_steps if is_chief else None)
+  watch = config.data.service and service_watch.DispatcherWatch(
+      config.data.service, timeout=cluster_timeout,
+      exit_code=failure_exit_code)
   try:
     return _run_mode(config, mode, trainer, options, model_dir=model_dir,
                      write_dir=write_dir, is_chief=is_chief,
                      strategy_name=strategy_name, started=started)
   finally:
+    if watch:
+      watch.stop()
     if not is_chief:
       shutil.rmtree(write_dir, ignore_errors=True)
 

@@ -16,7 +16,10 @@ def build(config, trainer) -> dict:
       'seed': config.seed,
       'train.global_batch_size': config.train.global_batch_size,
       'optimizer.name': config.optimizer.name,
-      'data': config.data.to_dict(),
+      # Where the pipeline runs is not what it reads: a run may resume
+      # through another tf.data service address, or without one.
+      'data': {key: value for key, value in config.data.to_dict().items()
+               if key != 'service'},
       'model weights': {v.path: list(v.shape) for v in trainer.model.weights},
       # A checkpoint without the average cannot seed one (it would start
       # from the initial weights), and the reverse would drop it.
