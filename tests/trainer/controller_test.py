@@ -179,6 +179,31 @@ def test_sigterm_stops_mid_loop_and_saves(tmp_path):
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+class SigtermWhileTracing(ClassifierTrainer):
+  """Sends this process SIGTERM from inside the train step's trace."""
+
+  def compute_loss(self, batch, outputs):
+    if not getattr(self, 'sent', False):
+      self.sent = True
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.2)  # The handler runs here, inside the trace.
+    return super().compute_loss(batch, outputs)
+
+
+def test_sigterm_while_the_step_is_traced_stops_after_the_first_step(
+    tmp_path):
+  trainer = build(make_config(), SigtermWhileTracing)
+  controller = controller_for(trainer, tmp_path, total_steps=100,
+                              steps_per_loop=10)
+  with pytest.raises(preemption.Preempted) as raised:
+    controller.train()
+  # Not a RuntimeError from the trace, and nothing of the handler traced
+  # into the step: the stop request ends the first loop after one step.
+  assert raised.value.step == 1
+  assert saved_steps(tmp_path) == [1]
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_continuous_eval_evaluates_each_checkpoint_once(tmp_path):
   trainer = build(make_config(data='digits'))
   controller_for(trainer, tmp_path, total_steps=20, checkpoint_every=5).train()

@@ -102,9 +102,12 @@ class SigtermWatcher:
     self._reader.close()
     return False
 
-  def _handler(self, signum, frame):  # Main thread, between Python bytecodes.
+  def _handler(self, signum, frame):
+    # Runs in the main thread between any two Python bytecodes, possibly
+    # while a step is being traced (in a replica context, inside a graph),
+    # so it does nothing: the same signal wakes the watcher thread through
+    # the wakeup fd, and `_trigger` runs there, outside any graph.
     del signum, frame
-    self._trigger()
 
   def _watch(self):
     while True:
