@@ -371,11 +371,13 @@ def goodput_totals(model_dir) -> dict:
 
 
 def assert_parts_add_up(totals):
-  """The parts account for the wall time, to a few percent (what is left:
-  building the train iterator, the controller's own bookkeeping)."""
+  """The parts account for the wall time, to a few percent or 3 s (what is
+  left: building the train iterator, the controller's own bookkeeping, which
+  grow on a loaded machine: 2.1 s of 41 s seen with the suite and a second
+  job sharing 2 cores)."""
   wall, parts = totals['wall_secs'], totals['parts_secs']
   assert wall > 0 and all(v >= 0 for v in parts.values()), totals
-  assert abs(wall - sum(parts.values())) <= 0.05 * wall, totals
+  assert abs(wall - sum(parts.values())) <= max(0.05 * wall, 3.0), totals
   assert totals['unaccounted_secs'] == pytest.approx(
       wall - sum(parts.values()))
   assert parts['startup'] > 0 and parts['productive'] > 0, totals

@@ -45,10 +45,6 @@ class ClusterError(Exception):
   EXIT_CODE = 75
 
 
-# The validated TF_CONFIG of the MultiWorkerMirroredStrategy built in this
-# process (None: none was), for naming the failed peer in `cluster_error`.
-
-
 def startup_error(error, config: dict, cluster_timeout: float):
   """The ClusterError for a TF error while the cluster was forming."""
   tasks = _failed_tasks(str(error), config) or _unreachable_peers(config)
