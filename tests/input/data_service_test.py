@@ -103,11 +103,17 @@ def test_resume_through_the_service_counts_every_step_once(tmp_path, service):
                  if name.startswith('ckpt-') and name.endswith('.index'))
   assert steps[-1] == 40, steps
   values = runner.checkpoint_values(str(model_dir))
-  # 40 steps trained, 40 batches read: none twice, none skipped over.
+  # 40 steps trained and the data position at 40: the second run went on
+  # from the first one's checkpoint, not from 0 and not past it.
   assert values['step/.ATTRIBUTES/VARIABLE_VALUE'] == 40
   assert values['data_position/.ATTRIBUTES/VARIABLE_VALUE'] == 40
   # Each run was a job of its own (named after model_dir and the position).
   assert service.tasks_started() == 4, service.log.read_text()
+  # Evaluation reads its split here: it needs no service running.
+  result = runner.run_main(SMOKE, '--mode=eval', f'--model_dir={model_dir}',
+                           '--config.data.service=grpc://127.0.0.1:1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert runner.final_eval(result.stdout)['examples'] == 360
 
 
 def test_two_workers_share_one_service_job(tmp_path, service):
@@ -139,14 +145,19 @@ def test_a_lost_dispatcher_ends_the_run_with_75_and_it_resumes(tmp_path):
   lost = Service(tmp_path)
   process = runner.start_main(*common,
                               f'--config.data.service={lost.address}')
-  deadline = time.monotonic() + 180
-  while not list(model_dir.glob('ckpt-*.index')):
-    assert process.poll() is None, process.communicate()[1][-3000:]
-    assert time.monotonic() < deadline
-    time.sleep(0.5)
-  lost.process.kill()  # The dispatcher and its workers, at once.
-  lost.process.wait()
-  _, stderr = process.communicate(timeout=120)
+  try:
+    deadline = time.monotonic() + 180
+    while not list(model_dir.glob('ckpt-*.index')):
+      assert process.poll() is None, process.communicate()[1][-3000:]
+      assert time.monotonic() < deadline
+      time.sleep(0.5)
+  finally:
+    lost.process.kill()  # The dispatcher and its workers, at once.
+    lost.process.wait()
+  try:
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
   assert process.returncode == 75, stderr[-3000:]
   errors = [line for line in stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1, stderr[-3000:]

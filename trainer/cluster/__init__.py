@@ -7,6 +7,8 @@
   tf_config    TF_CONFIG: validation, --worker_hosts, roles
   tpu          the static-shape checks a TPU needs of an input pipeline
   launch       `python -m trainer.cluster.launch`: N local worker processes
+  service_watch  data.service: the dispatcher checked at start, watched
+               while training (exit 75 when it is gone)
 """
 
 # --strategy values (here, not in strategies.py, so that flags are checked

@@ -1,6 +1,8 @@
-"""Stops a run whose tf.data service dispatcher is gone, instead of hanging.
+"""A run through a tf.data service: checked before it starts, stopped
+rather than hung when its dispatcher is gone.
 
-A trainer reading through a tf.data service (config key data.service) waits
+`check` refuses a dispatcher that does not answer and --deterministic (the
+service's order is not reproducible). A trainer reading through a tf.data service (config key data.service) waits
 for its next batch as long as the dispatcher does not answer, logging one
 'Failed to heartbeat to dispatcher' line a second, forever; a SIGTERM then
 cannot finish the step in flight either. `DispatcherWatch` probes the
@@ -20,6 +22,28 @@ import time
 
 from absl import logging
 
+from trainer.errors import UserError
+
+
+def check(address: str, *, deterministic: bool) -> None:
+  """Refuses what the service cannot hold; warns of what it changes."""
+  if deterministic:
+    raise UserError(f'flag --deterministic with config key data.service='
+                    f'{address!r}: the service hands out batches in the '
+                    'order its workers finish them, so runs differ; drop '
+                    'one of the two')
+  host, _, port = address.removeprefix('grpc://').rpartition(':')
+  try:
+    socket.create_connection((host, int(port)), timeout=10).close()
+  except OSError as e:
+    raise UserError(f'config key data.service={address!r}: no dispatcher '
+                    f'answers there ({e.strerror or e}); start one with '
+                    'python -m input.data_service or fix the address') from e
+  logging.warning('data.service=%s: the training input comes from the '
+                  'tf.data service; its order is not reproducible, so a '
+                  'resumed run goes on with other batches than the '
+                  'interrupted one would have read (docs/cluster.md)', address)
+
 
 class DispatcherWatch:
   """Probes `address` (grpc://HOST:PORT) every `interval` seconds until
@@ -29,6 +53,11 @@ class DispatcherWatch:
   def __init__(self, address: str, *, timeout: float, exit_code: int,
                interval: float = 2.0):
     host, _, port = address.removeprefix('grpc://').rpartition(':')
+    try:  # Once: a name service outage later is not the dispatcher's.
+      host = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[
+          0][4][0]
+    except OSError:
+      pass  # Probed by name then; run.py already saw it answer.
     self._target = (host, int(port))
     self._address = address
     self._timeout = timeout
@@ -41,7 +70,7 @@ class DispatcherWatch:
 
   def stop(self) -> None:
     self._stop.set()
-    self._thread.join()
+    self._thread.join(timeout=2 * self._interval)
 
   def _answers(self) -> bool:
     try:
@@ -65,7 +94,8 @@ class DispatcherWatch:
                         'giving up after %gs (--cluster_timeout)',
                         self._address, self._timeout)
         silent = True
-      if time.monotonic() - last_answer > self._timeout:
+      if (time.monotonic() - last_answer > self._timeout and
+          not self._stop.is_set()):
         print(f'error: config key data.service={self._address!r}: the '
               f'dispatcher has not answered for --cluster_timeout='
               f'{self._timeout:g}s; restart it (python -m '

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -208,10 +207,16 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
     run_record.check_layout(model_dir, layout, config.train.global_batch_size)
   trainer = validation.built(trainer_cls, config, strategy)
   options = controller_options(config, trainer)
-  if config.data.service:
-    _check_data_service(config.data.service, deterministic=deterministic)
+  # Only training reads through the service (evaluation reads its split
+  # here), so only a training mode needs the dispatcher.
+  use_service = bool(config.data.service) and mode in ('train',
+                                                       'train_and_eval')
+  if use_service:
+    service_watch.check(config.data.service, deterministic=deterministic)
+    # Named after --model_dir as given (not made absolute against each
+    # worker's own working directory): every worker of the run reads one job.
     options = dataclasses.replace(options, data_service_job='distloop-' + (
-        hashlib.sha1(os.path.abspath(model_dir).encode()).hexdigest()[:12]))
+        hashlib.sha1(model_dir.rstrip('/').encode()).hexdigest()[:12]))
   if mode != 'train_and_eval':  # Only train_and_eval evaluates periodically.
     options = dataclasses.replace(options, eval_every=0)
   logging.info('%s on %d replica(s) (%s), global batch %d, mode %s',
@@ -225,13 +230,14 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
       prefix=f'distloop-worker{strategy.cluster_resolver.task_id}-')
   options = dataclasses.replace(
       options, profile_steps=profile_steps if is_chief else None)
-  watch = config.data.service and service_watch.DispatcherWatch(
+  watch = use_service and service_watch.DispatcherWatch(
       config.data.service, timeout=cluster_timeout,
       exit_code=failure_exit_code)
   try:
     return _run_mode(config, mode, trainer, options, model_dir=model_dir,
                      write_dir=write_dir, is_chief=is_chief,
-                     strategy_name=strategy_name, started=started)
+                     strategy_name=strategy_name, started=started,
+                     on_trained=watch.stop if watch else lambda: None)
   finally:
     if watch:
       watch.stop()
@@ -239,29 +245,12 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
       shutil.rmtree(write_dir, ignore_errors=True)
 
 
-def _check_data_service(address: str, *, deterministic: bool) -> None:
-  """Refuses what the service cannot hold; warns of what it changes."""
-  if deterministic:
-    raise UserError(f'flag --deterministic with config key data.service='
-                    f'{address!r}: the service hands out batches in the '
-                    'order its workers finish them, so runs differ; drop '
-                    'one of the two')
-  host, _, port = address.removeprefix('grpc://').rpartition(':')
-  try:
-    socket.create_connection((host, int(port)), timeout=10).close()
-  except OSError as e:
-    raise UserError(f'config key data.service={address!r}: no dispatcher '
-                    f'answers there ({e.strerror or e}); start one with '
-                    'python -m input.data_service or fix the address') from e
-  logging.warning('data.service=%s: the training input comes from the '
-                  'tf.data service; its order is not reproducible, so a '
-                  'resumed run goes on with other batches than the '
-                  'interrupted one would have read (docs/cluster.md)', address)
-
-
 def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
-              is_chief, strategy_name, started):
+              is_chief, strategy_name, started, on_trained):
   """run() once the trainer exists; writes go to write_dir only.
+
+  `on_trained()` is called when training is over, before the final
+  evaluation and export (which need no tf.data service).
 
   TensorBoard summaries are written by the chief only: by train and
   train_and_eval into model_dir (config and hparams), model_dir/train and
@@ -344,7 +333,9 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
         trial_id=os.path.basename(os.path.normpath(model_dir)))
     run_writer.flush()
     controller = make_controller(train_writer, eval_writer)
+    preemption.set_phase('training')
     controller.train()
+    on_trained()
     preemption.set_phase('the final evaluation')
     if mode == 'train_and_eval':
       controller.evaluate_and_track()
@@ -361,6 +352,7 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
       logging.info('%s', ledger.finish())
       run_writer.write_scalars(ledger.step,
                                ledger.scalars(ledger.last_totals))
+  preemption.raise_pending()
   return metrics
 
 
