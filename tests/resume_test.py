@@ -519,9 +519,9 @@ def test_sigterm_outside_training_exits_with_the_retryable_code(tmp_path,
   assert not checkpoint_steps(model_dir)
   late = Logged(tmp_path, 'late', *args)
   started(late)
-  wait_for(lambda: 'ckpt-16' in late.stderr(), run=late,
-           what='the last checkpoint')
-  time.sleep(1)  # The final evaluation (~5 s: 0.3 s per batch) is running.
+  # The final evaluation (~5 s: 0.3 s per batch) is running.
+  wait_for(lambda: 'slow eval batch' in late.stderr().partition('ckpt-16')[2],
+           run=late, what='the final evaluation')
   os.kill(late.pid, signal.SIGTERM)
   assert late.wait() == 143, late.tail()
   assert lines_with(late.stderr(),

@@ -10,6 +10,7 @@ features. Replicas therefore hold different numbers of real tokens.
 
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -224,7 +225,10 @@ class SlowEval(SequenceTrainer):
       return dataset
 
     def slow(batch):
-      tf.py_function(lambda: time.sleep(0.3), [], [])
+      def sleep():
+        print('slow eval batch', file=sys.stderr, flush=True)
+        time.sleep(0.3)
+      tf.py_function(sleep, [], [])
       return batch
     return dataset.map(slow)
 

@@ -50,12 +50,28 @@ class Preempted(Exception):
 
 
 _phase = ['start-up']
+# The phase of a SIGTERM the guard raised Preempted for. Python runs a
+# signal handler between any two bytecodes, also inside a finalizer or a
+# weakref callback, where an exception is printed and dropped: the next
+# set_phase (or training's start) raises it again.
+_pending = []
 
 
 def set_phase(phase: str) -> None:
   """Names where the run is (start-up, restore, evaluation...) for the
-  message of a SIGTERM that arrives there."""
+  message of a SIGTERM that arrives there.
+
+  Raises:
+    Preempted: a SIGTERM arrived earlier and its Preempted was dropped.
+  """
+  raise_pending()
   _phase[0] = phase
+
+
+def raise_pending() -> None:
+  """Raises the Preempted of a SIGTERM whose first raise was dropped."""
+  if _pending:
+    raise Preempted(phase=_pending[0])
 
 
 def install_guard() -> None:
@@ -64,6 +80,7 @@ def install_guard() -> None:
   def guard(signum, frame):
     del signum, frame
     logging.warning('SIGTERM received during %s', _phase[0])
+    _pending[:] = [_phase[0]]
     raise Preempted(phase=_phase[0])
   signal.signal(signal.SIGTERM, guard)
 
@@ -77,13 +94,15 @@ class SigtermWatcher:
 
   def __init__(self, on_sigterm):
     self._on_sigterm = on_sigterm
-    self.requested = False
+    self._signalled = False  # Set by the handler, in the main thread.
+    self._triggered = False  # Set by the watcher thread.
     self._old_handler = None
     self._old_fd = None
     self._thread = None
     self._reader = self._writer = None
 
   def __enter__(self):
+    raise_pending()
     self._reader, self._writer = socket.socketpair()
     self._writer.setblocking(False)
     self._old_fd = signal.set_wakeup_fd(self._writer.fileno(),
@@ -102,12 +121,18 @@ class SigtermWatcher:
     self._reader.close()
     return False
 
+  @property
+  def requested(self) -> bool:
+    return self._signalled or self._triggered
+
   def _handler(self, signum, frame):
     # Runs in the main thread between any two Python bytecodes, possibly
     # while a step is being traced (in a replica context, inside a graph),
-    # so it does nothing: the same signal wakes the watcher thread through
-    # the wakeup fd, and `_trigger` runs there, outside any graph.
+    # so it only marks the request for the main thread's next check: the
+    # same signal wakes the watcher thread through the wakeup fd, and
+    # `_trigger` runs there, outside any graph.
     del signum, frame
+    self._signalled = True
 
   def _watch(self):
     while True:
@@ -121,8 +146,8 @@ class SigtermWatcher:
         self._trigger()
 
   def _trigger(self):
-    if not self.requested:
-      self.requested = True
+    if not self._triggered:
+      self._triggered = True
       logging.warning('SIGTERM received: stopping after the step in flight '
                       'to save a checkpoint')
       self._on_sigterm()
