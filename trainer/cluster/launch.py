@@ -11,7 +11,10 @@ died (tensorflow#35878), so when a worker exits non-zero the others are
 stopped (SIGTERM, then SIGKILL after --grace_period) and the launcher exits
 with that worker's status: 42 (preempted) stays 42. SIGTERM or SIGINT sent to
 the launcher is forwarded to every worker, so preempting the launcher
-preempts the job. The last line on stderr says how the job ended.
+preempts the job; a worker still running --grace_period seconds after
+another exited is killed (one preempted before its training loop leaves the
+others blocked in their next all-reduce). The last line on stderr says how
+the job ended.
 
 Imports no TensorFlow, so it starts at once.
 """
@@ -152,18 +155,27 @@ class _Job:
     The job ends when every worker has exited, or at the first failure: the
     others would wait for the failed one forever. After a signal was
     forwarded, the workers are left to finish (e.g. their preemption
-    checkpoint) and all are waited for.
+    checkpoint) and all are waited for, until one has exited: the rest
+    then have the grace period, and are killed after it.
     """
     deadline = (None if cluster_timeout is None else
                 time.monotonic() + cluster_timeout)
     waiting = set(range(len(self._procs)))  # Ports not yet seen listening.
     failed = None
+    first_exit = None  # When a worker first exited after a forwarded signal.
     while True:
       codes = [p.poll() for p in self._procs]
       if failed is None:
         failed = next((i for i, c in enumerate(codes) if c), None)
       if None not in codes or (failed is not None and not self._signals):
         break
+      if self._signals and any(c is not None for c in codes):
+        # A worker that got the signal before its training loop exits at
+        # once; one inside it stops at the next step's all-reduce, which
+        # waits for the exited peer forever: it has the grace period.
+        first_exit = first_exit or time.monotonic()
+        if time.monotonic() - first_exit > self._grace_period:
+          break
       waiting -= {i for i, c in enumerate(codes) if c is not None}
       waiting -= {i for i in waiting if _listening(self._ports[i])}
       if (waiting and deadline is not None and not self._signals and
@@ -176,13 +188,22 @@ class _Job:
             f'{len(self._procs)} workers')
       time.sleep(_POLL_SECS)
     running = [i for i, c in enumerate(codes) if c is None]
+    if running and self._signals:
+      self.kill_all()
+      stopped = (f'; killed worker(s) {_names(running)}, still running '
+                 f'{self._grace_period:g}s (--grace_period) after another '
+                 'exited')
+      if failed is None:  # The others exited 0: the killed one failed.
+        failed = running[0]
+        codes = [p.returncode for p in self._procs]
+    else:
+      stopped = f'; stopped worker(s) {_names(running)}' if running else ''
     self.stop()
     if failed is None:
       return self._summary(0, f'all {len(codes)} workers exited 0')
     status = _exit_status(codes[failed])
     how = (f'was killed by signal {-codes[failed]}' if codes[failed] < 0
            else f'exited with status {codes[failed]}')
-    stopped = f'; stopped worker(s) {_names(running)}' if running else ''
     return self._summary(status, f'worker {failed} {how}{stopped}; exiting '
                          f'with status {status}')
 
@@ -262,7 +283,9 @@ def _die_with_parent():
 flags.DEFINE_integer('num_workers', 2, 'How many workers to run.')
 flags.DEFINE_string('program', MAIN, 'The Python script every worker runs.')
 flags.DEFINE_float('grace_period', 10.0, 'Seconds between SIGTERM and SIGKILL '
-                   'when stopping the workers after one failed.')
+                   'when stopping the workers after one failed; after a '
+                   'forwarded SIGTERM, seconds the others have to exit once '
+                   'one has.')
 flags.DEFINE_float('cluster_timeout', 300.0, 'Seconds within which every '
                    'worker must listen on its TF_CONFIG port (its TensorFlow '
                    'server is up); 0: no limit (for a --program that starts '

@@ -37,6 +37,11 @@ for step in (steps.get(str(index)) or steps.get('all') or 'exit:0').split(','):
       open(os.path.join(record_dir, f'sigterm-{index}'), 'w').close()
       sys.exit(42)
     signal.signal(signal.SIGTERM, on_term)
+  elif name == 'slow_term':  # A chief whose save takes a while: exit 42.
+    def on_term(signum, frame, seconds=float(value)):
+      time.sleep(seconds)
+      sys.exit(42)
+    signal.signal(signal.SIGTERM, on_term)
   elif name == 'ignore_term':
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
   elif name == 'listen':  # As a TensorFlow server would.
@@ -184,6 +189,52 @@ def test_second_sigterm_kills_workers_that_ignore_the_first(fake_worker):
       'launch: got SIGTERM, forwarded to the workers; got SIGTERM again, '
       'killed the workers; worker [01] was killed by signal 9',
       proc.stderr.read().splitlines()[-1])
+
+
+def _sigterm_to_launcher(command):
+  """Starts `command`, SIGTERMs it once every worker is ready; returns
+  (exit status, seconds from SIGTERM to exit, last line on stderr)."""
+  proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_until_ready(proc, 2)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    status = proc.wait(timeout=20)
+    seconds = time.monotonic() - start
+  finally:
+    proc.kill()
+  return status, seconds, proc.stderr.read().splitlines()[-1]
+
+
+def test_after_sigterm_a_worker_blocked_on_an_exited_one_is_killed(
+    fake_worker, tmp_path):
+  """Worker 1 exits 42 on SIGTERM (preempted before its training loop);
+  worker 0 ignores it, as one waiting in an all-reduce for worker 1 does."""
+  status, seconds, last_line = _sigterm_to_launcher(_command(
+      fake_worker, '0=ignore_term,ready,sleep:60',
+      f'1=record_term:{tmp_path},ready,sleep:60', flags=['--grace_period=1']))
+  assert status == 42, last_line
+  assert 1 <= seconds < 10
+  assert (tmp_path / 'sigterm-1').exists()
+  assert last_line == (
+      'launch: got SIGTERM, forwarded to the workers; worker 1 exited with '
+      'status 42; killed worker(s) 0, still running 1s (--grace_period) '
+      'after another exited; exiting with status 42')
+
+
+def test_after_sigterm_a_worker_slower_to_save_is_waited_for(fake_worker,
+                                                             tmp_path):
+  """Worker 0 exits 2 s after worker 1 (the chief's checkpoint write takes
+  longer): within the grace period, so it finishes."""
+  status, seconds, last_line = _sigterm_to_launcher(_command(
+      fake_worker, '0=slow_term:2,ready,sleep:60',
+      f'1=record_term:{tmp_path},ready,sleep:60', flags=['--grace_period=8']))
+  assert status == 42, last_line
+  assert 2 <= seconds < 8
+  assert last_line == (
+      'launch: got SIGTERM, forwarded to the workers; worker 1 exited with '
+      'status 42; exiting with status 42')
 
 
 def test_worker_not_listening_within_cluster_timeout_fails(fake_worker):
