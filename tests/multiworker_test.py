@@ -139,21 +139,20 @@ def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
         launch_command(2, *long_run, f'--model_dir={model_dir}'),
         cwd=runner.REPO, env=env, stdout=subprocess.DEVNULL, stderr=out,
         text=True)
-  # Each worker logs where its summaries go just before it starts training.
-  ready = {'[worker 0]': 'TensorBoard summaries in',
-           '[worker 1]': 'not the chief: this worker writes no TensorBoard'}
-
+  # Each worker logs this once SIGTERM saves rather than ends the run at
+  # once (a worker that exits at once leaves the other blocked in its next
+  # all-reduce until the launcher kills it).
   def both_ready():
     lines = log.read_text().splitlines()
-    return all(any(line.startswith(worker) and text in line for line in lines)
-               for worker, text in ready.items())
+    return all(any(line.startswith(worker) and '] training from step 0 ' in
+                   line for line in lines)
+               for worker in ('[worker 0]', '[worker 1]'))
   deadline = time.monotonic() + 120
   while not both_ready():
     assert job.poll() is None, log.read_text()[-4000:]
     assert time.monotonic() < deadline, log.read_text()[-4000:]
     time.sleep(0.2)
-  # Both workers log that line once their loops are traced, right before
-  # training: a second later both are inside the 800-step (~4-6 s) loop.
+  # A second later both are inside the 800-step (~4-6 s) loop.
   time.sleep(1)
   job.send_signal(signal.SIGTERM)
   signalled = time.monotonic()
@@ -170,6 +169,46 @@ def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
   resumed = run_launcher(2, *long_run, f'--model_dir={model_dir}')
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   reference = run_launcher(2, *long_run, f'--model_dir={tmp_path / "ref"}')
+  assert reference.returncode == 0, reference.stderr[-4000:]
+  assert_same_weights(tmp_path / 'ref', model_dir, rtol=0)
+
+
+# (step of the SIGTERM, steps the save may be at): between loops the stop
+# request reaches one of the next loop's first steps (the watcher thread
+# sets it a moment after the signal); after the last loop, step 60.
+@pytest.mark.parametrize('at, saved', [(20, range(21, 30)), (60, [60])])
+def test_sigterm_to_one_worker_between_loops_stops_both_at_one_step(
+    tmp_path, at, saved):
+  """Worker 1 alone gets SIGTERM, from an action between two inner loops
+  (as a preempted node's pod does), or after the last one: both workers
+  stop after the same step, save one checkpoint and exit 42; the resumed
+  run ends where an uninterrupted one does."""
+  args = ('--config=configs/digits_mlp.py:smoke', '--deterministic',
+          '--config.trainer=tests.user_trainers:KilledAtStep',
+          '--config.train.steps=60', '--config.train.steps_per_loop=10',
+          '--config.checkpoint.every_steps=0', MWMS)
+  model_dir = tmp_path / 'run'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+             DISTLOOP_TEST_KILL_AT=str(at),
+             DISTLOOP_TEST_KILL_SIGNAL='SIGTERM',
+             DISTLOOP_TEST_KILL_WORKER='1')
+  preempted = subprocess.run(
+      launch_command(2, *args, f'--model_dir={model_dir}'), cwd=runner.REPO,
+      capture_output=True, text=True, timeout=240, env=env, check=False)
+  assert preempted.returncode == 42, preempted.stderr[-4000:]
+  lines = [line for line in preempted.stderr.splitlines()
+           if 'preempted by SIGTERM during training' in line]
+  assert sorted(line[:10] for line in lines) == ['[worker 0]', '[worker 1]']
+  # Both stopped after the same step and saved it once.
+  steps = {int(line.split(' at step ')[1].split(';')[0]) for line in lines}
+  assert len(steps) == 1 and steps <= set(saved), lines
+  assert 'killed worker' not in preempted.stderr
+  checkpoints = glob.glob(str(model_dir / 'ckpt-*.index'))
+  assert [os.path.basename(p) for p in checkpoints] == [
+      f'ckpt-{steps.pop()}.index']
+  resumed = run_launcher(2, *args, f'--model_dir={model_dir}')
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  reference = run_launcher(2, *args, f'--model_dir={tmp_path / "ref"}')
   assert reference.returncode == 0, reference.stderr[-4000:]
   assert_same_weights(tmp_path / 'ref', model_dir, rtol=0)
 

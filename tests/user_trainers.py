@@ -8,6 +8,7 @@ rest padding; the label of a real token is a fixed linear function of its
 features. Replicas therefore hold different numbers of real tokens.
 """
 
+import json
 import os
 import signal
 import sys
@@ -236,14 +237,27 @@ class SlowEval(SequenceTrainer):
 class KilledAtStep(classifier.ClassifierTrainer):
   """The digits classifier, sent SIGKILL by itself right after step
   $DISTLOOP_TEST_KILL_AT (when set): a real kill -9 at a known step, for the
-  goodput's count of lost steps (tests/resume_test.py)."""
+  goodput's count of lost steps (tests/resume_test.py).
+
+  $DISTLOOP_TEST_KILL_SIGNAL=SIGTERM sends that signal instead, and
+  $DISTLOOP_TEST_KILL_WORKER=I only to worker I of a TF_CONFIG cluster: a
+  preemption of one worker between two inner loops.
+  """
 
   def actions(self):
     at = os.environ.get('DISTLOOP_TEST_KILL_AT')
     if not at:
       return []
+    signum = signal.Signals[os.environ.get('DISTLOOP_TEST_KILL_SIGNAL',
+                                           'SIGKILL')]
+    worker = os.environ.get('DISTLOOP_TEST_KILL_WORKER')
+    if worker is not None:
+      task = json.loads(os.environ['TF_CONFIG'])['task']
+      if task['index'] != int(worker):
+        return []
 
     def kill(context):
       if context.step == int(at):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return [actions_lib.Action(kill, every_steps=int(at), name='kill')]
+        os.kill(os.getpid(), signum)
+    return [actions_lib.Action(kill, every_steps=int(at), name='kill',
+                               everywhere=True)]

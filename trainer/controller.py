@@ -186,8 +186,11 @@ class Controller:
         every_secs=self.options.log_every_secs)
     try:
       with preemption.SigtermWatcher(self._request_stop) as watcher:
+        logging.info('training from step %d to step %d (from here on, '
+                     'SIGTERM stops after the step in flight)', self.step,
+                     self.total_steps)
         while self.step < self.total_steps:
-          if watcher.requested:
+          if status_lib.host_stops(watcher.requested, trainer.strategy):
             self._preempt()
           metrics, seconds, untimed = self._train_loop(iterator)
           self.history.append((self.step, metrics))
@@ -201,7 +204,8 @@ class Controller:
             iterator = self._recover(retries)
             continue
           self._meter.add(metrics, seconds, untimed)
-          if status == status_lib.STOP_REQUESTED or watcher.requested:
+          if (status == status_lib.STOP_REQUESTED or
+              status_lib.host_stops(watcher.requested, trainer.strategy)):
             self._preempt()
           if self._due(self.options.summary_every):
             self._write_train_summary()
@@ -216,8 +220,8 @@ class Controller:
           self._write_train_summary()
         if self.checkpointer and self.checkpointer.last_saved_step != self.step:
           self._save()
-        if watcher.requested:  # After the last step: saved, now preempt.
-          self._preempt()
+        if status_lib.any_worker(watcher.requested, trainer.strategy):
+          self._preempt()  # After the last step: saved, now preempt.
         self._run_actions('end')
     except BaseException:
       if self.checkpointer:

@@ -4,6 +4,8 @@ The status is decided from values that went through the step's all-reduce
 (the global loss, the global gradient norm, the host's stop request), so
 every replica of every worker computes the same one and the inner loop ends
 after the same step everywhere. Anything but OK (or OVERFLOW) ends the loop.
+Between inner loops the host's own stop decisions are agreed the same way
+(`host_stops`, `any_worker`).
 """
 
 import tensorflow as tf
@@ -49,3 +51,36 @@ def local(loss, stop_requested):
   finite = tf.reduce_all(tf.math.is_finite(loss))
   return tf.where(finite, tf.where(stop_requested > 0, STOP_REQUESTED, OK),
                   NONFINITE)
+
+
+def several_workers(strategy) -> bool:
+  """Whether `strategy` spans several worker processes (each with its own
+  host loop)."""
+  return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and
+          len(strategy.extended.worker_devices) <
+          strategy.num_replicas_in_sync)
+
+
+def host_stops(requested: bool, strategy) -> bool:
+  """Whether the host stops between two inner loops for a stop request.
+
+  One process: when it has one. Several workers: never by itself. Each
+  worker's SIGTERM lands at its own moment; a worker that stopped here
+  alone would leave the others waiting in their next all-reduce forever.
+  Its request goes into the next step's all-reduce instead, and every
+  worker stops after that step (`agreed`).
+  """
+  return requested and not several_workers(strategy)
+
+
+def any_worker(flag: bool, strategy) -> bool:
+  """`flag` or'ed over the workers: one all-reduce, which every worker must
+  reach at the same point of its host loop (e.g. after the last step)."""
+  if not several_workers(strategy):
+    return flag
+
+  @tf.function  # An eager strategy.run warns of its overhead.
+  def count(value):
+    flags = strategy.run(tf.identity, args=(value,))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None)
+  return float(count(tf.constant(float(flag)))) > 0
