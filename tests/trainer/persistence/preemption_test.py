@@ -9,6 +9,11 @@ import pytest
 
 from trainer.persistence import preemption
 
+# The dropped Preempted is what these tests make: Python prints it from the
+# finalizer and pytest reports that as a warning.
+pytestmark = pytest.mark.filterwarnings(
+    'ignore::pytest.PytestUnraisableExceptionWarning')
+
 
 @pytest.fixture
 def guard():
