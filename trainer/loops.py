@@ -58,7 +58,28 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
       extras['grad_norm'] = tf.where(status_lib.applied(status), norm, 0.0)
     sums.add(values, examples=tf.shape(loss)[0], **extras)
     return status if gathered is None else (status, gathered)
-  return step
+  if train or not skips_empty_eval_batches(trainer):
+    return step
+
+  def eval_step(batch):
+    # The last, partial global batch of a split can leave a replica with
+    # no example. That adds nothing, so it does not run: TensorFlow 2.21's
+    # oneDNN conv2d gives an empty batch its input's shape on some CPUs
+    # (AMX), and the next layer fails.
+    size = contracts.batch_size(batch)
+    if isinstance(size, int):
+      return step(batch)
+    return tf.cond(size > 0, lambda: step(batch),
+                   lambda: tf.constant(status_lib.OK))
+  return eval_step
+
+
+def skips_empty_eval_batches(trainer) -> bool:
+  """Whether an eval step on an empty replica batch is skipped: with the
+  built-in eval_step (an override may call a collective, which every
+  replica must reach) and no eval outputs to gather."""
+  return (getattr(type(trainer).eval_step, 'is_default', False) and
+          not gathers_eval_outputs(trainer))
 
 
 def train_loop(trainer, iterator, num_steps, *, timed: bool):

@@ -287,6 +287,8 @@ class Trainer:
       values['outputs'] = gathered
     return values
 
+  eval_step.is_default = True  # Empty replica batches are skipped (loops.py).
+
   # ---------------------------------------------------------------------------
   # Input and loops: called from the host by the controller.
 

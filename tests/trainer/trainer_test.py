@@ -169,6 +169,44 @@ def test_eval_counts_each_example_once_on_3_replicas():
     assert metrics['accuracy'] == pytest.approx(accuracy, abs=1e-6)
 
 
+class NonEmptyForward(ClassifierTrainer):
+  """Fails on an empty batch, as a conv model does on CPUs whose oneDNN
+  conv2d mis-shapes one."""
+
+  def forward(self, batch, training):
+    features, _ = batch
+    tf.debugging.assert_greater(tf.shape(features)[0], 0,
+                                message='forward got an empty batch')
+    return super().forward(batch, training)
+
+
+class OwnEvalStep(NonEmptyForward):
+
+  def eval_step(self, batch):
+    return super().eval_step(batch)
+
+
+def test_eval_skips_an_empty_replica_batch_unless_eval_step_is_overridden():
+  # 360 = 3 x 96 + 72: in the last batch replicas 0-2 get 24 examples and
+  # replica 3 none.
+  config = make_config('sgd', data='digits', batch=96)
+  tf.keras.utils.set_random_seed(config.seed)
+  one = NonEmptyForward(config=config, strategy=strategy_for(1))
+  four = NonEmptyForward(config=config, strategy=strategy_for(4))
+  four.model.set_weights(one.model.get_weights())
+  expected = one.evaluate('test')
+  metrics = four.evaluate('test')
+  assert metrics['examples'] == expected['examples'] == 360
+  assert metrics['loss'] == pytest.approx(expected['loss'], rel=1e-5)
+  assert metrics['accuracy'] == pytest.approx(expected['accuracy'], abs=1e-6)
+  # An overridden eval_step may call a collective that every replica must
+  # reach: it runs on the empty batch too.
+  own = OwnEvalStep(config=config, strategy=strategy_for(4))
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match='forward got an empty batch'):
+    own.evaluate('test')
+
+
 def test_clipping_after_all_reduce_matches_across_replicas():
   config = make_config('sgd', clip_norm=0.05)
   tf.keras.utils.set_random_seed(config.seed)
