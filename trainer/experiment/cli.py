@@ -253,13 +253,41 @@ def run_request(flag_values) -> RunRequest:
       os.environ.pop('CLUSTER_SPEC', None)
   config = f.config
   schema.validate(config)
+  model_dir = f.model_dir or default_model_dir(
+      config_flags.get_config_filename(f['config']))
+  check_model_dir(model_dir, mode)
   return RunRequest(
       config=config, mode=mode, strategy=strategy, tpu=f.tpu,
-      model_dir=f.model_dir or default_model_dir(
-          config_flags.get_config_filename(f['config'])),
+      model_dir=model_dir,
       tpu_timeout=f.tpu_timeout, num_cpu_devices=f.num_cpu_devices,
       cluster_timeout=f.cluster_timeout, deterministic=f.deterministic,
       profile_steps=profile_steps, retryable_exit_code=code)
+
+
+def check_model_dir(model_dir: str, mode: str) -> None:
+  """Refuses a --model_dir that cannot serve `mode`, before TensorFlow.
+
+  Creates nothing: training makes the directory only once the Trainer has
+  passed validation (trainer/experiment/run.py probes it again then).
+  """
+  if mode in ('eval', 'export'):
+    if not os.path.isdir(model_dir):
+      raise UserError(f'--mode={mode} needs a trained run in --model_dir, '
+                      f'but {model_dir!r} does not exist')
+    return
+  if mode == 'continuous_eval':
+    return  # It waits for the training run to make the directory.
+  existing = os.path.abspath(model_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    problem = f'{existing!r} is a file'
+  elif not os.access(existing, os.W_OK | os.X_OK):
+    problem = f'{existing!r} is not writable'
+  else:
+    return
+  raise UserError(f'flag --model_dir={model_dir!r} is not a writable '
+                  f'directory ({problem}); pass a directory you can write to')
 
 
 def default_model_dir(config_path: str) -> str:

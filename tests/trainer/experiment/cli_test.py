@@ -35,7 +35,13 @@ PROBE = textwrap.dedent('''
     (('--strategy=multi_worker_mirrored', '--worker_hosts=a:1,b:2'),
      '--task_index'),
     (('--profile_steps=5,1',), 'flag --profile_steps='),
-], ids=['key', 'value', 'variant', 'mode', 'tpu', 'worker_hosts', 'profile'])
+    (('--model_dir=README.md/runs/a',), "flag --model_dir='README.md/runs/a' "
+     f"is not a writable directory ('{runner.REPO}/README.md' is a file)"),
+    (('--mode=export', '--model_dir=runs/never-trained'),
+     "--mode=export needs a trained run in --model_dir, but "
+     "'runs/never-trained' does not exist"),
+], ids=['key', 'value', 'variant', 'mode', 'tpu', 'worker_hosts', 'profile',
+        'model_dir', 'export_without_run'])
 def test_a_bad_flag_or_key_exits_2_without_importing_tensorflow(args,
                                                                  message):
   result = subprocess.run([sys.executable, '-c', PROBE, *args],
