@@ -145,14 +145,16 @@ def test_eval_and_export_modes_read_the_trained_run(tmp_path):
   model_dir = tmp_path / 'run'
   trained = runner.run_main(SMOKE, f'--model_dir={model_dir}')
   assert trained.returncode == 0, trained.stderr[-3000:]
-  evaluated = runner.run_main(SMOKE, '--mode=eval', f'--model_dir={model_dir}')
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  assert runner.final_eval(evaluated.stdout) == runner.final_eval(
-      trained.stdout)
-  exported = runner.run_main(SMOKE, '--mode=export',
-                             f'--model_dir={model_dir}')
-  assert exported.returncode == 0, exported.stderr[-3000:]
-  assert exported.stdout.strip() == f'exported: {model_dir / "export"}'
+  # Side by side: both only read the run (export writes model_dir/export).
+  evaluating, exporting = (
+      runner.start_main(SMOKE, f'--mode={mode}', f'--model_dir={model_dir}')
+      for mode in ('eval', 'export'))
+  (evaluated, eval_err), (exported, export_err) = (
+      p.communicate(timeout=300) for p in (evaluating, exporting))
+  assert evaluating.returncode == 0, eval_err[-3000:]
+  assert runner.final_eval(evaluated) == runner.final_eval(trained.stdout)
+  assert exporting.returncode == 0, export_err[-3000:]
+  assert exported.strip() == f'exported: {model_dir / "export"}'
   assert (model_dir / 'export' / 'saved_model.pb').exists()
 
 

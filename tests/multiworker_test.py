@@ -41,6 +41,26 @@ def run_launcher(num_workers, *args, timeout=240):
                         env=env, check=False)
 
 
+def run_launchers(*arg_lists, launcher_flags=('--num_workers=2',),
+                  timeout=240):
+  """Runs one launcher per list of worker arguments side by side (start-up,
+  mostly TensorFlow's import, is one core's work per process); returns their
+  CompletedProcess in order."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  processes = [subprocess.Popen([sys.executable, '-m', 'trainer.cluster.launch',
+                                 *launcher_flags, '--', *args],
+                                cwd=runner.REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for args in arg_lists]
+  results = []
+  for process in processes:
+    stdout, stderr = process.communicate(timeout=timeout)
+    results.append(subprocess.CompletedProcess(process.args,
+                                               process.returncode, stdout,
+                                               stderr))
+  return results
+
+
 def assert_same_weights(dir_a, dir_b, rtol=1e-5):
   a = runner.restored_model_weights(str(dir_a))
   b = runner.restored_model_weights(str(dir_b))
@@ -70,14 +90,12 @@ def test_two_workers_match_one_process_through_the_launcher(tmp_path):
   for n, process in single.items():
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr[-3000:]
-  for cpus in (1, 2):
+  args = [a for a in worker_args if not a.startswith('--model_dir')]
+  results = run_launchers(*([*args, f'--model_dir={tmp_path}/workers2x{cpus}',
+                             f'--num_cpu_devices={cpus}'] for cpus in (1, 2)),
+                          launcher_flags=launcher)
+  for cpus, result in zip((1, 2), results):
     model_dir = tmp_path / f'workers2x{cpus}'
-    args = [a for a in worker_args if not a.startswith('--model_dir')]
-    result = subprocess.run(
-        [sys.executable, '-m', 'trainer.cluster.launch', *launcher, '--',
-         *args, f'--model_dir={model_dir}', f'--num_cpu_devices={cpus}'],
-        cwd=runner.REPO, capture_output=True, text=True, timeout=240,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     assert 'launch: all 2 workers exited 0' in result.stderr
     assert_same_weights(tmp_path / f'single{2 * cpus}', model_dir)
@@ -166,9 +184,10 @@ def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
   (saved,) = glob.glob(str(model_dir / 'ckpt-*.index'))
   step = int(saved.rsplit('-', 1)[1].split('.')[0])
   assert 0 < step < 800
-  resumed = run_launcher(2, *long_run, f'--model_dir={model_dir}')
+  resumed, reference = run_launchers(
+      (*long_run, f'--model_dir={model_dir}'),
+      (*long_run, f'--model_dir={tmp_path / "ref"}'))
   assert resumed.returncode == 0, resumed.stderr[-4000:]
-  reference = run_launcher(2, *long_run, f'--model_dir={tmp_path / "ref"}')
   assert reference.returncode == 0, reference.stderr[-4000:]
   assert_same_weights(tmp_path / 'ref', model_dir, rtol=0)
 
@@ -206,9 +225,10 @@ def test_sigterm_to_one_worker_between_loops_stops_both_at_one_step(
   checkpoints = glob.glob(str(model_dir / 'ckpt-*.index'))
   assert [os.path.basename(p) for p in checkpoints] == [
       f'ckpt-{steps.pop()}.index']
-  resumed = run_launcher(2, *args, f'--model_dir={model_dir}')
+  resumed, reference = run_launchers(
+      (*args, f'--model_dir={model_dir}'),
+      (*args, f'--model_dir={tmp_path / "ref"}'))
   assert resumed.returncode == 0, resumed.stderr[-4000:]
-  reference = run_launcher(2, *args, f'--model_dir={tmp_path / "ref"}')
   assert reference.returncode == 0, reference.stderr[-4000:]
   assert_same_weights(tmp_path / 'ref', model_dir, rtol=0)
 
