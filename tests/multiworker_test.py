@@ -258,8 +258,8 @@ def test_user_trainers_on_two_workers_match_one_process(tmp_path, variant):
 
 def test_streaming_and_aggregated_metrics_on_two_workers(tmp_path):
   """AUC, F1 (Keras metric state summed over workers) and the median of
-  every example's loss (gathered from both workers) equal scikit-learn's on
-  the exported model's predictions."""
+  every example's loss (gathered from both workers) equal their definitions
+  computed on the host from the exported model's predictions."""
   from tests.trainer.parts import streaming_test  # pylint: disable=import-outside-toplevel
   model_dir = tmp_path / 'mw'
   result = run_launcher(2, '--config=examples/extras_config.py:smoke', MWMS,
