@@ -80,6 +80,10 @@ def main(argv):
     print(request.config)
     return
   try:
+    cli.check_model_dir(request.model_dir, request.mode)
+  except errors.UserError as e:
+    errors.fail(str(e))
+  try:
     from trainer.experiment import run  # pylint: disable=import-outside-toplevel
   except preemption.Preempted as e:  # While TensorFlow was being imported.
     cli.exit_preempted(e, request.retryable_exit_code)

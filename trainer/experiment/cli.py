@@ -253,12 +253,10 @@ def run_request(flag_values) -> RunRequest:
       os.environ.pop('CLUSTER_SPEC', None)
   config = f.config
   schema.validate(config)
-  model_dir = f.model_dir or default_model_dir(
-      config_flags.get_config_filename(f['config']))
-  check_model_dir(model_dir, mode)
   return RunRequest(
       config=config, mode=mode, strategy=strategy, tpu=f.tpu,
-      model_dir=model_dir,
+      model_dir=f.model_dir or default_model_dir(
+          config_flags.get_config_filename(f['config'])),
       tpu_timeout=f.tpu_timeout, num_cpu_devices=f.num_cpu_devices,
       cluster_timeout=f.cluster_timeout, deterministic=f.deterministic,
       profile_steps=profile_steps, retryable_exit_code=code)
@@ -270,6 +268,14 @@ def check_model_dir(model_dir: str, mode: str) -> None:
   Creates nothing: training makes the directory only once the Trainer has
   passed validation (trainer/experiment/run.py probes it again then).
   """
+  if '://' in model_dir:
+    # run.json, config.json, goodput, eval records and the cleanup of
+    # partial checkpoints use the local file system: a URL would split the
+    # run between the bucket and a local directory named 'gs:'.
+    raise UserError(f'flag --model_dir={model_dir!r} is a URL; distloop '
+                    'writes model_dir through the local file system: pass a '
+                    'local path or a mounted bucket (e.g. /gcs/BUCKET/run '
+                    'with Cloud Storage FUSE)')
   if mode in ('eval', 'export'):
     if not os.path.isdir(model_dir):
       raise UserError(f'--mode={mode} needs a trained run in --model_dir, '
@@ -277,7 +283,7 @@ def check_model_dir(model_dir: str, mode: str) -> None:
     return
   if mode == 'continuous_eval':
     return  # It waits for the training run to make the directory.
-  existing = os.path.abspath(model_dir)
+  existing = os.path.realpath(model_dir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):

@@ -291,6 +291,9 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
     return results[-1][1]
 
   if mode in ('eval', 'export'):
+    if not os.path.isdir(model_dir):  # main.py refused it before TensorFlow.
+      raise UserError(f'--mode={mode} needs a trained run in --model_dir, '
+                      f'but {model_dir!r} does not exist')
     run_record.check_or_write(model_dir, record, write=False)
     if mode == 'eval':
       validation.check(trainer, train=False, eval_split=options.eval_split)

@@ -36,12 +36,15 @@ PROBE = textwrap.dedent('''
      '--task_index'),
     (('--profile_steps=5,1',), 'flag --profile_steps='),
     (('--model_dir=README.md/runs/a',), "flag --model_dir='README.md/runs/a' "
-     f"is not a writable directory ('{runner.REPO}/README.md' is a file)"),
-    (('--mode=export', '--model_dir=runs/never-trained'),
+     f"is not a writable directory ('{os.path.realpath(runner.REPO)}/"
+     "README.md' is a file)"),
+    (('--mode=export', '--model_dir=/nonexistent/never-trained'),
      "--mode=export needs a trained run in --model_dir, but "
-     "'runs/never-trained' does not exist"),
+     "'/nonexistent/never-trained' does not exist"),
+    (('--model_dir=gs://bucket/run1',), "flag --model_dir='gs://bucket/run1' "
+     'is a URL; distloop writes model_dir through the local file system'),
 ], ids=['key', 'value', 'variant', 'mode', 'tpu', 'worker_hosts', 'profile',
-        'model_dir', 'export_without_run'])
+        'model_dir', 'export_without_run', 'model_dir_url'])
 def test_a_bad_flag_or_key_exits_2_without_importing_tensorflow(args,
                                                                  message):
   result = subprocess.run([sys.executable, '-c', PROBE, *args],

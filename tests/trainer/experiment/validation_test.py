@@ -1,6 +1,8 @@
 """Validate before writing: a Trainer's mistakes stop the run with one line
 naming the method, before anything lands in model_dir."""
 
+import os
+
 import pytest
 
 from tests import resume_test
@@ -88,6 +90,19 @@ def test_the_validated_trace_is_the_one_training_uses(tmp_path):
   finally:
     experiment.controller_lib.Controller.train = original
   assert traces['train_loop'] == 1 and traces['eval_loop'] == 1
+
+
+def test_an_unwritable_model_dir_is_refused_once_validated(tmp_path):
+  """Past main.py's early check (a caller of run(), or a directory that
+  changed since): the write probe refuses it, and nothing is touched."""
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  with pytest.raises(UserError, match=r"flag --model_dir='.*/file/run' is not "
+                     r'a writable directory \(Not a directory\)'):
+    experiment.run(config(), model_dir=str(blocker / 'run'),
+                   strategy_name='default')
+  assert blocker.read_text() == 'not a directory'
+  assert os.listdir(tmp_path) == ['file']
 
 
 def test_a_train_split_that_runs_out_unseen_is_one_line(tmp_path):
