@@ -145,12 +145,18 @@ def test_eval_and_export_modes_read_the_trained_run(tmp_path):
   model_dir = tmp_path / 'run'
   trained = runner.run_main(SMOKE, f'--model_dir={model_dir}')
   assert trained.returncode == 0, trained.stderr[-3000:]
-  # Side by side: both only read the run (export writes model_dir/export).
+  # Side by side: neither changes the checkpoints the other reads (eval
+  # appends to eval/metrics.jsonl, export writes model_dir/export).
   evaluating, exporting = (
       runner.start_main(SMOKE, f'--mode={mode}', f'--model_dir={model_dir}')
       for mode in ('eval', 'export'))
-  (evaluated, eval_err), (exported, export_err) = (
-      p.communicate(timeout=300) for p in (evaluating, exporting))
+  try:
+    (evaluated, eval_err), (exported, export_err) = (
+        p.communicate(timeout=300) for p in (evaluating, exporting))
+  finally:
+    for p in (evaluating, exporting):
+      if p.poll() is None:
+        p.kill()
   assert evaluating.returncode == 0, eval_err[-3000:]
   assert runner.final_eval(evaluated) == runner.final_eval(trained.stdout)
   assert exporting.returncode == 0, export_err[-3000:]

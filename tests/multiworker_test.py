@@ -53,11 +53,17 @@ def run_launchers(*arg_lists, launcher_flags=('--num_workers=2',),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                for args in arg_lists]
   results = []
-  for process in processes:
-    stdout, stderr = process.communicate(timeout=timeout)
-    results.append(subprocess.CompletedProcess(process.args,
-                                               process.returncode, stdout,
-                                               stderr))
+  try:
+    for process in processes:
+      stdout, stderr = process.communicate(timeout=timeout)
+      results.append(subprocess.CompletedProcess(process.args,
+                                                 process.returncode, stdout,
+                                                 stderr))
+  finally:
+    for process in processes:  # A timeout leaves none running (the launcher
+      if process.poll() is None:  # stops its workers on SIGTERM).
+        process.terminate()
+        process.wait(timeout=60)
   return results
 
 
