@@ -1,4 +1,4 @@
-"""TF_CONFIG for MultiWorkerMirroredStrategy, checked before any strategy.
+"""TF_CONFIG for the multi-process strategies, checked before any strategy.
 
 Job managers write it (Kubeflow's TFJob: lower-case replica types, an
 "environment" key, the evaluator outside "cluster"; Vertex AI: also
@@ -12,6 +12,7 @@ multi-host cluster makes a worker dial itself (tensorflow#57372). Every
 mistake found here is instead a one-line `UserError` naming the field.
 
   config = tf_config.from_environ()     # or parse(raw) / validate(dict)
+  config = tf_config.from_environ(strategy='parameter_server')  # + ps tasks
   tf_config.task_name(config)           # 'worker:1'
   tf_config.is_chief(config)            # chief, or worker 0 without a chief
   os.environ['TF_CONFIG'] = tf_config.from_flags('h1:2222,h2:2222', 1)
@@ -34,6 +35,11 @@ from trainer.errors import UserError
 # The only jobs MultiWorkerMirroredStrategy runs: "ps" belongs to
 # ParameterServerStrategy and "evaluator" is a side-car outside the cluster.
 JOBS = ('chief', 'worker')
+# ParameterServerStrategy's: the chief (the coordinator), workers, ps tasks.
+PS_JOBS = ('chief', 'worker', 'ps')
+_PS_EXAMPLE = ('{"cluster": {"chief": ["host0:2222"], "worker": '
+               '["host1:2222", "host2:2222"], "ps": ["host3:2222"]}, '
+               '"task": {"type": "ps", "index": 0}}')
 _EXAMPLE = ('{"cluster": {"worker": ["host1:2222", "host2:2222"]}, '
             '"task": {"type": "worker", "index": 0}}')
 _LOOPBACK_NAMES = ('localhost', 'ip6-localhost', '::1', '[::1]')
@@ -75,11 +81,14 @@ def from_cluster_spec(raw: str) -> dict:
   return dict(spec, cluster=cluster, task=task)
 
 
-def from_environ(environ=None) -> dict:
+def from_environ(environ=None, *,
+                 strategy: str = 'multi_worker_mirrored') -> dict:
   """Reads and validates the TF_CONFIG environment variable.
 
   Args:
     environ: the environment to read (default: os.environ).
+    strategy: the --strategy it is for: 'multi_worker_mirrored' or
+      'parameter_server' (whose cluster has a chief, workers and ps tasks).
   Returns:
     The validated TF_CONFIG (see `validate`).
   Raises:
@@ -88,38 +97,49 @@ def from_environ(environ=None) -> dict:
   environ = os.environ if environ is None else environ
   raw = environ.get('TF_CONFIG', '')
   if not raw.strip() and environ.get('CLUSTER_SPEC', '').strip():
-    config = validate(from_cluster_spec(environ['CLUSTER_SPEC']))
+    config = validate(from_cluster_spec(environ['CLUSTER_SPEC']),
+                      strategy=strategy)
     environ['TF_CONFIG'] = json.dumps(config)  # What TensorFlow reads.
     return config
+  if not raw.strip() and strategy == 'parameter_server':
+    raise UserError(
+        '--strategy=parameter_server needs the TF_CONFIG environment '
+        f'variable (e.g. {_PS_EXAMPLE}, the same cluster on every task); on '
+        'one machine run python -m trainer.cluster.launch --num_workers=N '
+        '--num_ps=M -- ARGS')
   if not raw.strip():
     raise UserError(
         '--strategy=multi_worker_mirrored needs the TF_CONFIG environment '
         f'variable (e.g. {_EXAMPLE}), or --worker_hosts=HOST:PORT,... '
         '--task_index=I; on one machine run python -m trainer.cluster.launch '
         '--num_workers=N -- ARGS')
-  return parse(raw)
+  return parse(raw, strategy=strategy)
 
 
-def parse(raw: str) -> dict:
+def parse(raw: str, *, strategy: str = 'multi_worker_mirrored') -> dict:
   """Parses a TF_CONFIG JSON string and validates it (see `validate`)."""
   try:
     tf_config = json.loads(raw)
   except json.JSONDecodeError as e:
     raise UserError(f'TF_CONFIG is not valid JSON ({e}); value: {raw!r}; '
                     f'expected e.g. {_EXAMPLE}') from e
-  return validate(tf_config)
+  return validate(tf_config, strategy=strategy)
 
 
-def validate(tf_config) -> dict:
-  """Checks a decoded TF_CONFIG for MultiWorkerMirroredStrategy.
+def validate(tf_config, *, strategy: str = 'multi_worker_mirrored') -> dict:
+  """Checks a decoded TF_CONFIG for MultiWorkerMirroredStrategy or, with
+  strategy='parameter_server', for ParameterServerStrategy.
 
   Rules: an object with "cluster" (job -> non-empty list of "host:port", jobs
-  "chief" (at most one entry) and "worker" only) and "task" ({"type": a job
-  of the cluster, "index": an int in range}); ports in 1..65535; no address
-  twice. Logs a warning when loopback addresses are mixed with other hosts.
+  "chief" (at most one entry) and "worker" only; for parameter_server
+  exactly one "chief", "worker" and "ps") and "task" ({"type": a job of the
+  cluster or "evaluator", "index": an int in range}); ports in 1..65535; no
+  address twice. Logs a warning when loopback addresses are mixed with
+  other hosts.
 
   Args:
     tf_config: the decoded JSON.
+    strategy: 'multi_worker_mirrored' or 'parameter_server'.
   Returns:
     A copy with task.index as an int (TensorFlow also accepts "1").
   Raises:
@@ -130,8 +150,9 @@ def validate(tf_config) -> dict:
   if not isinstance(tf_config, dict):
     raise UserError(f'TF_CONFIG must be a JSON object, got '
                     f'{json.dumps(tf_config)}; expected e.g. {_EXAMPLE}')
-  cluster = _validate_cluster(tf_config.get('cluster'))
-  task = _validate_task(tf_config.get('task'), cluster)
+  jobs = PS_JOBS if strategy == 'parameter_server' else JOBS
+  cluster = _validate_cluster(tf_config.get('cluster'), jobs)
+  task = _validate_task(tf_config.get('task'), cluster, jobs)
   _check_addresses([(f'cluster.{job}[{i}]', address)
                     for job, addresses in cluster.items()
                     for i, address in enumerate(addresses)], 'TF_CONFIG ')
@@ -142,9 +163,10 @@ def validate(tf_config) -> dict:
 
 
 def role(tf_config: dict) -> str:
-  """'chief' (the chief, or worker 0 without one), 'worker' or 'evaluator'."""
-  if tf_config['task']['type'] == 'evaluator':
-    return 'evaluator'
+  """'chief' (the chief, or worker 0 without one), 'worker', 'ps' or
+  'evaluator'."""
+  if tf_config['task']['type'] in ('evaluator', 'ps'):
+    return tf_config['task']['type']
   return 'chief' if is_chief(tf_config) else 'worker'
 
 
@@ -251,7 +273,7 @@ def num_workers(tf_config: dict) -> int:
   return sum(len(tf_config['cluster'].get(job, ())) for job in JOBS)
 
 
-def _validate_cluster(cluster) -> dict:
+def _validate_cluster(cluster, jobs) -> dict:
   if cluster is None:
     raise UserError(f'TF_CONFIG has no "cluster"; expected e.g. {_EXAMPLE}')
   if not isinstance(cluster, dict) or not cluster:
@@ -259,10 +281,17 @@ def _validate_cluster(cluster) -> dict:
                     'object of job name -> list of "host:port", e.g. '
                     '{"worker": ["host1:2222", "host2:2222"]}')
   for job, addresses in cluster.items():
-    if job not in JOBS:
+    if job not in jobs and job == 'ps':
       raise UserError(
-          f'TF_CONFIG cluster.{job}: MultiWorkerMirroredStrategy does not use '
-          f'"{job}" tasks (only "chief" and "worker"); remove cluster.{job}')
+          'TF_CONFIG cluster.ps: MultiWorkerMirroredStrategy does not use '
+          '"ps" tasks (only "chief" and "worker"); remove cluster.ps, or '
+          'pass --strategy=parameter_server')
+    if job not in jobs:
+      name, only = (('ParameterServerStrategy', '"chief", "worker" and "ps"')
+                    if 'ps' in jobs else
+                    ('MultiWorkerMirroredStrategy', '"chief" and "worker"'))
+      raise UserError(f'TF_CONFIG cluster.{job}: {name} does not use "{job}" '
+                      f'tasks (only {only}); remove cluster.{job}')
     if (not isinstance(addresses, list) or not addresses or
         not all(isinstance(a, str) for a in addresses)):
       raise UserError(f'TF_CONFIG cluster.{job}={json.dumps(addresses)} must '
@@ -272,10 +301,18 @@ def _validate_cluster(cluster) -> dict:
     raise UserError(f'TF_CONFIG cluster.chief has {len(cluster["chief"])} '
                     'entries; a cluster has at most one chief: move the '
                     'others to cluster.worker')
+  if 'ps' in jobs:
+    for job in jobs:
+      if job not in cluster:
+        raise UserError(
+            f'TF_CONFIG has no cluster.{job}: ParameterServerStrategy needs '
+            'a chief (it runs the training loop), workers (they run the '
+            'steps) and ps tasks (they hold the variables); e.g. '
+            f'{_PS_EXAMPLE}')
   return cluster
 
 
-def _validate_task(task, cluster: dict) -> dict:
+def _validate_task(task, cluster: dict, jobs) -> dict:
   if not isinstance(task, dict):
     raise UserError(
         f'TF_CONFIG task={json.dumps(task)} must be an object '
@@ -286,10 +323,11 @@ def _validate_task(task, cluster: dict) -> dict:
   if task_type == 'evaluator':
     # Outside the cluster, as TF_CONFIG conventions and TFJob put it.
     return dict(task, index=task.get('index', 0))
-  if task_type == 'ps':
+  if task_type == 'ps' and 'ps' not in jobs:
     raise UserError(f'TF_CONFIG task.type={task_type!r}: '
                     f'MultiWorkerMirroredStrategy does not use "{task_type}" '
-                    'tasks (only "chief" and "worker")')
+                    'tasks (only "chief" and "worker"); pass '
+                    '--strategy=parameter_server for a ps task')
   if task_type not in cluster:
     raise UserError(f'TF_CONFIG task.type={json.dumps(task_type)} is not a '
                     f'job of the cluster; use one of: {jobs}')

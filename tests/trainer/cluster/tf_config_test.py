@@ -250,3 +250,47 @@ def test_a_public_address_is_warned_about_in_one_line(caplog):
   caplog.clear()
   tf_config.validate(_config(cluster={'worker': ['10.0.0.1:1', 'host:2']}))
   assert not [r for r in caplog.records if 'public' in r.getMessage()]
+
+
+PS_CLUSTER = {'chief': ['10.0.0.1:2222'],
+              'worker': ['10.0.0.2:2222', '10.0.0.3:2222'],
+              'ps': ['10.0.0.4:2222']}
+
+
+def test_a_parameter_server_cluster_maps_every_task_to_its_role():
+  roles = []
+  for task_type, index in (('chief', 0), ('worker', 1), ('ps', 0),
+                           ('evaluator', 0)):
+    config = tf_config.validate(_config(PS_CLUSTER, task_type, index),
+                                strategy='parameter_server')
+    roles.append(tf_config.role(config))
+  assert roles == ['chief', 'worker', 'ps', 'evaluator']
+  # Vertex AI's third worker pool is the ps tasks.
+  environ = {'CLUSTER_SPEC': json.dumps({
+      'cluster': {'workerpool0': ['c:1'], 'workerpool1': ['w:1'],
+                  'workerpool2': ['p:1']},
+      'task': {'type': 'workerpool2', 'index': 0}})}
+  config = tf_config.from_environ(environ, strategy='parameter_server')
+  assert tf_config.task_name(config) == 'ps:0'
+
+
+@pytest.mark.parametrize('missing', ['chief', 'worker', 'ps'])
+def test_a_parameter_server_cluster_needs_chief_workers_and_ps(missing):
+  cluster = {job: a for job, a in PS_CLUSTER.items() if job != missing}
+  task_type = 'worker' if missing != 'worker' else 'chief'
+  message = _error(lambda: tf_config.validate(
+      _config(cluster, task_type), strategy='parameter_server'))
+  assert message.startswith(f'TF_CONFIG has no cluster.{missing}: '
+                            'ParameterServerStrategy needs a chief')
+
+
+def test_ps_tasks_under_multi_worker_mirrored_name_the_other_strategy():
+  assert '--strategy=parameter_server' in _error(
+      tf_config.validate, _config(PS_CLUSTER, 'ps'))
+  assert '--strategy=parameter_server' in _error(
+      tf_config.validate, _config(PS_CLUSTER, 'worker'))
+  message = _error(lambda: tf_config.from_environ(
+      {}, strategy='parameter_server'))
+  assert message.startswith('--strategy=parameter_server needs the TF_CONFIG '
+                            'environment variable')
+  assert '--num_ps=M' in message
