@@ -18,7 +18,7 @@ LAYERS = {
     'trainer.actions': 1,
     'trainer.monitoring': 1, 'trainer.persistence': 1,
     'trainer.settings': 2, 'trainer.step': 2,
-    'trainer.loops': 3,
+    'trainer.loops': 3, 'trainer.coordinated': 3,
     'trainer.trainer': 4,
     'trainer.controller': 5,
     'trainer.experiment': 6,

@@ -195,6 +195,8 @@ def train(trainer, iterator, num_steps: int, *,
     loop's start to its end measured by the same clock inside the graph (so
     tracing is not counted).
   """
+  if getattr(trainer, 'coordinated', None):  # --strategy=parameter_server.
+    return trainer.coordinated.train(iterator, num_steps)
   build_streaming(trainer)
   timed = measure_input_wait and trainer.measures_input_wait
   loop = trainer._train_loop_timed if timed else trainer._train_loop  # pylint: disable=protected-access
@@ -267,6 +269,9 @@ def eval_batch_fn(trainer, element_spec):
 def trace_train(trainer, iterator) -> None:
   """Traces the train loop for `iterator` without running it: no weight
   changes; the first Trainer.train call then uses this graph."""
+  if getattr(trainer, 'coordinated', None):
+    trainer.coordinated.trace()
+    return
   trainer._train_loop.tf_function.get_concrete_function(  # pylint: disable=protected-access
       iterator, tf.TensorSpec([], tf.int32))
 

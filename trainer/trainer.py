@@ -29,6 +29,7 @@ import contextlib
 
 import tensorflow as tf
 
+from trainer import coordinated
 from trainer import loops
 from trainer import optimization
 from trainer import schema
@@ -145,6 +146,9 @@ class Trainer:
     self.eval_batch_fns = {}  # By the eval dataset's element spec.
     self._eval_sums = self._traces.function(
         lambda: self.eval_sums.reduce_and_reset(strategy), 'eval_sums')
+    # --strategy=parameter_server: inner loops go to the workers.
+    self.coordinated = (coordinated.Loops(self) if isinstance(
+        strategy, tf.distribute.experimental.ParameterServerStrategy) else None)
 
   # ---------------------------------------------------------------------------
   # The subclass contract.

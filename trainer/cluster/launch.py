@@ -1,4 +1,5 @@
-"""Runs N workers of main.py on this machine as one MultiWorkerMirrored job.
+"""Runs N workers of main.py on this machine as one MultiWorkerMirrored job
+(or, with --num_ps, a ParameterServerStrategy cluster).
 
   python -m trainer.cluster.launch --num_workers=2 -- \
       --config=configs/digits_mlp.py:smoke --strategy=multi_worker_mirrored \
@@ -15,6 +16,14 @@ preempts the job; a worker still running --grace_period seconds after
 another exited is killed (one preempted before its training loop leaves the
 others blocked in their next all-reduce). The last line on stderr says how
 the job ended.
+
+With --num_ps=M (and --strategy=parameter_server after --): a chief, N
+workers and M ps tasks, output prefixed `[chief] `, `[worker I] `, `[ps I] `.
+The job is the chief's: a worker that fails is tolerated (the chief's
+coordinator runs its work elsewhere), SIGTERM/SIGINT go to the chief only
+(its preemption checkpoint reads the variables from the ps tasks, which
+must still be up), and when the chief exits the workers and ps tasks are
+stopped and the launcher exits with the chief's status.
 
 Imports no TensorFlow, so it starts at once.
 """
@@ -56,18 +65,31 @@ def free_ports(n: int, host: str = '127.0.0.1') -> list[int]:
       s.close()
 
 
-def cluster_configs(ports) -> list[str]:
-  """The TF_CONFIG JSON of each worker of a cluster on 127.0.0.1:`ports`."""
-  workers = [f'127.0.0.1:{p}' for p in ports]
-  return [json.dumps({'cluster': {'worker': workers},
-                      'task': {'type': 'worker', 'index': i}})
-          for i in range(len(ports))]
+def cluster_tasks(num_workers: int, num_ps: int = 0) -> list[tuple[str, int]]:
+  """(type, index) of every task: N workers; with ps tasks, the chief first."""
+  if not num_ps:
+    return [('worker', i) for i in range(num_workers)]
+  return ([('chief', 0)] + [('worker', i) for i in range(num_workers)] +
+          [('ps', i) for i in range(num_ps)])
+
+
+def cluster_configs(ports, num_ps: int = 0) -> list[str]:
+  """The TF_CONFIG JSON of each task of a cluster on 127.0.0.1:`ports`
+  (in cluster_tasks order)."""
+  tasks = cluster_tasks(len(ports) - (1 + num_ps if num_ps else 0), num_ps)
+  cluster = {}
+  for (job, _), port in zip(tasks, ports):
+    cluster.setdefault(job, []).append(f'127.0.0.1:{port}')
+  return [json.dumps({'cluster': cluster,
+                      'task': {'type': job, 'index': index}})
+          for job, index in tasks]
 
 
 def launch(num_workers: int, program_args, *, program: str = MAIN,
-           grace_period: float = 10.0, cluster_timeout=None,
+           num_ps: int = 0, grace_period: float = 10.0, cluster_timeout=None,
            stdout=None, stderr=None) -> int:
-  """Runs `python program *program_args` as `num_workers` workers.
+  """Runs `python program *program_args` as `num_workers` workers (and,
+  with num_ps, a chief and num_ps ps tasks).
 
   Must be called from the main thread (it installs SIGTERM/SIGINT handlers
   while the workers run).
@@ -75,6 +97,7 @@ def launch(num_workers: int, program_args, *, program: str = MAIN,
   Args:
     num_workers: how many workers (>= 1).
     program_args: arguments for every worker.
+    num_ps: ps tasks (0: a MultiWorkerMirroredStrategy job of workers).
     program: the Python script each worker runs (default: main.py).
     grace_period: seconds between SIGTERM and SIGKILL when stopping workers.
     cluster_timeout: seconds within which every running worker must listen
@@ -84,20 +107,27 @@ def launch(num_workers: int, program_args, *, program: str = MAIN,
   Returns:
     0 when every worker exits 0; otherwise the status of the first worker
     that failed (128 + N for a worker killed by signal N), or 1 when the
-    cluster did not come up within cluster_timeout.
+    cluster did not come up within cluster_timeout. With ps tasks: the
+    chief's status.
   Raises:
     UserError: num_workers < 1, or main.py arguments that cannot form one
       job.
   """
   if num_workers < 1:
     raise UserError(f'flag --num_workers={num_workers} must be >= 1')
+  if num_ps < 0:
+    raise UserError(f'flag --num_ps={num_ps} must be >= 0')
   if os.path.abspath(program) == MAIN:
-    _check_main_args(program_args)
-  job = _Job(stdout or sys.stdout, stderr or sys.stderr, grace_period)
+    _check_main_args(program_args, num_ps)
+  tasks = cluster_tasks(num_workers, num_ps)
+  job = _Job(stdout or sys.stdout, stderr or sys.stderr, grace_period,
+             tasks)
   handled = (signal.SIGTERM, signal.SIGINT)
   old_handlers = {s: signal.signal(s, job.on_signal) for s in handled}
   try:
-    job.start(program, list(program_args), free_ports(num_workers))
+    job.start(program, list(program_args), free_ports(len(tasks)), num_ps)
+    if num_ps:
+      return job.wait_for_chief(cluster_timeout)
     return job.wait(cluster_timeout)
   finally:
     job.kill_all()  # A no-op unless an exception left workers running.
@@ -108,15 +138,18 @@ def launch(num_workers: int, program_args, *, program: str = MAIN,
 class _Job:
   """The worker processes, their output threads and how the job ended."""
 
-  def __init__(self, stdout, stderr, grace_period: float):
+  def __init__(self, stdout, stderr, grace_period: float, tasks):
+    self._labels = [job if job == 'chief' else f'{job} {index}'
+                    for job, index in tasks]
+    self._has_chief = tasks[0][0] == 'chief'
     self._out = {'stdout': stdout, 'stderr': stderr}
     self._grace_period = grace_period
     self._lock = threading.Lock()  # One whole line at a time.
     self._procs, self._threads, self._ports = [], [], []
     self._signals = []
 
-  def start(self, program, args, ports):
-    configs = cluster_configs(ports)
+  def start(self, program, args, ports, num_ps=0):
+    configs = cluster_configs(ports, num_ps)
     for config in configs:
       env = dict(os.environ, TF_CONFIG=config, PYTHONUNBUFFERED='1')
       # A session of its own: a Ctrl-C in the terminal reaches only the
@@ -135,7 +168,7 @@ class _Job:
         self._threads.append(thread)
 
   def _pump(self, pipe, name, index):
-    prefix = f'[worker {index}] '
+    prefix = f'[{self._labels[index]}] '
     for line in iter(pipe.readline, b''):
       text = line.decode('utf-8', 'replace').rstrip('\r\n')
       with self._lock:
@@ -147,7 +180,33 @@ class _Job:
     del frame
     self._signals.append(signum)
     # A second signal means "now": the workers did not stop on the first.
-    self._send(signum if len(self._signals) == 1 else signal.SIGKILL)
+    self._send(signum if len(self._signals) == 1 else signal.SIGKILL,
+               only=[0] if self._has_chief else None)
+
+  def wait_for_chief(self, cluster_timeout) -> int:
+    """Waits for the chief (task 0) of a parameter-server cluster; then
+    stops the workers and ps tasks; returns the chief's exit status."""
+    deadline = time.monotonic() + (cluster_timeout or float('inf'))
+    waiting, chief = set(range(len(self._procs))), self._procs[0]
+    while chief.poll() is None:
+      waiting -= {i for i in waiting if self._procs[i].poll() is not None
+                  or _listening(self._ports[i])}
+      if waiting and not self._signals and time.monotonic() > deadline:
+        self.stop()
+        return self._summary(
+            1, f'task(s) {", ".join(self._labels[i] for i in sorted(waiting))}'
+            ' did not listen on their TF_CONFIG ports within '
+            f'{cluster_timeout:g}s (--cluster_timeout); stopped all '
+            f'{len(self._procs)} tasks')
+      time.sleep(_POLL_SECS)
+    failed = [self._labels[i] for i, p in enumerate(self._procs)
+              if i and p.poll() not in (None, 0)]
+    self.stop()
+    status, lost = _exit_status(chief.returncode), ''
+    if failed:
+      lost = f' ({", ".join(failed)} had exited before it, status != 0)'
+    return self._summary(status, f'chief exited with status {status}{lost}; '
+                         'stopped the workers and ps tasks')
 
   def wait(self, cluster_timeout) -> int:
     """Waits for the job to end; returns the launcher's exit status.
@@ -229,9 +288,9 @@ class _Job:
     for p in self._procs:
       p.wait()
 
-  def _send(self, signum):
-    for p in self._procs:
-      if p.poll() is None:
+  def _send(self, signum, only=None):
+    for i, p in enumerate(self._procs):
+      if p.poll() is None and (only is None or i in only):
         try:
           os.killpg(p.pid, signum)  # The worker and anything it started.
         except ProcessLookupError:
@@ -239,10 +298,11 @@ class _Job:
 
   def _summary(self, status: int, message: str) -> int:
     names = [signal.Signals(s).name for s in self._signals]
+    whom = 'the chief' if self._has_chief else 'the workers'
     if len(names) > 1:
-      message = f'got {names[1]} again, killed the workers; {message}'
+      message = f'got {names[1]} again, killed {whom}; {message}'
     if names:
-      message = f'got {names[0]}, forwarded to the workers; {message}'
+      message = f'got {names[0]}, forwarded to {whom}; {message}'
     with self._lock:
       print(f'launch: {message}', file=self._out['stderr'], flush=True)
     return status
@@ -281,6 +341,8 @@ def _die_with_parent():
 
 
 flags.DEFINE_integer('num_workers', 2, 'How many workers to run.')
+flags.DEFINE_integer('num_ps', 0, 'Parameter-server tasks; > 0 also starts a '
+                     'chief, for --strategy=parameter_server.')
 flags.DEFINE_string('program', MAIN, 'The Python script every worker runs.')
 flags.DEFINE_float('grace_period', 10.0, 'Seconds between SIGTERM and SIGKILL '
                    'when stopping the workers after one failed; after a '
@@ -292,9 +354,17 @@ flags.DEFINE_float('cluster_timeout', 300.0, 'Seconds within which every '
                    'no server).')
 
 
-def _check_main_args(args) -> None:
+def _check_main_args(args, num_ps: int = 0) -> None:
   """main.py workers must form one cluster writing to one directory."""
-  if _flag_value(args, 'strategy') != 'multi_worker_mirrored':
+  strategy = _flag_value(args, 'strategy')
+  if num_ps and strategy != 'parameter_server':
+    raise UserError(f'flag --num_ps={num_ps} needs --strategy=parameter_'
+                    f'server after -- (got --strategy={strategy}); or drop '
+                    '--num_ps for a multi_worker_mirrored job')
+  if not num_ps and strategy == 'parameter_server':
+    raise UserError('--strategy=parameter_server after -- needs --num_ps=M '
+                    '(M >= 1 ps tasks to hold the variables)')
+  if not num_ps and strategy != 'multi_worker_mirrored':
     raise UserError('the arguments after -- need '
                     '--strategy=multi_worker_mirrored; without it the '
                     'workers train independent models into one --model_dir')
@@ -333,7 +403,7 @@ def main(argv) -> int:
       raise UserError(f'flag --program={FLAGS.program}: no such file; '
                       'give the Python script every worker runs')
     return launch(FLAGS.num_workers, program_args, program=FLAGS.program,
-                  grace_period=FLAGS.grace_period,
+                  num_ps=FLAGS.num_ps, grace_period=FLAGS.grace_period,
                   cluster_timeout=FLAGS.cluster_timeout or None)
   except UserError as e:
     errors.fail(str(e))

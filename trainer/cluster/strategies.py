@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from trainer.cluster import STRATEGIES
 from trainer.cluster import failures
+from trainer.cluster import parameter_server
 from trainer.cluster import tf_config
 from trainer.errors import UserError
 
@@ -194,6 +195,8 @@ def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0,
       raise UserError(f'flag --cluster_timeout={cluster_timeout:g} must be '
                       '> 0 (seconds to wait for every worker to join)')
     return _multi_worker_mirrored(num_cpu_devices, config, cluster_timeout)
+  if name == 'parameter_server':
+    return parameter_server.build_strategy()
   if not tpu:
     raise UserError('flag --strategy=tpu needs --tpu=NAME, '
                     '--tpu=grpc://HOST:PORT or --tpu=local (on a TPU VM)')

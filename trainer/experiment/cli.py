@@ -202,6 +202,8 @@ class RunRequest:
   deterministic: bool
   profile_steps: tuple[int, int] | None
   retryable_exit_code: int | None = None
+  # 'worker' or 'ps': a parameter-server task that only serves the chief.
+  serves: str = ''
 
 
 def run_request(flag_values) -> RunRequest:
@@ -240,9 +242,11 @@ def run_request(flag_values) -> RunRequest:
                     '143 for a TFJob that retries 128-255')
   tf_config.set_from_flags(f.worker_hosts, f.task_index, strategy=f.strategy)
   mode, strategy = f.mode, f.strategy
-  if strategy == 'multi_worker_mirrored':
+  serves = ''
+  if strategy in ('multi_worker_mirrored', 'parameter_server'):
     # Validated now: TensorFlow would wait forever.
-    if tf_config.role(tf_config.from_environ()) == 'evaluator':
+    role = tf_config.role(tf_config.from_environ(strategy=strategy))
+    if role == 'evaluator':
       # The evaluator task (outside the cluster, as TFJob puts it) runs the
       # same command: it evaluates each checkpoint of --model_dir, alone.
       mode, strategy = 'continuous_eval', 'default'
@@ -251,6 +255,10 @@ def run_request(flag_values) -> RunRequest:
                    '(--mode=continuous_eval) and exits when training ends')
       os.environ.pop('TF_CONFIG', None)
       os.environ.pop('CLUSTER_SPEC', None)
+    elif strategy == 'parameter_server':
+      _check_parameter_server(f)
+      # Workers and ps tasks run the same command and serve the chief.
+      serves = role if role in ('worker', 'ps') else ''
   config = f.config
   schema.validate(config)
   return RunRequest(
@@ -259,7 +267,21 @@ def run_request(flag_values) -> RunRequest:
           config_flags.get_config_filename(f['config'])),
       tpu_timeout=f.tpu_timeout, num_cpu_devices=f.num_cpu_devices,
       cluster_timeout=f.cluster_timeout, deterministic=f.deterministic,
-      profile_steps=profile_steps, retryable_exit_code=code)
+      profile_steps=profile_steps, retryable_exit_code=code, serves=serves)
+
+
+def _check_parameter_server(f) -> None:
+  """What --strategy=parameter_server cannot do, refused on every task."""
+  if f.mode not in ('train', 'train_and_eval'):
+    raise UserError(f'flag --mode={f.mode} with --strategy=parameter_server: '
+                    'the cluster only trains; evaluate or export its '
+                    'checkpoints with --strategy=default (or an evaluator '
+                    'task for continuous_eval)')
+  if f.deterministic:
+    raise UserError('flag --deterministic with --strategy=parameter_server: '
+                    'workers apply their updates asynchronously, in an order '
+                    'no seed fixes; drop --deterministic, or train with '
+                    'multi_worker_mirrored')
 
 
 def check_model_dir(model_dir: str, mode: str) -> None:

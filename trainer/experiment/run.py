@@ -26,6 +26,7 @@ from trainer import controller as controller_lib
 from trainer import errors
 from trainer import schema
 from trainer.cluster import failures
+from trainer.cluster import parameter_server
 from trainer.cluster import service_watch
 from trainer.cluster import strategies
 from trainer.errors import UserError
@@ -47,6 +48,9 @@ def main(request: cli.RunRequest) -> None:
   """Runs the request and exits with its status (see the README's table):
   0 done, 2 a bad flag/config/input (one line), 3 a non-finite loss, 42
   preempted, 75 a worker of the cluster failed."""
+  if request.serves:  # A worker or ps task of a parameter-server cluster.
+    _exit(parameter_server.serve(request.retryable_exit_code or
+                                 preemption.EXIT_CODE), request)
   try:
     strategies.configure_cpu_devices(request.num_cpu_devices)
     metrics = run(

@@ -1,0 +1,315 @@
+"""--strategy=parameter_server on loopback: a chief, two workers and a ps
+task as real processes through the launcher (TF_CONFIG of their own).
+
+Asynchronous training has no bitwise reference, so the tests compare the
+accuracy with one process's, and check what is exact: the step count, the
+checkpoints, the exit codes, a killed worker tolerated.
+"""
+
+import glob
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import docs
+from tests import runner
+from trainer.cluster import launch
+
+PS = '--strategy=parameter_server'
+DIGITS = ('--config=configs/digits_mlp.py:smoke',
+          '--config.train.steps_per_loop=50',
+          '--config.eval.every_steps=0', '--config.summary.every_steps=100')
+
+
+def start_cluster(*args, env=None):
+  """The launcher of a chief, 2 workers and 1 ps running main.py ARGS."""
+  return subprocess.Popen(
+      [sys.executable, '-m', 'trainer.cluster.launch', '--num_workers=2',
+       '--num_ps=1', '--', *args, PS], cwd=runner.REPO,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {})),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process, timeout=300):
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  return process.returncode, stdout, stderr
+
+
+def tagged(stdout: str, tag: str) -> list[str]:
+  """The lines of `tag` (e.g. '[chief] ') without it."""
+  return [line[len(tag):] for line in stdout.splitlines()
+          if line.startswith(tag)]
+
+
+def saved_step(model_dir) -> int:
+  return int(runner.checkpoint_values(str(model_dir))[
+      'step/.ATTRIBUTES/VARIABLE_VALUE'])
+
+
+def task_pid(launcher_pid: int, task: str, index: int) -> int:
+  """The pid of the launcher's child whose TF_CONFIG task is task:index."""
+  wanted = {'type': task, 'index': index}
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+      if ppid != launcher_pid:
+        continue
+      with open(f'/proc/{entry}/environ', 'rb') as f:
+        environ = dict(item.split(b'=', 1) for item in f.read().split(b'\0')
+                       if b'=' in item)
+    except OSError:
+      continue
+    if json.loads(environ.get(b'TF_CONFIG', b'{}')).get('task') == wanted:
+      return int(entry)
+  raise AssertionError(f'no {task}:{index} task under pid {launcher_pid}')
+
+
+def wait_for_line(path, text: str, process, timeout=120) -> None:
+  deadline = time.monotonic() + timeout
+  while True:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      if text in f.read():
+        return
+    assert process.poll() is None, f'exited before {text!r}'
+    assert time.monotonic() < deadline, f'no {text!r} in {timeout}s'
+    time.sleep(0.2)
+
+
+def test_chief_two_workers_and_a_ps_train_like_one_process(tmp_path):
+  """docs/cluster.md's launcher command, 600 asynchronous steps: exactly 600
+  counted and saved, an accuracy in one process's band; an evaluator task
+  with the same TF_CONFIG cluster evaluates the checkpoints by itself and
+  exits when training has ended; --strategy=default evaluates them too."""
+  (printed,) = docs.commands('docs/cluster.md', 'ps-launch')
+  argv = shlex.split(printed.replace('/tmp/ps', str(tmp_path / 'ps')))
+  assert argv[:3] == ['python', '-m', 'trainer.cluster.launch']
+  args = (*DIGITS[1:], '--config.train.steps=600',
+          '--config.checkpoint.every_steps=200')
+  cluster = subprocess.Popen(
+      [sys.executable, *argv[1:], *args], cwd=runner.REPO,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  single = runner.start_main(*DIGITS[:1], *args,
+                             f'--model_dir={tmp_path / "single"}')
+  evaluator_config = json.dumps({
+      'cluster': {'chief': ['127.0.0.1:1'], 'worker': ['127.0.0.1:2'],
+                  'ps': ['127.0.0.1:3']},
+      'task': {'type': 'evaluator', 'index': 0}})
+  evaluator = subprocess.Popen(
+      runner.main_command(*DIGITS[:1], *args, PS,
+                          f'--model_dir={tmp_path / "ps"}'),
+      cwd=runner.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+                          TF_CONFIG=evaluator_config))
+  code, stdout, stderr = finish(cluster)
+  assert code == 0, stderr[-4000:]
+  evaluated = runner.start_main(*DIGITS[:1], '--mode=eval',
+                                f'--model_dir={tmp_path / "ps"}')
+  single_code, single_out, single_err = finish(single)
+  assert single_code == 0, single_err[-3000:]
+  assert saved_step(tmp_path / 'ps') == 600
+  chief = runner.final_eval('\n'.join(tagged(stdout, '[chief] ')))
+  expected = runner.final_eval(single_out)
+  assert chief['examples'] == expected['examples'] == 360
+  assert chief['accuracy'] > 0.9
+  assert abs(chief['accuracy'] - expected['accuracy']) < 0.04, (chief,
+                                                                 expected)
+  lines = stderr.strip().splitlines()
+  assert lines[-1] == ('launch: chief exited with status 0; stopped the '
+                       'workers and ps tasks')
+  # Every task of the cluster started its server.
+  assert all(any('serves the chief' in line for line in tagged(stderr, tag))
+             for tag in ('[worker 0] ', '[worker 1] ', '[ps 0] '))
+  eval_code, eval_out, eval_err = finish(evaluated)
+  assert eval_code == 0, eval_err[-3000:]
+  assert runner.final_eval(eval_out) == pytest.approx(chief, rel=1e-4)
+  eval_code, _, eval_err = finish(evaluator)
+  assert eval_code == 0, eval_err[-3000:]
+  assert 'evaluator task' in eval_err
+  assert glob.glob(str(tmp_path / 'ps' / 'continuous_eval' / 'events.*'))
+
+
+@pytest.mark.parametrize('restarted', [False, True],
+                         ids=['not_restarted', 'restarted'])
+def test_a_worker_killed_mid_run_is_tolerated(tmp_path, restarted):
+  """kill -9 of worker 1 while the chief trains: its closure runs again on
+  worker 0 (or on worker 1 started again with the same command), and the
+  run ends at exactly train.steps."""
+  log = tmp_path / 'launch.log'
+  with open(log, 'w') as out:
+    cluster = subprocess.Popen(
+        [sys.executable, '-m', 'trainer.cluster.launch', '--num_workers=2',
+         '--num_ps=1', '--', *DIGITS, PS, '--config.train.steps=800',
+         '--config.checkpoint.every_steps=400',
+         f'--model_dir={tmp_path / "run"}'],
+        cwd=runner.REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+        stdout=subprocess.DEVNULL, stderr=out)
+  replacement = None
+  try:
+    wait_for_line(log, '] training from step 0 to step 800', cluster)
+    time.sleep(2)
+    pid = task_pid(cluster.pid, 'worker', 1)
+    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+      command = [a.decode() for a in f.read().split(b'\0') if a]
+    with open(f'/proc/{pid}/environ', 'rb') as f:
+      environ = dict(item.decode().split('=', 1)
+                     for item in f.read().split(b'\0') if b'=' in item)
+    os.kill(pid, signal.SIGKILL)
+    if restarted:
+      time.sleep(1)
+      replacement = subprocess.Popen(command, env=environ, cwd=runner.REPO,
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+    assert cluster.wait(timeout=240) == 0, log.read_text()[-4000:]
+  finally:
+    if cluster.poll() is None:
+      cluster.kill()
+    if replacement:
+      replacement.terminate()  # Not the launcher's child: stopped here.
+      _, replacement_err = replacement.communicate(timeout=60)
+  stderr = log.read_text()
+  assert saved_step(tmp_path / 'run') == 800
+  assert stderr.strip().splitlines()[-1] == (
+      'launch: chief exited with status 0 (worker 1 had exited before it, '
+      'status != 0); stopped the workers and ps tasks')
+  assert 'step 800/800' in stderr
+  if restarted:
+    assert 'worker:1 serves the chief' in replacement_err
+    assert replacement.returncode == 42, replacement_err[-2000:]
+
+
+def test_sigterm_saves_exits_42_and_the_restart_counts_every_step_once(
+    tmp_path):
+  """SIGTERM to the launcher reaches the chief, which saves the step it
+  stopped at and exits 42 (the workers and ps tasks are stopped after it);
+  the restarted cluster resumes there and ends at exactly train.steps."""
+  args = (*DIGITS, '--config.train.steps=600', '--config.checkpoint.every_steps=0',
+          f'--model_dir={tmp_path / "run"}')
+  log = tmp_path / 'launch.log'
+  with open(log, 'w') as out:
+    cluster = subprocess.Popen(
+        [sys.executable, '-m', 'trainer.cluster.launch', '--num_workers=2',
+         '--num_ps=1', '--', *args, PS],
+        cwd=runner.REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+        stdout=subprocess.DEVNULL, stderr=out)
+  try:
+    wait_for_line(log, '] training from step 0 to step 600', cluster)
+    time.sleep(1)
+    cluster.send_signal(signal.SIGTERM)
+    assert cluster.wait(timeout=120) == 42, log.read_text()[-4000:]
+  finally:
+    if cluster.poll() is None:
+      cluster.kill()
+  stderr = log.read_text()
+  (saved,) = glob.glob(str(tmp_path / 'run' / 'ckpt-*.index'))
+  step = int(saved.rsplit('-', 1)[1].split('.')[0])
+  assert 0 < step < 600, stderr[-3000:]
+  assert (f'preempted by SIGTERM during training: saved '
+          f'{tmp_path / "run"}/ckpt-{step} at step {step}') in stderr
+  assert 'launch: got SIGTERM, forwarded to the chief; chief exited with ' \
+         'status 42' in stderr
+  code, _, stderr = finish(start_cluster(*args))
+  assert code == 0, stderr[-4000:]
+  assert f'training from step {step} to step 600' in stderr
+  assert saved_step(tmp_path / 'run') == 600
+
+
+def test_a_lost_ps_task_ends_the_run_with_75_in_one_line(tmp_path):
+  log = tmp_path / 'launch.log'
+  with open(log, 'w') as out:
+    cluster = subprocess.Popen(
+        [sys.executable, '-m', 'trainer.cluster.launch', '--num_workers=2',
+         '--num_ps=1', '--', *DIGITS, PS, '--config.train.steps=3000',
+         f'--model_dir={tmp_path / "run"}'],
+        cwd=runner.REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+        stdout=subprocess.DEVNULL, stderr=out)
+  try:
+    wait_for_line(log, '] training from step 0 to step 3000', cluster)
+    os.kill(task_pid(cluster.pid, 'ps', 0), signal.SIGKILL)
+    assert cluster.wait(timeout=180) == 75, log.read_text()[-4000:]
+  finally:
+    if cluster.poll() is None:
+      cluster.kill()
+  errors = [line for line in log.read_text().splitlines()
+            if line.startswith('[chief] error: ')]
+  assert len(errors) == 1, errors
+  assert errors[0].startswith('[chief] error: ps:0 (127.0.0.1:')
+  assert 'stopped during the run' in errors[0]
+
+
+def test_a_nan_loss_exits_3_and_unsupported_keys_are_one_line(tmp_path):
+  nan = start_cluster(*DIGITS, '--config.train.steps=300',
+                      '--config.optimizer.learning_rate=1e12',
+                      f'--model_dir={tmp_path / "nan"}')
+  ema = start_cluster(*DIGITS, '--config.train.ema_decay=0.99',
+                      f'--model_dir={tmp_path / "ema"}')
+  code, _, stderr = finish(nan)
+  assert code == 3, stderr[-3000:]
+  (line,) = [l for l in stderr.splitlines() if l.startswith('[chief] error:')]
+  assert 'non-finite loss or gradient norm at step' in line
+  assert 'no checkpoint was written after it' in line
+  code, _, stderr = finish(ema)
+  assert code == 2, stderr[-3000:]
+  (line,) = [l for l in stderr.splitlines() if l.startswith('[chief] error:')]
+  assert line == ('[chief] error: config key train.ema_decay=0.99 is not '
+                  'supported with --strategy=parameter_server: the average '
+                  'would be updated by every worker at once; set '
+                  'train.ema_decay=0')
+  assert not os.path.exists(tmp_path / 'ema')
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--mode=eval',), 'flag --mode=eval with --strategy=parameter_server: '
+     'the cluster only trains'),
+    (('--deterministic',), 'flag --deterministic with --strategy=parameter_'
+     'server: workers apply their updates asynchronously'),
+], ids=['mode', 'deterministic'])
+def test_what_the_cluster_cannot_do_is_refused_before_tensorflow(args,
+                                                                 message):
+  env = dict(os.environ, TF_CONFIG=launch.cluster_configs([1, 2, 3], 1)[0])
+  result = subprocess.run(runner.main_command(PS, *args), env=env,
+                          capture_output=True, text=True, cwd=runner.REPO,
+                          timeout=60, check=False)
+  assert result.returncode == 2
+  (line,) = runner.error_lines(result.stderr)
+  assert message in line
+
+
+def test_the_launcher_lays_out_a_chief_workers_and_ps_tasks():
+  configs = [json.loads(c) for c in launch.cluster_configs([5, 6, 7, 8], 1)]
+  assert configs[0]['cluster'] == {'chief': ['127.0.0.1:5'],
+                                   'worker': ['127.0.0.1:6', '127.0.0.1:7'],
+                                   'ps': ['127.0.0.1:8']}
+  assert [c['task'] for c in configs] == [
+      {'type': 'chief', 'index': 0}, {'type': 'worker', 'index': 0},
+      {'type': 'worker', 'index': 1}, {'type': 'ps', 'index': 0}]
+  for args, message in (
+      (('--strategy=multi_worker_mirrored', '--model_dir=x'),
+       'flag --num_ps=1 needs --strategy=parameter_server'),
+  ):
+    result = subprocess.run(
+        [sys.executable, '-m', 'trainer.cluster.launch', '--num_ps=1', '--',
+         *args], capture_output=True, text=True, cwd=runner.REPO, timeout=60,
+        check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+  result = subprocess.run(
+      [sys.executable, '-m', 'trainer.cluster.launch', '--', PS,
+       '--model_dir=x'], capture_output=True, text=True, cwd=runner.REPO,
+      timeout=60, check=False)
+  assert result.returncode == 2
+  assert 'needs --num_ps=M' in result.stderr

@@ -1,0 +1,77 @@
+"""--strategy=parameter_server: the strategy on the chief, a server elsewhere.
+
+Every task runs the same main.py command (as every replica of a Kubernetes
+TFJob does) and TF_CONFIG says what it is:
+
+  chief      builds ParameterServerStrategy and its ClusterCoordinator and
+             runs the whole experiment; the inner loops go to the workers
+             (trainer/coordinated.py)
+  worker     starts its TensorFlow server and serves the chief's closures
+  ps         starts its TensorFlow server and holds variables
+  evaluator  --mode=continuous_eval, alone (trainer/experiment/cli.py)
+
+A worker or ps task serves until it gets SIGTERM or SIGINT, then exits with
+the preemption status (42, or --retryable_exit_code): it has nothing to
+save, and a job manager should start it again. The chief tolerates a
+worker that fails (its closures run on the others, and on the worker again
+once it is back); a ps task that fails ends the chief's run with status 75
+(trainer/cluster/failures.py), and a restarted chief resumes from the
+newest checkpoint.
+
+Variables are placed whole, round-robin over the ps tasks. TensorFlow's
+variable partitioners (sharding one variable over several ps tasks) are not
+offered: Keras 3 layers cannot use the ShardedVariable they make (measured
+with TF 2.21 and Keras 3: "'ShardedVariable' object has no attribute
+'handle'" when the step is traced).
+"""
+
+import signal
+import threading
+
+from absl import logging
+import tensorflow as tf
+
+from trainer.cluster import failures
+from trainer.cluster import tf_config
+
+
+def build_strategy() -> tf.distribute.experimental.ParameterServerStrategy:
+  """The chief's strategy, from TF_CONFIG (validated here first)."""
+  config = tf_config.from_environ(strategy='parameter_server')
+  cluster = config['cluster']
+  logging.info('TF_CONFIG: the chief of %d worker(s) and %d ps task(s)',
+               len(cluster['worker']), len(cluster['ps']))
+  failures.watch(config)
+  resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+  return tf.distribute.experimental.ParameterServerStrategy(resolver)
+
+
+def serve(exit_code: int) -> int:
+  """Runs this worker or ps task's server until SIGTERM/SIGINT.
+
+  Returns:
+    `exit_code`, once a signal arrived.
+  """
+  config = tf_config.from_environ(strategy='parameter_server')
+  task = config['task']
+  stopped = threading.Event()
+  received = []
+
+  def on_signal(signum, frame):
+    del frame
+    received.append(signal.Signals(signum).name)
+    stopped.set()
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, on_signal)
+  resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+  tf.distribute.Server(resolver.cluster_spec(), job_name=task['type'],
+                       task_index=task['index'], protocol='grpc', start=True)
+  logging.info('%s serves the chief of the parameter-server cluster until it '
+               'gets SIGTERM', tf_config.task_name(config))
+  # Not server.join(): it would hold this thread where no signal handler
+  # runs. The server runs in TensorFlow's own threads meanwhile.
+  while not stopped.wait(1.0):
+    pass
+  logging.warning('%s got %s: stopped serving (exit status %d)',
+                  tf_config.task_name(config), received[0], exit_code)
+  return exit_code
