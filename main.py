@@ -48,7 +48,8 @@ flags.DEFINE_integer('task_index', None, "With --worker_hosts: this worker's "
 flags.DEFINE_float('cluster_timeout', 300.0, 'With --strategy=multi_worker_'
                    'mirrored: seconds within which every worker must join the '
                    'cluster at start-up; otherwise exit 75 naming the missing '
-                   'one. With config key data.service: seconds the tf.data '
+                   'one (parameter_server: every worker and ps task must '
+                   'serve). With config key data.service: seconds the tf.data '
                    'service dispatcher may not answer before exit 75.')
 flags.DEFINE_string('tpu', '', 'With --strategy=tpu: a TPU name, '
                     'grpc://HOST:PORT, or "local" on a TPU VM.')

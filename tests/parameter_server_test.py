@@ -313,3 +313,20 @@ def test_the_launcher_lays_out_a_chief_workers_and_ps_tasks():
       timeout=60, check=False)
   assert result.returncode == 2
   assert 'needs --num_ps=M' in result.stderr
+
+
+def test_a_chief_whose_tasks_never_serve_exits_75_naming_them(tmp_path):
+  """TensorFlow would wait for them forever, deaf to SIGTERM."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+             TF_CONFIG=launch.cluster_configs(launch.free_ports(4), 1)[0])
+  result = subprocess.run(
+      runner.main_command(*DIGITS, PS, '--cluster_timeout=2',
+                          f'--model_dir={tmp_path / "run"}'),
+      env=env, capture_output=True, text=True, cwd=runner.REPO, timeout=120,
+      check=False)
+  assert result.returncode == 75, result.stderr[-3000:]
+  (line,) = runner.error_lines(result.stderr)
+  assert line.startswith('error: worker:0 (127.0.0.1:')
+  assert ', worker:1 (127.0.0.1:' in line and ', ps:0 (127.0.0.1:' in line
+  assert 'did not serve within --cluster_timeout=2s' in line
+  assert not os.path.exists(tmp_path / 'run')

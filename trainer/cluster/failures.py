@@ -47,16 +47,16 @@ class ClusterError(Exception):
 
 def startup_error(error, config: dict, cluster_timeout: float):
   """The ClusterError for a TF error while the cluster was forming."""
-  tasks = _failed_tasks(str(error), config) or _unreachable_peers(config)
+  tasks = _failed_tasks(str(error), config) or unreachable_peers(config)
   if isinstance(error, tf.errors.DeadlineExceededError):
-    what = (f'{_describe(tasks, config)} did not join the cluster' if tasks
+    what = (f'{describe(tasks, config)} did not join the cluster' if tasks
             else f'the cluster of {tf_config.num_workers(config)} workers did '
             'not form')
     return ClusterError(
         f'{what} within --cluster_timeout={cluster_timeout:g}s; start every '
         'task of TF_CONFIG\'s cluster, check that this host can reach its '
         'address, or raise --cluster_timeout')
-  who = _describe(tasks, config) or 'a worker'
+  who = describe(tasks, config) or 'a worker'
   return ClusterError(
       f'{who} failed while the cluster was forming ({_reason(error)}); '
       'restart every worker')
@@ -87,8 +87,8 @@ def cluster_error(error: BaseException):
   if not tasks:
     if not any(p in message.lower() for p in _PEER_FAILURE_PHRASES):
       return None
-    tasks = _unreachable_peers(config)
-  who = _describe(tasks, config) or 'another worker'
+    tasks = unreachable_peers(config)
+  who = describe(tasks, config) or 'another worker'
   return ClusterError(
       f'{who} stopped during the run ({_reason(op_error)}); '
       f'{tf_config.task_name(config)} cannot go on without it: restart '
@@ -150,7 +150,7 @@ def _failed_tasks(message: str, config: dict) -> list:
   return known(_TASK.findall(message))
 
 
-def _unreachable_peers(config: dict) -> list:
+def unreachable_peers(config: dict) -> list:
   """The other tasks whose TF_CONFIG address refuses a TCP connection.
 
   Probed in parallel, 2 s each, so that a large cluster of silent hosts
@@ -178,7 +178,7 @@ def _unreachable_peers(config: dict) -> list:
   return [name for (name, _), is_down in zip(peers, down) if is_down]
 
 
-def _describe(tasks, config: dict) -> str:
+def describe(tasks, config: dict) -> str:
   """'worker:1 (10.0.0.2:2222), worker:2 (...)'."""
   cluster = config['cluster']
   parts = []

@@ -27,6 +27,7 @@ with TF 2.21 and Keras 3: "'ShardedVariable' object has no attribute
 
 import signal
 import threading
+import time
 
 from absl import logging
 import tensorflow as tf
@@ -35,15 +36,47 @@ from trainer.cluster import failures
 from trainer.cluster import tf_config
 
 
-def build_strategy() -> tf.distribute.experimental.ParameterServerStrategy:
-  """The chief's strategy, from TF_CONFIG (validated here first)."""
+def build_strategy(cluster_timeout: float
+                   ) -> tf.distribute.experimental.ParameterServerStrategy:
+  """The chief's strategy, from TF_CONFIG (validated here first), once every
+  worker and ps task serves.
+
+  Raises:
+    failures.ClusterError: a task did not serve within `cluster_timeout` s.
+  """
   config = tf_config.from_environ(strategy='parameter_server')
   cluster = config['cluster']
   logging.info('TF_CONFIG: the chief of %d worker(s) and %d ps task(s)',
                len(cluster['worker']), len(cluster['ps']))
   failures.watch(config)
+  _wait_for_servers(config, cluster_timeout)
   resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
   return tf.distribute.experimental.ParameterServerStrategy(resolver)
+
+
+def _wait_for_servers(config: dict, cluster_timeout: float) -> None:
+  """Waits until every worker and ps address accepts a connection.
+
+  TensorFlow's own connection (in the strategy's constructor) waits for a
+  missing task forever, holding the GIL, so that not even SIGTERM is
+  handled. Worker and ps tasks listen as soon as they start (`serve`), so
+  unlike MultiWorkerMirroredStrategy's peers a TCP probe tells a task that
+  has not started from one that has.
+  """
+  deadline = time.monotonic() + cluster_timeout
+  missing = failures.unreachable_peers(config)
+  if missing:
+    logging.info('waiting for %s to serve (--cluster_timeout=%gs)',
+                 failures.describe(missing, config), cluster_timeout)
+  while missing:
+    if time.monotonic() > deadline:
+      raise failures.ClusterError(
+          f'{failures.describe(missing, config)} did not serve within '
+          f'--cluster_timeout={cluster_timeout:g}s; start every task of '
+          'TF_CONFIG\'s cluster (each runs the same command), check that '
+          'this host can reach its address, or raise --cluster_timeout')
+    time.sleep(1.0)
+    missing = failures.unreachable_peers(config)
 
 
 def serve(exit_code: int) -> int:

@@ -196,7 +196,10 @@ def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0,
                       '> 0 (seconds to wait for every worker to join)')
     return _multi_worker_mirrored(num_cpu_devices, config, cluster_timeout)
   if name == 'parameter_server':
-    return parameter_server.build_strategy()
+    if not cluster_timeout > 0:
+      raise UserError(f'flag --cluster_timeout={cluster_timeout:g} must be '
+                      '> 0 (seconds to wait for every task to serve)')
+    return parameter_server.build_strategy(cluster_timeout)
   if not tpu:
     raise UserError('flag --strategy=tpu needs --tpu=NAME, '
                     '--tpu=grpc://HOST:PORT or --tpu=local (on a TPU VM)')
