@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests import runner
@@ -34,8 +35,14 @@ def accepted(args, env):
   return result
 
 
-def test_every_tfjob_replica_is_accepted_with_its_role():
-  job = load('tfjob-resnet.yaml')
+@pytest.mark.parametrize('manifest, expected', [
+    ('tfjob-resnet.yaml', ['chief', 'worker', 'worker', 'worker',
+                           'evaluator']),
+    ('tfjob-parameter-server.yaml', ['chief', *['worker'] * 4, 'ps', 'ps',
+                                     'evaluator']),
+])
+def test_every_tfjob_replica_is_accepted_with_its_role(manifest, expected):
+  job = load(manifest)
   name, namespace = job['metadata']['name'], job['metadata']['namespace']
   specs = job['spec']['tfReplicaSpecs']
   # The operator: lower-case types, services per replica, the evaluator
@@ -54,9 +61,11 @@ def test_every_tfjob_replica_is_accepted_with_its_role():
     for index in range(spec['replicas']):
       config = json.dumps({'cluster': cluster, 'environment': 'cloud',
                            'task': {'type': kind.lower(), 'index': index}})
-      roles.append(tf_config.role(tf_config.parse(config)))
+      strategy = next(a for a in container['args']
+                      if a.startswith('--strategy=')).split('=')[1]
+      roles.append(tf_config.role(tf_config.parse(config, strategy=strategy)))
       accepted(container['args'], {'TF_CONFIG': config})
-  assert roles == ['chief', 'worker', 'worker', 'worker', 'evaluator']
+  assert roles == expected
 
 
 def test_every_vertex_replica_is_accepted_with_its_role():
