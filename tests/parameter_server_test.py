@@ -19,6 +19,7 @@ import pytest
 
 from tests import docs
 from tests import runner
+from tests.trainer.experiment import cli_test
 from trainer.cluster import launch
 
 PS = '--strategy=parameter_server'
@@ -251,25 +252,28 @@ def test_a_lost_ps_task_ends_the_run_with_75_in_one_line(tmp_path):
   assert 'stopped during the run' in errors[0]
 
 
-def test_a_nan_loss_exits_3_and_unsupported_keys_are_one_line(tmp_path):
+def test_a_nan_loss_exits_3_and_per_replica_metrics_are_refused(tmp_path):
+  """A non-finite step is not applied and ends the run (3); a Trainer with
+  streaming metrics (kept per replica) is refused in one line (2) before
+  anything is written."""
   nan = start_cluster(*DIGITS, '--config.train.steps=300',
                       '--config.optimizer.learning_rate=1e12',
-                      f'--model_dir={tmp_path / "nan"}')
-  ema = start_cluster(*DIGITS, '--config.train.ema_decay=0.99',
-                      f'--model_dir={tmp_path / "ema"}')
+                      f'--model_dir={tmp_path}/nan')
+  extras = start_cluster('--config=examples/extras_config.py:smoke',
+                         f'--model_dir={tmp_path}/extras')
   code, _, stderr = finish(nan)
   assert code == 3, stderr[-3000:]
   (line,) = [l for l in stderr.splitlines() if l.startswith('[chief] error:')]
   assert 'non-finite loss or gradient norm at step' in line
   assert 'no checkpoint was written after it' in line
-  code, _, stderr = finish(ema)
+  code, _, stderr = finish(extras)
   assert code == 2, stderr[-3000:]
   (line,) = [l for l in stderr.splitlines() if l.startswith('[chief] error:')]
-  assert line == ('[chief] error: config key train.ema_decay=0.99 is not '
-                  'supported with --strategy=parameter_server: the average '
-                  'would be updated by every worker at once; set '
-                  'train.ema_decay=0')
-  assert not os.path.exists(tmp_path / 'ema')
+  assert line.endswith('.build_streaming_metrics is not supported with '
+                       '--strategy=parameter_server: streaming metrics are '
+                       'kept per replica, not on the ps tasks; return them '
+                       'only without --strategy=parameter_server')
+  assert not os.path.exists(tmp_path / 'extras')
 
 
 @pytest.mark.parametrize('args, message', [
@@ -277,16 +281,26 @@ def test_a_nan_loss_exits_3_and_unsupported_keys_are_one_line(tmp_path):
      'the cluster only trains'),
     (('--deterministic',), 'flag --deterministic with --strategy=parameter_'
      'server: workers apply their updates asynchronously'),
-], ids=['mode', 'deterministic'])
-def test_what_the_cluster_cannot_do_is_refused_before_tensorflow(args,
-                                                                 message):
-  env = dict(os.environ, TF_CONFIG=launch.cluster_configs([1, 2, 3], 1)[0])
-  result = subprocess.run(runner.main_command(PS, *args), env=env,
-                          capture_output=True, text=True, cwd=runner.REPO,
-                          timeout=60, check=False)
-  assert result.returncode == 2
+    (('--config.train.ema_decay=0.99',), 'config key train.ema_decay=0.99 is '
+     'not supported with --strategy=parameter_server: the average would be '
+     'updated by every worker at once; set train.ema_decay=0'),
+    (('--config.train.grad_accum_steps=2',), 'config key '
+     'train.grad_accum_steps=2 is not supported with --strategy=parameter_'
+     'server'),
+], ids=['mode', 'deterministic', 'ema', 'grad_accum'])
+@pytest.mark.parametrize('task', [0, 3], ids=['chief', 'ps'])
+def test_what_the_cluster_cannot_do_is_refused_before_tensorflow(
+    tmp_path, args, message, task):
+  """On every task, before TensorFlow is imported: nothing is written."""
+  env = dict(os.environ, TF_CONFIG=launch.cluster_configs([1, 2, 3, 4], 1)[task])
+  result = subprocess.run(
+      [sys.executable, '-c', cli_test.PROBE, PS, *args,
+       f'--model_dir={tmp_path / "run"}'], env=env, capture_output=True,
+      text=True, cwd=runner.REPO, timeout=60, check=False)
+  assert result.stdout.strip() == 'exit 2 False', result.stderr[-2000:]
   (line,) = runner.error_lines(result.stderr)
   assert message in line
+  assert not os.path.exists(tmp_path / 'run')
 
 
 def test_the_launcher_lays_out_a_chief_workers_and_ps_tasks():

@@ -35,6 +35,7 @@ import logging
 import tensorflow as tf
 
 from trainer import loops
+from trainer.cluster import asynchronous
 from trainer.errors import UserError
 from trainer.parts import status as status_lib
 
@@ -44,31 +45,22 @@ MAX_START_OFFSET = 64
 
 
 def check(trainer) -> None:
-  """Refuses, in one line, what a parameter-server run cannot keep."""
-  s, name = trainer.settings, type(trainer).__name__
-  refused = [
-      (s.ema_decay, f'config key train.ema_decay={s.ema_decay:g}',
-       'the average would be updated by every worker at once; set '
-       'train.ema_decay=0'),
-      (s.precision == 'mixed_float16',
-       f'config key train.precision={s.precision!r}',
-       'the dynamic loss scale is a per-step decision of one synchronous '
-       "step; use 'float32' (or 'mixed_bfloat16', which needs no loss scale)"),
-      (s.grad_accum_steps > 1,
-       f'config key train.grad_accum_steps={s.grad_accum_steps}',
-       'each worker applies its own updates; raise data.batch_size instead'),
-      (s.data_service, f'config key data.service={s.data_service!r}',
-       "each worker reads its own pipeline; set data.service=''"),
-      (any(trainer.streaming.values()), f'{name}.build_streaming_metrics',
-       'streaming metrics are kept per replica, not on the ps tasks; return '
-       'them only without --strategy=parameter_server'),
-      (loops.gathers_eval_outputs(trainer), f'{name}.eval_outputs',
-       'aggregated eval metrics run with the other strategies only'),
-  ]
-  for bad, what, fix in refused:
-    if bad:
-      raise UserError(f'{what} is not supported with --strategy='
-                      f'parameter_server: {fix}')
+  """Refuses, in one line, what a parameter-server run cannot keep (the
+  config keys were refused before TensorFlow by main.py already)."""
+  name = type(trainer).__name__
+  refused = [(f'config key {key}', fix) for key, fix in
+             asynchronous.conflicts(trainer.config)]
+  if any(trainer.streaming.values()):
+    refused.append((f'{name}.build_streaming_metrics',
+                    'streaming metrics are kept per replica, not on the ps '
+                    'tasks; return them only without --strategy='
+                    'parameter_server'))
+  if loops.gathers_eval_outputs(trainer):
+    refused.append((f'{name}.eval_outputs', 'aggregated eval metrics run '
+                    'with the other strategies only'))
+  for what, fix in refused[:1]:
+    raise UserError(f'{what} is not supported with --strategy='
+                    f'parameter_server: {fix}')
 
 
 class _Unscheduled(logging.Filter):

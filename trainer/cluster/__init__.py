@@ -6,6 +6,7 @@
   failures     a peer that did not join or died, as one line (exit 75)
   tf_config    TF_CONFIG: validation, --worker_hosts, roles
   tpu          the static-shape checks a TPU needs of an input pipeline
+  asynchronous what a parameter-server run cannot keep (no TensorFlow)
   parameter_server  ParameterServerStrategy: the chief's coordinator, the
                scheduled inner loops, the worker and ps tasks' servers
   launch       `python -m trainer.cluster.launch`: N local worker processes

@@ -27,6 +27,7 @@ from ml_collections.config_flags import config_flags
 from trainer import errors
 from trainer import schema
 from trainer.cluster import STRATEGIES
+from trainer.cluster import asynchronous
 from trainer.cluster import tf_config
 from trainer.errors import UserError
 
@@ -257,6 +258,10 @@ def run_request(flag_values) -> RunRequest:
       os.environ.pop('CLUSTER_SPEC', None)
     elif strategy == 'parameter_server':
       _check_parameter_server(f)
+      schema.validate(f.config)
+      for key, fix in asynchronous.conflicts(f.config)[:1]:
+        raise UserError(f'config key {key} is not supported with --strategy='
+                        f'parameter_server: {fix}')
       # Workers and ps tasks run the same command and serve the chief.
       serves = role if role in ('worker', 'ps') else ''
   config = f.config
