@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -147,21 +148,24 @@ def test_chief_two_workers_and_a_ps_train_like_one_process(tmp_path):
 @pytest.mark.parametrize('restarted', [False, True],
                          ids=['not_restarted', 'restarted'])
 def test_a_worker_killed_mid_run_is_tolerated(tmp_path, restarted):
-  """kill -9 of worker 1 while the chief trains: its closure runs again on
-  worker 0 (or on worker 1 started again with the same command), and the
-  run ends at exactly train.steps."""
+  """kill -9 of worker 1 while the chief trains: its work goes to worker 0
+  (and to worker 1 again once it is started again with the same command),
+  and the run ends at exactly train.steps. For the restart the chief is
+  paused (SIGSTOP) from the kill until the new worker serves, so that the
+  run cannot end first however slowly TensorFlow imports."""
+  steps = 800
   log = tmp_path / 'launch.log'
   with open(log, 'w') as out:
     cluster = subprocess.Popen(
         [sys.executable, '-m', 'trainer.cluster.launch', '--num_workers=2',
-         '--num_ps=1', '--', *DIGITS, PS, '--config.train.steps=800',
+         '--num_ps=1', '--', *DIGITS, PS, f'--config.train.steps={steps}',
          '--config.checkpoint.every_steps=400',
          f'--model_dir={tmp_path / "run"}'],
         cwd=runner.REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
         stdout=subprocess.DEVNULL, stderr=out)
-  replacement = None
+  replacement = chief = None
   try:
-    wait_for_line(log, '] training from step 0 to step 800', cluster)
+    wait_for_line(log, f'] training from step 0 to step {steps}', cluster)
     time.sleep(2)
     pid = task_pid(cluster.pid, 'worker', 1)
     with open(f'/proc/{pid}/cmdline', 'rb') as f:
@@ -169,28 +173,40 @@ def test_a_worker_killed_mid_run_is_tolerated(tmp_path, restarted):
     with open(f'/proc/{pid}/environ', 'rb') as f:
       environ = dict(item.decode().split('=', 1)
                      for item in f.read().split(b'\0') if b'=' in item)
+    assert cluster.poll() is None  # Mid-run: the chief is still training.
+    chief = task_pid(cluster.pid, 'chief', 0)
+    if restarted:
+      os.kill(chief, signal.SIGSTOP)
     os.kill(pid, signal.SIGKILL)
     if restarted:
       time.sleep(1)
-      replacement = subprocess.Popen(command, env=environ, cwd=runner.REPO,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+      replacement_log = tmp_path / 'replacement.log'
+      with open(replacement_log, 'w') as out:
+        replacement = subprocess.Popen(command, env=environ, cwd=runner.REPO,
+                                       stdout=subprocess.DEVNULL, stderr=out)
+      wait_for_line(replacement_log, 'worker:1 serves the chief', replacement)
+      assert cluster.poll() is None
+      os.kill(chief, signal.SIGCONT)
     assert cluster.wait(timeout=240) == 0, log.read_text()[-4000:]
   finally:
+    if chief and restarted:
+      try:
+        os.kill(chief, signal.SIGCONT)  # Never left paused.
+      except ProcessLookupError:
+        pass
     if cluster.poll() is None:
       cluster.kill()
     if replacement:
       replacement.terminate()  # Not the launcher's child: stopped here.
-      _, replacement_err = replacement.communicate(timeout=60)
+      replacement.wait(timeout=60)
   stderr = log.read_text()
-  assert saved_step(tmp_path / 'run') == 800
+  assert saved_step(tmp_path / 'run') == steps
   assert stderr.strip().splitlines()[-1] == (
       'launch: chief exited with status 0 (worker 1 had exited before it, '
       'status != 0); stopped the workers and ps tasks')
-  assert 'step 800/800' in stderr
+  assert f'step {steps}/{steps}' in stderr
   if restarted:
-    assert 'worker:1 serves the chief' in replacement_err
-    assert replacement.returncode == 42, replacement_err[-2000:]
+    assert replacement.returncode == 42
 
 
 def test_sigterm_saves_exits_42_and_the_restart_counts_every_step_once(
@@ -287,7 +303,12 @@ def test_a_nan_loss_exits_3_and_per_replica_metrics_are_refused(tmp_path):
     (('--config.train.grad_accum_steps=2',), 'config key '
      'train.grad_accum_steps=2 is not supported with --strategy=parameter_'
      'server'),
-], ids=['mode', 'deterministic', 'ema', 'grad_accum'])
+    (('--config.train.precision=mixed_float16',), "config key train."
+     "precision='mixed_float16' is not supported"),
+    (('--config.data.service=grpc://127.0.0.1:1',), "config key data.service="
+     "'grpc://127.0.0.1:1' is not supported"),
+], ids=['mode', 'deterministic', 'ema', 'grad_accum', 'mixed_float16',
+        'service'])
 @pytest.mark.parametrize('task', [0, 3], ids=['chief', 'ps'])
 def test_what_the_cluster_cannot_do_is_refused_before_tensorflow(
     tmp_path, args, message, task):
@@ -344,3 +365,26 @@ def test_a_chief_whose_tasks_never_serve_exits_75_naming_them(tmp_path):
   assert ', worker:1 (127.0.0.1:' in line and ', ps:0 (127.0.0.1:' in line
   assert 'did not serve within --cluster_timeout=2s' in line
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_task_that_cannot_serve_is_one_line(tmp_path):
+  """A worker whose TF_CONFIG port is taken (by a listener here)."""
+  with socket.socket() as taken:
+    taken.bind(('127.0.0.1', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = {'cluster': {'chief': ['127.0.0.1:1'],
+                          'worker': [f'127.0.0.1:{port}'],
+                          'ps': ['127.0.0.1:2']},
+              'task': {'type': 'worker', 'index': 0}}
+    result = subprocess.run(
+        runner.main_command(*DIGITS, PS, f'--model_dir={tmp_path / "run"}'),
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+                 TF_CONFIG=json.dumps(config)),
+        capture_output=True, text=True, cwd=runner.REPO, timeout=120,
+        check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  (line,) = runner.error_lines(result.stderr)
+  assert line == (f'error: TF_CONFIG task worker:0: could not serve at '
+                  f'127.0.0.1:{port} (UnknownError: Could not start gRPC '
+                  'server); is another process using the port?')

@@ -18,16 +18,17 @@ batches from its own copy of the training pipeline, and applies its update
 to the ps variables without waiting for the others (asynchronous training).
 
 What is exact: `global_step` counts applied updates, each once: a step adds
-1 after its update, so a worker killed mid-step leaves either both or
-neither. A claim cannot be over-granted (a worker runs a step only if its
-own decrement left the budget >= 0); a claim lost with a killed worker, or
-two claims racing on the last unit, leave the loop a step or more short,
-and the controller runs another loop for the rest. So a run ends at exactly
+1 after its update is complete, so an update is never counted without being
+applied (a worker killed during a step may leave that step's update applied,
+in part or whole, and not counted: asynchronous training's own loss). A
+claim cannot be over-granted (a worker runs a step only if its own decrement
+left the budget >= 0); a claim lost with a killed worker, or two claims
+racing on the last unit, leave the loop a step or more short, and the
+controller runs another loop for the rest. So a run ends at exactly
 train.steps, and checkpoints land on their cadence. What is not: the order
 of updates, and which batches they used (each worker reads the whole
-training stream, from a
-starting batch of its own), so a resumed or
-repeated run is not bitwise equal to another.
+training stream, from a starting batch of its own near the saved data
+position), so a resumed or repeated run is not bitwise equal to another.
 """
 
 import logging
@@ -39,8 +40,10 @@ from trainer.cluster import asynchronous
 from trainer.errors import UserError
 from trainer.parts import status as status_lib
 
-# Each worker's pipeline starts at a batch of its own, drawn below this, so
-# that workers do not apply the same batches at the same time.
+# Each worker's pipeline starts at a batch of its own, drawn below this past
+# the run's data position per worker, so that workers do not apply the same
+# batches at the same time (two workers draw the same offset with chance
+# 1/64).
 MAX_START_OFFSET = 64
 
 
@@ -57,7 +60,14 @@ def check(trainer) -> None:
                     'parameter_server'))
   if loops.gathers_eval_outputs(trainer):
     refused.append((f'{name}.eval_outputs', 'aggregated eval metrics run '
-                    'with the other strategies only'))
+                    'with the other strategies only; evaluate the '
+                    'checkpoints with --strategy=default, or drop '
+                    'eval_outputs'))
+  if trainer.num_replicas != 1:
+    refused.append((f'{trainer.num_replicas} replicas per worker',
+                    'each worker runs one replica here (its batch is not '
+                    'split over devices); give each worker one device '
+                    '(e.g. CUDA_VISIBLE_DEVICES)'))
   for what, fix in refused[:1]:
     raise UserError(f'{what} is not supported with --strategy='
                     f'parameter_server: {fix}')
@@ -115,10 +125,19 @@ class Loops:
       def step():
         status = strategy.experimental_local_results(
             strategy.run(step_fn, args=(next(iterator),)))[0]
-        with tf.control_dependencies([status]):
+        # Read after the update's conditional op is complete (automatic
+        # control dependencies order ops on one variable as written; the
+        # update writes the iteration count), so the step is counted only
+        # once its update is applied.
+        done = tf.identity(trainer.optimizer.iterations)
+        with tf.control_dependencies([status, done]):
           trainer.data_position.assign_add(1)
           trainer.global_step.assign_add(
               tf.cast(status_lib.applied(status), tf.int64))
+          # A non-finite step ends the loop on every worker: no one claims
+          # a step after it (the loop is rolled back or the run ends).
+          tf.cond(status == status_lib.NONFINITE,
+                  lambda: self.budget.assign(0), lambda: self.budget)
         return tf.identity(status)
       status = tf.cond(claimed, step, lambda: tf.constant(status_lib.OK))
       return claimed, status
@@ -126,13 +145,17 @@ class Loops:
     return tf.while_loop(keep_going, body,
                          (tf.constant(True), tf.constant(status_lib.OK)))[1]
 
-  def distribute(self, split: str, batch_size: int, service_job: str):
+  def distribute(self, split: str, batch_size: int, service_job: str,
+                 skip_batches: int = 0):
     """Training reads one copy of the pipeline per worker (built there), or
     one on the chief while validation traces (`service_job=''`);
     evaluation runs on the chief."""
     trainer = self.trainer
     if split != 'train' or not service_job:
       return trainer.dataset(split, tf.distribute.InputContext(), batch_size)
+    # The workers took data_position batches between them, about an equal
+    # share each: a resumed run's workers go on from there.
+    skip = skip_batches // self.num_workers
 
     def dataset_fn():
       dataset = trainer.dataset('train', tf.distribute.InputContext(),
@@ -144,7 +167,7 @@ class Loops:
       offset = tf.random.stateless_uniform(
           [], seed=tf.stack([clock, clock // 7919]), maxval=MAX_START_OFFSET,
           dtype=tf.int64)
-      return dataset.skip(offset)
+      return dataset.skip(skip + offset)
     return self.coordinator.create_per_worker_dataset(dataset_fn)
 
   def train(self, iterator, num_steps: int) -> dict:

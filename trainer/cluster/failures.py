@@ -89,10 +89,12 @@ def cluster_error(error: BaseException):
       return None
     tasks = unreachable_peers(config)
   who = describe(tasks, config) or 'another worker'
+  restart = ('it and the chief' if 'ps' in config['cluster'] else
+             'every worker')
   return ClusterError(
       f'{who} stopped during the run ({_reason(op_error)}); '
       f'{tf_config.task_name(config)} cannot go on without it: restart '
-      'every worker, training resumes from the newest checkpoint in '
+      f'{restart}, training resumes from the newest checkpoint in '
       '--model_dir')
 
 

@@ -102,6 +102,7 @@ def launch(num_workers: int, program_args, *, program: str = MAIN,
     grace_period: seconds between SIGTERM and SIGKILL when stopping workers.
     cluster_timeout: seconds within which every running worker must listen
       on its TF_CONFIG port (its TensorFlow server is up); None: no limit.
+      Not used with ps tasks: the chief waits for them itself.
     stdout, stderr: where the prefixed worker output and the summary go
       (default: sys.stdout, sys.stderr).
   Returns:
@@ -127,7 +128,7 @@ def launch(num_workers: int, program_args, *, program: str = MAIN,
   try:
     job.start(program, list(program_args), free_ports(len(tasks)), num_ps)
     if num_ps:
-      return job.wait_for_chief(cluster_timeout)
+      return job.wait_for_chief()
     return job.wait(cluster_timeout)
   finally:
     job.kill_all()  # A no-op unless an exception left workers running.
@@ -183,21 +184,13 @@ class _Job:
     self._send(signum if len(self._signals) == 1 else signal.SIGKILL,
                only=[0] if self._has_chief else None)
 
-  def wait_for_chief(self, cluster_timeout) -> int:
+  def wait_for_chief(self) -> int:
     """Waits for the chief (task 0) of a parameter-server cluster; then
-    stops the workers and ps tasks; returns the chief's exit status."""
-    deadline = time.monotonic() + (cluster_timeout or float('inf'))
-    waiting, chief = set(range(len(self._procs))), self._procs[0]
+    stops the workers and ps tasks; returns the chief's exit status. (The
+    chief itself waits --cluster_timeout for the others to serve, and
+    exits 75 naming those that did not.)"""
+    chief = self._procs[0]
     while chief.poll() is None:
-      waiting -= {i for i in waiting if self._procs[i].poll() is not None
-                  or _listening(self._ports[i])}
-      if waiting and not self._signals and time.monotonic() > deadline:
-        self.stop()
-        return self._summary(
-            1, f'task(s) {", ".join(self._labels[i] for i in sorted(waiting))}'
-            ' did not listen on their TF_CONFIG ports within '
-            f'{cluster_timeout:g}s (--cluster_timeout); stopped all '
-            f'{len(self._procs)} tasks')
       time.sleep(_POLL_SECS)
     failed = [self._labels[i] for i, p in enumerate(self._procs)
               if i and p.poll() not in (None, 0)]
@@ -351,7 +344,8 @@ flags.DEFINE_float('grace_period', 10.0, 'Seconds between SIGTERM and SIGKILL '
 flags.DEFINE_float('cluster_timeout', 300.0, 'Seconds within which every '
                    'worker must listen on its TF_CONFIG port (its TensorFlow '
                    'server is up); 0: no limit (for a --program that starts '
-                   'no server).')
+                   'no server). With --num_ps the chief\'s own '
+                   '--cluster_timeout applies.')
 
 
 def _check_main_args(args, num_ps: int = 0) -> None:
@@ -359,7 +353,7 @@ def _check_main_args(args, num_ps: int = 0) -> None:
   strategy = _flag_value(args, 'strategy')
   if num_ps and strategy != 'parameter_server':
     raise UserError(f'flag --num_ps={num_ps} needs --strategy=parameter_'
-                    f'server after -- (got --strategy={strategy}); or drop '
+                    f'server after -- (got {_given(strategy)}); or drop '
                     '--num_ps for a multi_worker_mirrored job')
   if not num_ps and strategy == 'parameter_server':
     raise UserError('--strategy=parameter_server after -- needs --num_ps=M '
@@ -371,6 +365,10 @@ def _check_main_args(args, num_ps: int = 0) -> None:
   if not _flag_value(args, 'model_dir'):
     raise UserError('the arguments after -- need --model_dir=DIR: each '
                     'worker would otherwise pick its own timestamped default')
+
+
+def _given(strategy) -> str:
+  return 'no --strategy' if strategy is None else f'--strategy={strategy}'
 
 
 def _flag_value(args, name: str):

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from trainer.cluster import failures
 from trainer.cluster import tf_config
+from trainer.errors import UserError
 
 
 def build_strategy(cluster_timeout: float
@@ -84,6 +85,8 @@ def serve(exit_code: int) -> int:
 
   Returns:
     `exit_code`, once a signal arrived.
+  Raises:
+    UserError: the server could not start (e.g. its port is taken).
   """
   config = tf_config.from_environ(strategy='parameter_server')
   task = config['task']
@@ -97,8 +100,16 @@ def serve(exit_code: int) -> int:
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, on_signal)
   resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-  tf.distribute.Server(resolver.cluster_spec(), job_name=task['type'],
-                       task_index=task['index'], protocol='grpc', start=True)
+  try:
+    tf.distribute.Server(resolver.cluster_spec(), job_name=task['type'],
+                         task_index=task['index'], protocol='grpc',
+                         start=True)
+  except tf.errors.OpError as e:
+    address = config['cluster'][task['type']][task['index']]
+    raise UserError(
+        f'TF_CONFIG task {tf_config.task_name(config)}: could not serve at '
+        f'{address} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+        'is another process using the port?') from e
   logging.info('%s serves the chief of the parameter-server cluster until it '
                'gets SIGTERM', tf_config.task_name(config))
   # Not server.join(): it would hold this thread where no signal handler

@@ -318,7 +318,7 @@ def _validate_task(task, cluster: dict, jobs) -> dict:
         f'TF_CONFIG task={json.dumps(task)} must be an object '
         '{"type": "worker", "index": I} naming this process\'s place in '
         'the cluster')
-  jobs = ', '.join(cluster)
+  names = ', '.join(cluster)
   task_type = task.get('type')
   if task_type == 'evaluator':
     # Outside the cluster, as TF_CONFIG conventions and TFJob put it.
@@ -330,7 +330,7 @@ def _validate_task(task, cluster: dict, jobs) -> dict:
                     '--strategy=parameter_server for a ps task')
   if task_type not in cluster:
     raise UserError(f'TF_CONFIG task.type={json.dumps(task_type)} is not a '
-                    f'job of the cluster; use one of: {jobs}')
+                    f'job of the cluster; use one of: {names}')
   size = len(cluster[task_type])
   index = task.get('index')
   if isinstance(index, str) and index.strip().isdigit():

@@ -49,8 +49,12 @@ def main(request: cli.RunRequest) -> None:
   0 done, 2 a bad flag/config/input (one line), 3 a non-finite loss, 42
   preempted, 75 a worker of the cluster failed."""
   if request.serves:  # A worker or ps task of a parameter-server cluster.
-    _exit(parameter_server.serve(request.retryable_exit_code or
-                                 preemption.EXIT_CODE), request)
+    try:
+      code = parameter_server.serve(request.retryable_exit_code or
+                                    preemption.EXIT_CODE)
+    except UserError as e:
+      errors.fail(str(e))
+    _exit(code, request)
   try:
     strategies.configure_cpu_devices(request.num_cpu_devices)
     metrics = run(

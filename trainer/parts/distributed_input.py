@@ -44,7 +44,8 @@ def distribute(trainer, split: str, *, batch_size: int, skip_batches: int = 0,
   """
   settings, strategy = trainer.settings, trainer.strategy
   if getattr(trainer, 'coordinated', None):  # --strategy=parameter_server
-    return trainer.coordinated.distribute(split, batch_size, service_job)
+    return trainer.coordinated.distribute(split, batch_size, service_job,
+                                          skip_batches)
   if settings.data_service and split == 'train' and service_job:
     return _through_service(trainer, batch_size,
                             f'{service_job}-train-{skip_batches}')

@@ -288,7 +288,7 @@ def test_ps_tasks_under_multi_worker_mirrored_name_the_other_strategy():
   assert '--strategy=parameter_server' in _error(
       tf_config.validate, _config(PS_CLUSTER, 'ps'))
   assert '--strategy=parameter_server' in _error(
-      tf_config.validate, _config(PS_CLUSTER, 'worker'))
+      tf_config.validate, _config(task_type='ps'))  # No cluster.ps at all.
   message = _error(lambda: tf_config.from_environ(
       {}, strategy='parameter_server'))
   assert message.startswith('--strategy=parameter_server needs the TF_CONFIG '
