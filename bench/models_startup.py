@@ -27,7 +27,7 @@ STARTUP_STEPS = 6  # Progress lines read from each start-up run.
 # file:line] message.
 _LOG_LINE = re.compile(
     r'^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d+) +\d+ \S+\] (.*)$')
-_STEP_LINE = re.compile(r'^step (\d+)/(\d+):')
+STEP_LINE = re.compile(r'^step (\d+)/(\d+):')
 
 
 def _log_time(match) -> float:
@@ -62,6 +62,44 @@ def _cpu_seconds(pid: int) -> float | None:
   return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
+class MainRun:
+  """`python main.py --config=CONFIG` with one step per inner loop, started
+  in `repo` and killed when the `with` block ends.
+
+  `marks()` yields (message, (wall, CPU)) for each absl log line: the
+  seconds since the process started, from the line's timestamp, and the CPU
+  seconds it had used when the line arrived (/proc; None where there is
+  none). `tail` holds the last 20 lines of its output, for errors.
+  """
+
+  def __init__(self, config: str, repo: str = REPO):
+    self.config, self.repo, self.tail = config, repo, []
+
+  def __enter__(self):
+    self._model_dir = tempfile.TemporaryDirectory(prefix='bench_startup_')
+    command = [sys.executable, 'main.py', f'--config={self.config}',
+               '--config.train.steps_per_loop=1',
+               f'--model_dir={self._model_dir.name}']
+    self._start = time.time()
+    self._proc = subprocess.Popen(command, cwd=self.repo,
+                                  stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+    return self
+
+  def marks(self):
+    for line in self._proc.stderr:
+      self.tail = (self.tail + [line])[-20:]
+      match = _LOG_LINE.match(line)
+      if match:
+        yield match.group(7), (_log_time(match) - self._start,
+                               _cpu_seconds(self._proc.pid))
+
+  def __exit__(self, *unused):
+    self._proc.kill()  # Our own child, by its handle.
+    self._proc.wait()
+    self._model_dir.cleanup()
+
+
 def time_startup(workload, steps: int = STARTUP_STEPS) -> dict:
   """Times `python main.py` from process start to its first training steps.
 
@@ -85,31 +123,17 @@ def time_startup(workload, steps: int = STARTUP_STEPS) -> dict:
   """
   config = workload.config_file + (f':{workload.variant}'
                                    if workload.variant else '')
-  with tempfile.TemporaryDirectory(prefix='bench_models_') as model_dir:
-    command = [sys.executable, 'main.py', f'--config={config}',
-               '--config.train.steps_per_loop=1', f'--model_dir={model_dir}']
-    start = time.time()
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    built, lines, tail = None, [], []  # (wall, CPU) pairs.
-    try:
-      for line in proc.stderr:
-        tail = (tail + [line])[-20:]
-        match = _LOG_LINE.match(line)
-        if not match:
-          continue
-        message = match.group(7)
-        if built is None and ' replica(s) ' in message:
-          built = (_log_time(match) - start, _cpu_seconds(proc.pid))
-        if _STEP_LINE.match(message):
-          lines.append((_log_time(match) - start, _cpu_seconds(proc.pid)))
-          if len(lines) == steps:
-            break
-    finally:
-      proc.kill()  # Our own child, by its handle.
-      proc.wait()
+  built, lines = None, []  # (wall, CPU) pairs.
+  with MainRun(config) as run:
+    for message, mark in run.marks():
+      if built is None and ' replica(s) ' in message:
+        built = mark
+      if STEP_LINE.match(message):
+        lines.append(mark)
+        if len(lines) == steps:
+          break
   if built is None or len(lines) < steps:
-    sys.stderr.write(''.join(tail))
+    sys.stderr.write(''.join(run.tail))
     raise SystemExit(f'main.py --config={config} printed {len(lines)} of '
                      f'{steps} progress lines')
 
