@@ -106,7 +106,7 @@ class Loops:
                                  trainer.train_sums, train=True)
     traces = trainer._traces  # pylint: disable=protected-access
     self._steps = traces.function(lambda it: self.steps(it, step_fn),
-                                  'coordinated_steps')
+                                  'coordinated_steps', autograph=True)
     self._sums = traces.function(
         lambda: trainer.train_sums.reduce_and_reset(strategy),
         'coordinated_sums')

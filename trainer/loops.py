@@ -12,10 +12,13 @@ contract check of what the step returned (parts/contracts.py), the metric
 sums (parts/metric_sums.py) and the step status (parts/status.py).
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
 from trainer import step as step_lib
+from trainer.parts import autograph
 from trainer.parts import contracts
 from trainer.parts import input_wait
 from trainer.parts import precision
@@ -27,6 +30,7 @@ from trainer.parts import streaming
 EVAL_OUTPUTS = 'outputs'
 
 
+@autograph.framework
 def replica_step(trainer, step_fn, sums, *, train: bool):
   """Wraps a replica step (train_step or eval_step) for strategy.run.
 
@@ -37,9 +41,10 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
   """
   name = f'{type(trainer).__name__}.{step_fn.__name__}'
 
+  @autograph.framework
   def step(batch):
     with step_lib.recording() as record, randomness.per_replica():
-      values = step_fn(batch)
+      values = autograph.user(step_fn)(batch)
     gathered = values.pop(EVAL_OUTPUTS, None) if not train else None
     values = contracts.step_outputs(values, where=name,
                                     names=trainer.metric_names,
@@ -61,6 +66,7 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
   if train or not skips_empty_eval_batches(trainer):
     return step
 
+  @autograph.framework
   def eval_step(batch):
     # The last, partial global batch of a split can leave a replica with
     # no example. That adds nothing, so it does not run: TensorFlow 2.21's
@@ -260,7 +266,7 @@ def eval_batch_fn(trainer, element_spec):
   key = repr(element_spec)
   if key not in trainer.eval_batch_fns:
     trainer.eval_batch_fns[key] = trainer._traces.function(
-        lambda batch: eval_batch(trainer, batch),
+        functools.partial(eval_batch, trainer),
         f'eval_batch_{len(trainer.eval_batch_fns)}',
         input_signature=[element_spec])
   return trainer.eval_batch_fns[key]
@@ -295,7 +301,8 @@ def build_streaming(trainer) -> None:
       trainer.global_batch_size // trainer.num_replicas)))
 
   def update(metrics):
-    outputs = precision.float32(trainer.forward(batch, training=False))
-    trainer.update_streaming_metrics(metrics, batch, outputs)
+    outputs = precision.float32(autograph.user(trainer.forward)(
+        batch, training=False))
+    autograph.user(trainer.update_streaming_metrics)(metrics, batch, outputs)
   for metrics in kinds:
     streaming.build(metrics, trainer.strategy, update)

@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from trainer import optimization
 from trainer.parts import accumulation
+from trainer.parts import autograph
 from trainer.parts import contracts
 from trainer.parts import precision
 from trainer.parts import status as status_lib
@@ -50,6 +51,7 @@ from trainer.parts import status as status_lib
 SUM = tf.distribute.ReduceOp.SUM
 
 
+@autograph.framework
 def compute_gradients(trainer, batch):
   """(gradients, scaled loss, per-example values) of this replica's batch.
 
@@ -79,6 +81,7 @@ def compute_gradients(trainer, batch):
   return grads, loss, values
 
 
+@autograph.framework
 def one_batch_gradients(trainer, batch):
   """Steps 1-3 for one (micro-)batch: ({'grads', 'loss', ...}, values)."""
   variables = trainer.model.trainable_variables
@@ -87,9 +90,13 @@ def one_batch_gradients(trainer, batch):
   where = f'{type(trainer).__name__}.compute_loss'
   regularized = bool(trainer.model.losses)
   with tf.GradientTape(persistent=regularized) as tape:
-    outputs = precision.float32(trainer.forward(batch, training=True))
-    loss, weight = contracts.per_example(trainer.compute_loss(batch, outputs),
-                                         where=where, size=size)
+    # The Trainer's own methods are converted by AutoGraph, this file is
+    # not (parts/autograph.py).
+    outputs = precision.float32(autograph.user(trainer.forward)(
+        batch, training=True))
+    loss, weight = contracts.per_example(
+        autograph.user(trainer.compute_loss)(batch, outputs), where=where,
+        size=size)
     scaled = tf.nn.compute_average_loss(
         loss, sample_weight=weight, global_batch_size=trainer.global_batch_size)
     regularization = None
@@ -115,13 +122,14 @@ def one_batch_gradients(trainer, batch):
   del tape
   values = {'loss': loss if weight is None else (loss, weight)}
   where = f'{type(trainer).__name__}.compute_metrics'
-  for name, value in trainer.compute_metrics(batch, outputs).items():
+  metrics = autograph.user(trainer.compute_metrics)(batch, outputs)
+  for name, value in metrics.items():
     value, weight = contracts.per_example(value, where=f'{where} [{name!r}]',
                                           size=size)
     values[name] = value if weight is None else (value, weight)
   if trainer.streaming['train']:
-    trainer.update_streaming_metrics(trainer.streaming['train'], batch,
-                                     outputs)
+    autograph.user(trainer.update_streaming_metrics)(
+        trainer.streaming['train'], batch, outputs)
   return summed, values
 
 
@@ -132,6 +140,7 @@ def _gradients(tape, target, variables, scaling):
   return grads if scaling is None else scaling.unscale(grads)
 
 
+@autograph.framework
 def apply_gradients(trainer, grads, variables, *, loss=None, optimizer=None):
   """Steps 4-6: all-reduce, clip, apply (replica context).
 

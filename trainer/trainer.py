@@ -26,6 +26,7 @@ A subclass with an unusual step (two optimizers, a GAN) overrides
 """
 
 import contextlib
+import functools
 
 import tensorflow as tf
 
@@ -36,6 +37,7 @@ from trainer import schema
 from trainer import settings as settings_lib
 from trainer import step as step_lib
 from trainer.errors import UserError
+from trainer.parts import autograph
 from trainer.parts import distributed_input
 from trainer.parts import ema as ema_lib
 from trainer.parts import input_wait
@@ -131,7 +133,7 @@ class Trainer:
       # MultiWorkerMirroredStrategy are not XLA ops on CPU/GPU. (On TPU the
       # whole step is compiled anyway.)
       self.one_batch_gradients = tf.function(self.one_batch_gradients,
-                                             jit_compile=True)
+                                             jit_compile=True, autograph=False)
     self._traces = retrace.TraceCounter(type(self).__name__)
     self.trace_counts = self._traces.counts
     self._train_loop = self._traces.function(
@@ -142,7 +144,7 @@ class Trainer:
         lambda it, n: loops.train_loop(self, it, n, timed=True),
         'train_loop_timed')
     self._eval_loop = self._traces.function(
-        lambda it: loops.eval_loop(self, it), 'eval_loop')
+        functools.partial(loops.eval_loop, self), 'eval_loop', autograph=True)
     self.eval_batch_fns = {}  # By the eval dataset's element spec.
     self._eval_sums = self._traces.function(
         lambda: self.eval_sums.reduce_and_reset(strategy), 'eval_sums')
@@ -266,12 +268,14 @@ class Trainer:
     self.apply_gradients(grads, self.model.trainable_variables, loss=loss)
     return values
 
+  @autograph.framework
   def compute_gradients(self, batch):
     """(grads, scaled loss, per-example values) of this replica's batch, as
     the default step computes them: the global-batch scaling, weighted
     losses, micro-batches, unscaled under mixed_float16, XLA (step.py)."""
     return step_lib.compute_gradients(self, batch)
 
+  @autograph.framework
   def apply_gradients(self, grads, variables, *, loss=None, optimizer=None):
     """All-reduces (SUM, once), clips and applies gradients (replica
     context); returns the step status. See step.apply_gradients."""

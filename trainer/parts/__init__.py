@@ -3,6 +3,7 @@
 Each module here is usable and testable on its own (tests/trainer/parts/):
 
   accumulation   gradients of k micro-batches summed into one step's
+  autograph      AutoGraph converts the Trainer's methods, not the framework
   contracts      the shapes compute_loss / compute_metrics must return
   distributed_input  a Trainer's dataset over the strategy's replicas
   ema            exponential moving average of the weights

@@ -12,6 +12,8 @@ over examples.
 
 import tensorflow as tf
 
+from trainer.parts import autograph
+
 SUM = tf.distribute.ReduceOp.SUM
 
 
@@ -53,6 +55,7 @@ class MetricSums:
     row += [tf.cast(extras[name], tf.float32) for name in self.extras]
     return self.variable.assign_add(tf.stack(row))
 
+  @autograph.framework
   def reduce_and_reset(self, strategy):
     """The sums over every replica and worker (cross-replica context, in
     the loop's tf.function); the accumulator is zeroed after."""

@@ -5,6 +5,7 @@ import contextlib
 import tensorflow as tf
 
 from trainer.errors import UserError
+from trainer.parts import autograph
 
 
 def resolve(value: str, *, tpu: bool) -> str:
@@ -36,6 +37,7 @@ def policy(name: str):
     tf.keras.mixed_precision.set_global_policy(previous)
 
 
+@autograph.framework
 def float32(outputs):
   """Float outputs of a mixed-precision model, as float32: the loss and
   metrics are computed in float32 whatever the compute dtype."""

@@ -11,6 +11,8 @@ import collections
 from absl import logging
 import tensorflow as tf
 
+from trainer.parts import autograph as autograph_lib
+
 
 class TraceCounter:
   """Makes counted tf.functions; `counts` holds {name: times traced}.
@@ -24,8 +26,15 @@ class TraceCounter:
     self.counts = collections.Counter()
     self._warm = set()
 
-  def function(self, fn, name: str, **options):
-    """tf.function(fn, **options) whose traces are counted under `name`."""
+  def function(self, fn, name: str, *, autograph: bool = False, **options):
+    """tf.function(fn, autograph=autograph, **options) whose traces are
+    counted under `name`.
+
+    Without AutoGraph by default: the loops are written with explicit
+    control flow and convert the Trainer's methods themselves
+    (parts/autograph.py). With it, pass a function or a functools.partial,
+    not a lambda: AutoGraph converts a lambda by parsing its whole file.
+    """
     def traced(*args):
       self.counts[name] += 1
       if name in self._warm:
@@ -34,9 +43,11 @@ class TraceCounter:
             'retrace costs a full graph build. Pass tensors, not Python '
             'values, and keep input shapes and dtypes fixed.', self.owner,
             name, self.counts[name])
-      return fn(*args)
+      # AutoGraph converts fn, not this wrapper (parts/autograph.py).
+      return (autograph_lib.user(fn) if autograph else fn)(*args)
 
-    function = tf.function(traced, **options)
+    function = tf.function(autograph_lib.readable_errors(traced),
+                           autograph=False, **options)
 
     def call(*args):
       result = function(*args)
