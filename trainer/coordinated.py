@@ -106,7 +106,7 @@ class Loops:
                                  trainer.train_sums, train=True)
     traces = trainer._traces  # pylint: disable=protected-access
     self._steps = traces.function(lambda it: self.steps(it, step_fn),
-                                  'coordinated_steps', autograph=True)
+                                  'coordinated_steps')
     self._sums = traces.function(
         lambda: trainer.train_sums.reduce_and_reset(strategy),
         'coordinated_sums')
@@ -203,5 +203,5 @@ class Loops:
                                  trainer.train_sums, train=True)
     batch = next(iter(trainer.dataset('train', tf.distribute.InputContext(),
                                       trainer.global_batch_size)))
-    tf.function(lambda b: trainer.strategy.run(step_fn, args=(b,))
-                ).get_concrete_function(batch)
+    tf.function(lambda b: trainer.strategy.run(step_fn, args=(b,)),
+                autograph=False).get_concrete_function(batch)

@@ -16,6 +16,8 @@ what they call), and each call from them into a Trainer method goes through
 `user`, which converts that method exactly as tf.function would have.
 """
 
+import functools
+
 import tensorflow as tf
 
 framework = tf.autograph.experimental.do_not_convert
@@ -46,6 +48,7 @@ def user(method):
 def readable_errors(fn):
   """fn, whose errors from converted code read as in any tf.function:
   'in user code:' and the lines of the user's source that raised."""
+  @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     try:
       return fn(*args, **kwargs)

@@ -27,13 +27,13 @@ class TraceCounter:
     self._warm = set()
 
   def function(self, fn, name: str, *, autograph: bool = False, **options):
-    """tf.function(fn, autograph=autograph, **options) whose traces are
-    counted under `name`.
+    """tf.function(fn, **options) whose traces are counted under `name`.
 
-    Without AutoGraph by default: the loops are written with explicit
-    control flow and convert the Trainer's methods themselves
+    AutoGraph converts fn only with `autograph=True`: the loops are written
+    with explicit control flow and convert the Trainer's methods themselves
     (parts/autograph.py). With it, pass a function or a functools.partial,
     not a lambda: AutoGraph converts a lambda by parsing its whole file.
+    Errors from converted code read as in any tf.function either way.
     """
     def traced(*args):
       self.counts[name] += 1
@@ -46,6 +46,7 @@ class TraceCounter:
       # AutoGraph converts fn, not this wrapper (parts/autograph.py).
       return (autograph_lib.user(fn) if autograph else fn)(*args)
 
+    traced.__name__ = name  # The name of the graph's function.
     function = tf.function(autograph_lib.readable_errors(traced),
                            autograph=False, **options)
 

@@ -79,7 +79,7 @@ def any_worker(flag: bool, strategy) -> bool:
   if not several_workers(strategy):
     return flag
 
-  @tf.function  # An eager strategy.run warns of its overhead.
+  @tf.function(autograph=False)  # Eager strategy.run warns of overhead.
   def count(value):
     flags = strategy.run(tf.identity, args=(value,))
     return strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None)

@@ -9,6 +9,7 @@ from models.classifier import ClassifierTrainer
 from tests.trainer.trainer_test import make_config, strategy_for, train
 from trainer import loops
 from trainer.parts import autograph
+from trainer.persistence import checkpointing
 
 
 @pytest.fixture
@@ -86,7 +87,28 @@ def test_a_trainers_own_control_flow_is_converted_and_trains_the_same(
           'BranchingTrainer.train_step'} <= mine
 
 
-def test_only_trainer_methods_and_the_eval_loop_are_converted(converted):
+class BranchingForward(BranchingTrainer):
+  """The built-in train_step (its own train_step is refused with
+  gradient accumulation)."""
+  train_step = ClassifierTrainer.train_step
+
+
+@pytest.mark.parametrize('key, value', [('jit_compile', True),
+                                        ('grad_accum_steps', 2)])
+def test_user_control_flow_under_xla_and_accumulation(key, value):
+  """The Trainer's methods run inside an XLA-compiled function, or in the
+  body of the micro-batch while loop."""
+  config = make_config('adam')
+  config.train[key] = value
+  reference, _ = train(config, 1, loops=(4,))
+  trainer, _ = train(config, 1, trainer_cls=BranchingForward, loops=(4,))
+  assert int(trainer.global_step.numpy()) == 4
+  for a, b in zip(reference.model.get_weights(), trainer.model.get_weights()):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_only_trainer_methods_and_the_eval_loop_are_converted(converted,
+                                                              tmp_path):
   """The framework builds its graph with explicit control flow; converting
   it cost ~3 s of start-up (parts/autograph.py)."""
   trainer = ClassifierTrainer(config=make_config(), strategy=strategy_for(2))
@@ -96,6 +118,10 @@ def test_only_trainer_methods_and_the_eval_loop_are_converted(converted):
   trainer.train(iterator, 2, measure_input_wait=True)  # The timed loop.
   loops.trace_eval(trainer, trainer.distribute_dataset(
       'test', batch_size=trainer.eval_global_batch_size))
+  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path))
+  checkpointer.save()  # Its snapshot and write are traced functions too.
+  checkpointer.wait()
+  assert tf.train.latest_checkpoint(str(tmp_path))
   framework = {f'{module}.{name}' for module, name in converted
                if module.startswith('trainer.')}
   assert converted and framework <= {
