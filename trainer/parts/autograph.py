@@ -39,9 +39,13 @@ def user(method):
     # `framework` code runs with conversion off; this turns it back on for
     # the method and everything it calls.
     with ag_ctx.ControlStatusCtx(status=ag_ctx.Status.ENABLED):
+      # tf.function's own options: no optional features (the default of
+      # ConversionOptions is all of them, which would turn the user's
+      # Python lists into TensorLists and wrap every return in identities).
       return api.converted_call(
           method, args, kwargs,
-          options=converter.ConversionOptions(recursive=True))
+          options=converter.ConversionOptions(recursive=True,
+                                              optional_features=None))
   return converted
 
 

@@ -46,6 +46,24 @@ def test_the_part_alone_converts_user_code_inside_framework_code():
     tf.function(framework_code_calling_plainly)(tf.constant(3.0))
 
 
+def test_user_code_is_converted_as_tf_function_converts_it():
+  """The same options: the same graph as under a plain tf.function (with
+  all of AutoGraph's optional features, every return gained an Identity)."""
+  def user_code(x):
+    values = []
+    for i in range(3):
+      values.append(x * float(i))
+    return tf.add_n(values)
+
+  def op_types(fn):
+    graph = tf.function(fn).get_concrete_function(
+        tf.TensorSpec([], tf.float32)).graph
+    return sorted(op.type for op in graph.get_operations())
+  from_framework = autograph.framework(
+      lambda x: autograph.user(user_code)(x))
+  assert op_types(from_framework) == op_types(user_code)
+
+
 class BranchingTrainer(ClassifierTrainer):
   """Python control flow on tensors in the methods a user writes."""
 
