@@ -75,6 +75,10 @@ def main(argv):
   del argv
   checkouts = {'this': REPO}
   if FLAGS.baseline:
+    if not os.path.isfile(os.path.join(FLAGS.baseline, 'main.py')):
+      raise app.UsageError(f'--baseline={FLAGS.baseline!r} has no main.py; '
+                           'pass a checkout, e.g. from `git worktree add '
+                           '/tmp/base COMMIT`')
     checkouts['baseline'] = os.path.abspath(FLAGS.baseline)
   samples = {(c, name): [] for c in FLAGS.configs for name in checkouts}
   for r in range(FLAGS.rounds):
