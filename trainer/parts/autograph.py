@@ -40,8 +40,8 @@ def user(method):
     # the method and everything it calls.
     with ag_ctx.ControlStatusCtx(status=ag_ctx.Status.ENABLED):
       # tf.function's own options: no optional features (the default of
-      # ConversionOptions is all of them, which would turn the user's
-      # Python lists into TensorLists and wrap every return in identities).
+      # ConversionOptions is all of them: list idioms and equality operators
+      # rewritten too, and every return wrapped in an Identity op).
       return api.converted_call(
           method, args, kwargs,
           options=converter.ConversionOptions(recursive=True,
