@@ -19,7 +19,7 @@ LAYERS = {
     'trainer.monitoring': 1, 'trainer.persistence': 1,
     'trainer.settings': 2, 'trainer.step': 2,
     'trainer.loops': 3, 'trainer.coordinated': 3,
-    'trainer.trainer': 4,
+    'trainer.wiring': 4, 'trainer.trainer': 4,
     'trainer.controller': 5,
     'trainer.experiment': 6,
 }
@@ -85,4 +85,4 @@ def test_the_trainer_class_holds_the_contract_and_the_wiring():
   with open(os.path.join(runner.REPO, 'trainer', 'trainer.py')) as f:
     tree = ast.parse(f.read())
   (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef)]
-  assert cls.end_lineno - cls.lineno <= 300
+  assert cls.end_lineno - cls.lineno <= 250

@@ -5,6 +5,7 @@ it):
 
   trainer.py, step.py, loops.py   the Trainer: its subclass contract, the
                                   replica step, the inner loops
+  wiring.py                       what the Trainer's constructor builds
   parts/                          the step's features, one module each
   optimization.py                 optimizers and learning-rate schedules
   controller.py                   the outer loop: host work between loops

@@ -14,6 +14,8 @@ The base class owns everything distributed: variables under
 the explicit gradient all-reduce, the optimizer update, the inner loop and
 the `strategy.reduce` of metrics. Where each of those lives:
 
+  trainer/wiring.py  what the constructor builds: every variable, under
+                     the scope, and the traced loops
   trainer/step.py    the replica step, one screen: loss -> scaling ->
                      gradients -> all-reduce -> clip -> apply
   trainer/loops.py   the inner tf.while_loop and the eval loop
@@ -26,28 +28,20 @@ A subclass with an unusual step (two optimizers, a GAN) overrides
 """
 
 import contextlib
-import functools
 
 import tensorflow as tf
 
-from trainer import coordinated
 from trainer import loops
-from trainer import optimization
 from trainer import schema
 from trainer import settings as settings_lib
 from trainer import step as step_lib
+from trainer import wiring
 from trainer.errors import UserError
 from trainer.parts import autograph
 from trainer.parts import distributed_input
-from trainer.parts import ema as ema_lib
 from trainer.parts import input_wait
-from trainer.parts import loss_scale
-from trainer.parts import metric_sums
 from trainer.parts import precision as precision_lib
 from trainer.parts import randomness
-from trainer.parts import retrace
-
-ONLY_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
 
 
 class Trainer:
@@ -89,68 +83,10 @@ class Trainer:
           'step; accumulate there or set train.grad_accum_steps=1')
     self.reports_grad_norm = False  # Set when the train step is traced.
     randomness.install()
-    # Everything stateful is created here, under the scope and before the
-    # first trace: optimizer slots created inside a traced step fail under a
-    # strategy (keras#23085), so the optimizer is built eagerly.
-    with strategy.scope():
-      with precision_lib.policy(s.precision):
-        self.model = self.build_model()
-      if s.jit_compile:
-        settings_lib.check_xla_with_sync_batch_norm(self.model, strategy,
-                                                    config)
-      self.optimizer = optimization.build_optimizer(
-          config.optimizer, variables=self.model.trainable_variables,
-          total_steps=config.train.steps)
-      self.optimizer.build(self.model.trainable_variables)
-      self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                     name='global_step', aggregation=ONLY_FIRST)
-      self.data_position = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                       name='data_position',
-                                       aggregation=ONLY_FIRST)
-      # Set to 1 from the host (a SIGTERM watcher thread) while a loop runs;
-      # every replica reads it each step and the all-reduce makes them agree.
-      self.stop_requested = tf.Variable(0.0, trainable=False,
-                                        name='stop_requested',
-                                        aggregation=ONLY_FIRST)
-      names = ('loss', *self.metric_names)
-      self.train_sums = metric_sums.MetricSums(names, extras=('grad_norm',),
-                                               name='train_sums')
-      self.eval_sums = metric_sums.MetricSums(names, name='eval_sums')
-      self.loss_scaling = (loss_scale.DynamicLossScale()
-                           if s.precision == 'mixed_float16' else None)
-      self.ema = (ema_lib.WeightAverage(s.ema_decay,
-                                        self.model.trainable_variables,
-                                        strategy) if s.ema_decay else None)
-      # One set for training, one for evaluation (trainer/parts/streaming.py).
-      self.streaming = {'train': self.build_streaming_metrics(),
-                        'eval': self.build_streaming_metrics()}
-    self.loss_scale = self.loss_scaling.scale if self.loss_scaling else None
-    self.one_batch_gradients = lambda batch: step_lib.one_batch_gradients(
-        self, batch)
-    if s.jit_compile:
-      # XLA compiles the forward and backward pass. The all-reduce and the
-      # update stay outside it: collectives of MirroredStrategy and
-      # MultiWorkerMirroredStrategy are not XLA ops on CPU/GPU. (On TPU the
-      # whole step is compiled anyway.)
-      self.one_batch_gradients = tf.function(self.one_batch_gradients,
-                                             jit_compile=True, autograph=False)
-    self._traces = retrace.TraceCounter(type(self).__name__)
-    self.trace_counts = self._traces.counts
-    self._train_loop = self._traces.function(
-        lambda it, n: loops.train_loop(self, it, n, timed=False), 'train_loop')
-    # The same loop with the input wait measured (see train): a second graph,
-    # traced on its first use.
-    self._train_loop_timed = self._traces.function(
-        lambda it, n: loops.train_loop(self, it, n, timed=True),
-        'train_loop_timed')
-    self._eval_loop = self._traces.function(
-        functools.partial(loops.eval_loop, self), 'eval_loop', autograph=True)
-    self.eval_batch_fns = {}  # By the eval dataset's element spec.
-    self._eval_sums = self._traces.function(
-        lambda: self.eval_sums.reduce_and_reset(strategy), 'eval_sums')
-    # --strategy=parameter_server: inner loops go to the workers.
-    self.coordinated = (coordinated.Loops(self) if isinstance(
-        strategy, tf.distribute.experimental.ParameterServerStrategy) else None)
+    # Every variable, under the scope and before the first trace; then the
+    # traced loops (trainer/wiring.py).
+    wiring.build_state(self)
+    wiring.build_functions(self)
 
   # ---------------------------------------------------------------------------
   # The subclass contract.

@@ -1,0 +1,91 @@
+"""What a Trainer's constructor builds: its state and its traced functions.
+
+`build_state` creates every variable of a run under `strategy.scope()` and
+before any trace: the model, the optimizer (built eagerly: slots created
+inside a traced step fail under a strategy, keras#23085), the step and data
+counters, the stop request, the metric sums, the loss scale and the weight
+average. `build_functions` wraps the inner loops in counted tf.functions.
+Both run once, from `Trainer.__init__`, on the host.
+"""
+
+import functools
+
+import tensorflow as tf
+
+from trainer import coordinated
+from trainer import loops
+from trainer import optimization
+from trainer import settings as settings_lib
+from trainer import step as step_lib
+from trainer.parts import ema as ema_lib
+from trainer.parts import loss_scale
+from trainer.parts import metric_sums
+from trainer.parts import precision as precision_lib
+from trainer.parts import retrace
+
+ONLY_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+
+def build_state(trainer) -> None:
+  """Sets the trainer's model, optimizer and every other variable."""
+  t, s, strategy, config = (trainer, trainer.settings, trainer.strategy,
+                            trainer.config)
+  with strategy.scope():
+    with precision_lib.policy(s.precision):
+      t.model = t.build_model()
+    if s.jit_compile:
+      settings_lib.check_xla_with_sync_batch_norm(t.model, strategy, config)
+    t.optimizer = optimization.build_optimizer(
+        config.optimizer, variables=t.model.trainable_variables,
+        total_steps=config.train.steps)
+    t.optimizer.build(t.model.trainable_variables)
+    t.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                name='global_step', aggregation=ONLY_FIRST)
+    t.data_position = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                  name='data_position', aggregation=ONLY_FIRST)
+    # Set to 1 from the host (a SIGTERM watcher thread) while a loop runs;
+    # every replica reads it each step and the all-reduce makes them agree.
+    t.stop_requested = tf.Variable(0.0, trainable=False, name='stop_requested',
+                                   aggregation=ONLY_FIRST)
+    names = ('loss', *t.metric_names)
+    t.train_sums = metric_sums.MetricSums(names, extras=('grad_norm',),
+                                          name='train_sums')
+    t.eval_sums = metric_sums.MetricSums(names, name='eval_sums')
+    t.loss_scaling = (loss_scale.DynamicLossScale()
+                      if s.precision == 'mixed_float16' else None)
+    t.ema = (ema_lib.WeightAverage(s.ema_decay, t.model.trainable_variables,
+                                   strategy) if s.ema_decay else None)
+    # One set for training, one for evaluation (trainer/parts/streaming.py).
+    t.streaming = {'train': t.build_streaming_metrics(),
+                   'eval': t.build_streaming_metrics()}
+  t.loss_scale = t.loss_scaling.scale if t.loss_scaling else None
+
+
+def build_functions(trainer) -> None:
+  """Sets the trainer's traced loops, each counted (trace_counts)."""
+  t = trainer
+  t.one_batch_gradients = lambda batch: step_lib.one_batch_gradients(t, batch)
+  if t.settings.jit_compile:
+    # XLA compiles the forward and backward pass. The all-reduce and the
+    # update stay outside it: collectives of MirroredStrategy and
+    # MultiWorkerMirroredStrategy are not XLA ops on CPU/GPU. (On TPU the
+    # whole step is compiled anyway.)
+    t.one_batch_gradients = tf.function(t.one_batch_gradients,
+                                        jit_compile=True, autograph=False)
+  traces = retrace.TraceCounter(type(t).__name__)
+  t.trace_counts = traces.counts
+  t._train_loop = traces.function(  # pylint: disable=protected-access
+      lambda it, n: loops.train_loop(t, it, n, timed=False), 'train_loop')
+  # The same loop with the input wait measured (Trainer.train): a second
+  # graph, traced on its first use.
+  t._train_loop_timed = traces.function(  # pylint: disable=protected-access
+      lambda it, n: loops.train_loop(t, it, n, timed=True), 'train_loop_timed')
+  t._eval_loop = traces.function(  # pylint: disable=protected-access
+      functools.partial(loops.eval_loop, t), 'eval_loop', autograph=True)
+  t.eval_batch_fns = {}  # By the eval dataset's element spec.
+  t._eval_sums = traces.function(  # pylint: disable=protected-access
+      lambda: t.eval_sums.reduce_and_reset(t.strategy), 'eval_sums')
+  t._traces = traces  # pylint: disable=protected-access
+  # --strategy=parameter_server: inner loops go to the workers.
+  t.coordinated = (coordinated.Loops(t) if isinstance(
+      t.strategy, tf.distribute.experimental.ParameterServerStrategy) else None)
