@@ -12,7 +12,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -40,8 +39,10 @@ def run_launcher(num_workers, *args, timeout=240):
   return result
 
 
-def start_launcher(*args, launcher_flags=('--num_workers=2',)):
+def start_launcher(*args, launcher_flags=('--num_workers=2',), temp_dir=None):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  if temp_dir:
+    env['TMPDIR'] = str(temp_dir)  # The workers' temporary directories.
   return subprocess.Popen([sys.executable, '-m', 'trainer.cluster.launch',
                            *launcher_flags, '--', *args],
                           cwd=runner.REPO, env=env, text=True,
@@ -67,10 +68,11 @@ def finish_launchers(processes, timeout=240):
 
 
 def run_launchers(*arg_lists, launcher_flags=('--num_workers=2',),
-                  timeout=240):
+                  timeout=240, temp_dir=None):
   """Runs one launcher per list of worker arguments side by side (start-up,
   mostly TensorFlow's import, is one core's work per process)."""
-  return finish_launchers([start_launcher(*args, launcher_flags=launcher_flags)
+  return finish_launchers([start_launcher(*args, launcher_flags=launcher_flags,
+                                          temp_dir=temp_dir)
                            for args in arg_lists], timeout)
 
 
@@ -82,10 +84,6 @@ def assert_same_weights(dir_a, dir_b, rtol=1e-5):
                                err_msg=f'weight {i}')
 
 
-def worker_temp_dirs():
-  return set(glob.glob(os.path.join(tempfile.gettempdir(), 'distloop-worker*')))
-
-
 def test_two_workers_match_one_process_through_the_launcher(tmp_path):
   """The launcher command of docs/cluster.md, as printed (/tmp/ moved under
   tmp_path), and with 2 CPU replicas per worker; each against one process
@@ -95,7 +93,9 @@ def test_two_workers_match_one_process_through_the_launcher(tmp_path):
   assert argv[:3] == ['python', '-m', 'trainer.cluster.launch']
   launcher, worker_args = argv[3:argv.index('--')], argv[argv.index('--') + 1:]
   config = [a for a in worker_args if a.startswith('--config')]
-  before = worker_temp_dirs()
+  # The workers' temporary directories go here, away from other runs'.
+  temp_dir = tmp_path / 'tmp'
+  temp_dir.mkdir()
   single = {n: runner.start_main(*config, '--strategy=mirrored',
                                  f'--num_cpu_devices={n}',
                                  f'--model_dir={tmp_path / f"single{n}"}')
@@ -106,7 +106,7 @@ def test_two_workers_match_one_process_through_the_launcher(tmp_path):
   args = [a for a in worker_args if not a.startswith('--model_dir')]
   results = run_launchers(*([*args, f'--model_dir={tmp_path}/workers2x{cpus}',
                              f'--num_cpu_devices={cpus}'] for cpus in (1, 2)),
-                          launcher_flags=launcher)
+                          launcher_flags=launcher, temp_dir=temp_dir)
   for cpus, result in zip((1, 2), results):
     model_dir = tmp_path / f'workers2x{cpus}'
     assert result.returncode == 0, result.stderr[-4000:]
@@ -121,7 +121,7 @@ def test_two_workers_match_one_process_through_the_launcher(tmp_path):
         'goodput', 'goodput.json', 'run.json', 'train']
     evals = (model_dir / 'eval' / 'metrics.jsonl').read_text().splitlines()
     assert len(evals) == 1  # Both workers evaluated; only the chief wrote.
-  assert worker_temp_dirs() == before
+  assert not glob.glob(str(temp_dir / 'distloop-worker*'))
 
 
 def test_hand_written_tf_config_matches_one_process(tmp_path):
