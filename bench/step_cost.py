@@ -16,6 +16,10 @@ per-step features added:
               MirroredStrategy a cond in cross-replica context, lowered)
   guard_low   the same cond lowered to Switch/Merge (TensorFlow's default;
               under MirroredStrategy the same as guard)
+  masked      no cond: each gradient selected with tf.where(finite, g, 0),
+              then the update. The least an optimizer masking its own
+              update (a 0/1 factor on the learning rate and the moments'
+              steps) would cost; not a skip by itself (the moments decay)
   norm        the explicit all-reduce and the global gradient norm, no cond
   sums        the metric sums: one assign_add of a stacked vector per step
   accuracy    sums plus the accuracy's argmax/equal/cast
@@ -51,11 +55,13 @@ flags.DEFINE_float('step_cost_seconds', 1.0,
                    'Seconds each variant is timed per round, roughly.')
 FLAGS = flags.FLAGS
 
-# name: (guard, norm, sums, accuracy); guard is None, 'if' or 'lowered'.
+# name: (guard, norm, sums, accuracy); guard is None, 'if', 'lowered' or
+# 'masked'.
 VARIANTS = {
     'minimal': (None, False, False, False),
     'guard': ('if', False, False, False),
     'guard_low': ('lowered', False, False, False),
+    'masked': ('masked', False, False, False),
     'norm': (None, True, False, False),
     'sums': (None, False, True, False),
     'accuracy': (None, False, True, True),
@@ -93,7 +99,9 @@ def variant_method(strategy, guard, norm, sums, accuracy):
 
       def apply():
         optimization.apply_reduced(optimizer, zip(grads, variables))
-      if guard is None:
+      if guard == 'masked':
+        grads = [tf.where(finite, g, 0.0) for g in grads]
+      if guard in (None, 'masked'):
         apply()
       # A cond around the update may stay in the replica context only where
       # no merge_call is needed; under MirroredStrategy it runs in
