@@ -41,6 +41,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       mlp_ratio=4,                     # MLP hidden width = mlp_ratio * width
       positions='learned',             # or 'rotary'
       tie_embeddings=True,
+      # > 0: the token table in pieces of at most this many bytes, which
+      # --strategy=parameter_server places on different ps tasks.
+      embedding_shard_bytes=0,
       dropout=0.0)                     # ~2 passes over the data: no need
   config.train = dict(steps=2000, global_batch_size=32, clip_norm=1.0)
   config.checkpoint = dict(every_steps=500)

@@ -60,6 +60,11 @@ class LMTrainer(Trainer):
     if model.positions not in transformer.POSITIONS:
       raise UserError(f'config key model.positions={model.positions!r} is '
                       f'unknown; valid: {", ".join(transformer.POSITIONS)}')
+    shard_bytes = model.get('embedding_shard_bytes', 0)
+    if not isinstance(shard_bytes, int) or shard_bytes < 0:
+      raise UserError(f'config key model.embedding_shard_bytes={shard_bytes!r} '
+                      'must be an integer >= 0 (0: the token table in one '
+                      'variable)')
     if model.width % model.heads:
       raise UserError(f'config key model.heads={model.heads} must divide '
                       f'model.width={model.width}; change either')
@@ -68,7 +73,8 @@ class LMTrainer(Trainer):
           vocab_size=text.VOCAB_SIZE, seq_len=model.seq_len,
           width=model.width, depth=model.depth, num_heads=model.heads,
           mlp_ratio=model.get('mlp_ratio', 4), positions=model.positions,
-          tie_embeddings=model.tie_embeddings, dropout=model.dropout)
+          tie_embeddings=model.tie_embeddings, dropout=model.dropout,
+          embedding_shard_bytes=model.get('embedding_shard_bytes', 0))
     except ValueError as e:  # E.g. an odd head size with rotary positions.
       raise UserError(f'config keys model.width/heads/positions: {e}') from e
 

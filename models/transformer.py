@@ -5,7 +5,9 @@ tokens int32 [B, T] -> token embedding (+ learned positions) -> depth x
 Attention is causal; with `positions='rotary'` (RoPE, Su et al. 2021) q and k
 are rotated by position inside attention and there is no position table.
 With `tie_embeddings` the logits are hidden @ E^T with the token embedding E:
-one [vocab, width] variable serves both ends.
+one [vocab, width] table serves both ends. With `embedding_shard_bytes` the
+table is held as several variables of consecutive rows (under
+--strategy=parameter_server each goes to a ps task of its own, round-robin).
 
 Every layer here is registered Keras-serializable (package 'distloop'), so the
 model round-trips through get_config / `.keras` files, and uses only TF ops
@@ -29,33 +31,69 @@ def _normal(stddev=_INIT_STDDEV):
   return tf.keras.initializers.RandomNormal(stddev=stddev)
 
 
+def shard_rows(vocab_size: int, width: int, max_bytes: int) -> list[int]:
+  """Rows of each piece of a float32 [vocab_size, width] table cut into the
+  fewest pieces of at most `max_bytes` (at least one row each; 0: whole),
+  as even as can be, the first ones a row longer."""
+  if not max_bytes:
+    return [vocab_size]
+  pieces = min(vocab_size, -(-vocab_size * width * 4 // max_bytes))
+  return [vocab_size // pieces + (i < vocab_size % pieces)
+          for i in range(pieces)]
+
+
 @tf.keras.utils.register_keras_serializable(package='distloop')
 class TokenEmbedding(layers.Layer):
   """Token lookup, and its transpose as the output layer (weight tying).
 
   `layer(tokens)` gives [B, T, width] in the compute dtype;
   `layer(hidden, reverse=True)` gives float32 logits hidden @ E^T.
+
+  With `shard_bytes` > 0 the table E is held as variables
+  `embeddings_0, embeddings_1, ...` of consecutive rows, each at most that
+  many bytes (shard_rows), joined at each call: the same function as one
+  table, whose pieces a parameter-server cluster places on different ps
+  tasks. Without it: one variable `embeddings`.
   """
 
-  def __init__(self, vocab_size, width, **kwargs):
+  def __init__(self, vocab_size, width, shard_bytes=0, **kwargs):
     super().__init__(**kwargs)
     self.vocab_size = vocab_size
     self.width = width
+    self.shard_bytes = shard_bytes
 
   def build(self, input_shape):
-    self.embeddings = self.add_weight(
-        shape=(self.vocab_size, self.width), initializer=_normal(),
-        name='embeddings')
+    rows = shard_rows(self.vocab_size, self.width, self.shard_bytes)
+    if len(rows) == 1:
+      self.embeddings = self.add_weight(
+          shape=(self.vocab_size, self.width), initializer=_normal(),
+          name='embeddings')
+      return
+    for i, n in enumerate(rows):
+      setattr(self, f'embeddings_{i}', self.add_weight(
+          shape=(n, self.width), initializer=_normal(),
+          name=f'embeddings_{i}'))
+    self.num_shards = len(rows)
+
+  def table(self):
+    """E [vocab_size, width], joined from its pieces when sharded."""
+    if not hasattr(self, 'num_shards'):
+      return self.embeddings
+    return tf.concat([getattr(self, f'embeddings_{i}')
+                      for i in range(self.num_shards)], axis=0)
 
   def call(self, inputs, reverse=False):
-    table = tf.cast(self.embeddings, self.compute_dtype)
+    table = tf.cast(self.table(), self.compute_dtype)
     if reverse:
       return tf.cast(tf.matmul(inputs, table, transpose_b=True), tf.float32)
     return tf.gather(table, inputs)
 
   def get_config(self):
-    return {**super().get_config(), 'vocab_size': self.vocab_size,
-            'width': self.width}
+    config = {**super().get_config(), 'vocab_size': self.vocab_size,
+              'width': self.width}
+    if self.shard_bytes:
+      config['shard_bytes'] = self.shard_bytes
+    return config
 
 
 @tf.keras.utils.register_keras_serializable(package='distloop')
@@ -208,6 +246,7 @@ def build_transformer_lm(*, vocab_size: int, seq_len: int, width: int,
                          depth: int, num_heads: int, mlp_ratio: int = 4,
                          positions: str = 'learned',
                          tie_embeddings: bool = True, dropout: float = 0.0,
+                         embedding_shard_bytes: int = 0,
                          name: str = 'transformer_lm') -> tf.keras.Model:
   """Returns a decoder-only LM: int32 tokens [B, T] -> float32 logits [B, T, V].
 
@@ -229,6 +268,8 @@ def build_transformer_lm(*, vocab_size: int, seq_len: int, width: int,
       matrix); otherwise a separate Dense output layer.
     dropout: rate after the embeddings, on attention weights and on each
       residual branch (active only with training=True).
+    embedding_shard_bytes: > 0: the token table is held in pieces of at most
+      this many bytes (TokenEmbedding); 0: one variable.
     name: model name.
 
   Returns:
@@ -241,7 +282,9 @@ def build_transformer_lm(*, vocab_size: int, seq_len: int, width: int,
     raise ValueError(f'positions={positions!r} is unknown; use one of '
                      f'{", ".join(POSITIONS)}')
   tokens = tf.keras.Input(shape=(None,), dtype='int32', name='tokens')
-  embedding = TokenEmbedding(vocab_size, width, name='token_embedding')
+  embedding = TokenEmbedding(vocab_size, width,
+                             shard_bytes=embedding_shard_bytes,
+                             name='token_embedding')
   x = embedding(tokens)
   if positions == 'learned':
     x = AddPositionEmbedding(seq_len, name='position_embedding')(x)

@@ -174,6 +174,79 @@ def test_a_users_own_trainer_outside_models_trains_on_the_cluster(tmp_path):
   assert runner.final_eval(evaluated.stdout) == pytest.approx(chief, rel=1e-4)
 
 
+# Builds the LM's layers under a ParameterServerStrategy over 2 in-process
+# ps tasks and a worker (127.0.0.1) and prints where each variable lives.
+PLACEMENT = """
+import json, socket, sys
+import tensorflow as tf
+from models import transformer
+
+def address():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return '127.0.0.1:%d' % s.getsockname()[1]
+
+spec = tf.train.ClusterSpec({'worker': [address()],
+                             'ps': [address(), address()]})
+servers = [tf.distribute.Server(spec, job_name=job, task_index=i)
+           for job in ('worker', 'ps') for i in range(len(spec.as_dict()[job]))]
+strategy = tf.distribute.experimental.ParameterServerStrategy(
+    tf.distribute.cluster_resolver.SimpleClusterResolver(spec, rpc_layer='grpc'))
+with strategy.scope():
+  model = transformer.build_transformer_lm(
+      vocab_size=256, seq_len=32, width=32, depth=1, num_heads=2,
+      embedding_shard_bytes=int(sys.argv[1]))
+print(json.dumps({v.path: v.value.device for v in model.weights}))
+"""
+
+
+@pytest.mark.parametrize('shard_bytes, pieces', [(0, 1), (16384, 2),
+                                                 (8192, 4)])
+def test_the_token_table_is_spread_over_the_ps_tasks(shard_bytes, pieces):
+  """model.embedding_shard_bytes cuts the LM's 32 KB token table into pieces
+  that a parameter-server cluster places on different ps tasks."""
+  result = subprocess.run(
+      [sys.executable, '-c', PLACEMENT, str(shard_bytes)], cwd=runner.REPO,
+      capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  devices = json.loads(result.stdout.strip().splitlines()[-1])
+  table = {path: device for path, device in devices.items()
+           if path.startswith('token_embedding/')}
+  assert len(table) == pieces
+  tasks = [device.split('/device:')[0] for device in table.values()]
+  assert all('/job:ps/' in task for task in tasks), tasks
+  # Round-robin: as many ps tasks as there are pieces, up to 2.
+  assert len(set(tasks)) == min(pieces, 2), tasks
+
+
+def test_a_sharded_token_table_trains_on_two_ps_tasks_and_restores_alone(
+    tmp_path):
+  """The LM with its table in 2 pieces on a chief, 2 workers and 2 ps:
+  trains, saves at the last step, and the checkpoint evaluates without the
+  cluster to the chief's numbers."""
+  args = ('--config=configs/lm_transformer.py:smoke',
+          '--config.model.embedding_shard_bytes=16384')
+  cluster = subprocess.Popen(
+      [sys.executable, '-m', 'trainer.cluster.launch', '--num_workers=2',
+       '--num_ps=2', '--', *args, f'--model_dir={tmp_path}', PS],
+      cwd=runner.REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  code, stdout, stderr = finish(cluster)
+  assert code == 0, stderr[-4000:]
+  assert saved_step(tmp_path) == 6
+  # The table is saved as its 2 pieces of 128 rows (the variables keyed as
+  # the optimizer's, in creation order: the table's pieces first).
+  saved = runner.checkpoint_values(str(tmp_path))
+  shapes = [saved[f'optimizer/_trainable_variables/{i}/.ATTRIBUTES/'
+                  'VARIABLE_VALUE'].shape for i in range(3)]
+  assert shapes == [(128, 32), (128, 32), (32, 32)], shapes
+  chief = runner.final_eval('\n'.join(tagged(stdout, '[chief] ')))
+  evaluated = runner.run_main(*args, '--mode=eval', f'--model_dir={tmp_path}')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert runner.final_eval(evaluated.stdout) == pytest.approx(chief, rel=1e-4)
+
+
 @pytest.mark.parametrize('restarted', [False, True],
                          ids=['not_restarted', 'restarted'])
 def test_a_worker_killed_mid_run_is_tolerated(tmp_path, restarted):

@@ -218,6 +218,8 @@ def test_data_files_matching_nothing_stops_main_with_one_line(tmp_path):
     ('model.heads', 3, 'model.heads=3 must divide model.width=32'),
     ('model.positions', 'sinusoid', "model.positions='sinusoid' is unknown"),
     ('model.seq_len', 0, 'model.seq_len=0 must be a positive integer'),
+    ('model.embedding_shard_bytes', -1, 'model.embedding_shard_bytes=-1 '
+     'must be an integer >= 0'),
     ('eval.split', 'validation', "eval.split='validation' cannot be "
      'evaluated'),
 ])

@@ -90,6 +90,40 @@ def test_tied_embeddings_share_one_matrix():
       rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('tie', [True, False], ids=['tied', 'untied'])
+def test_a_sharded_token_table_is_the_same_function_and_gradient(tie):
+  """embedding_shard_bytes holds the table as pieces of consecutive rows;
+  with the same numbers the logits and the table's gradient are the same."""
+  # 20 x 32 float32 = 2,560 bytes; at most 1,000 a piece: 3 pieces.
+  assert transformer.shard_rows(VOCAB, 32, 1000) == [7, 7, 6]
+  whole = _lm(tie_embeddings=tie)
+  sharded = _lm(tie_embeddings=tie, embedding_shard_bytes=1000)
+  pieces = sharded.get_layer('token_embedding')
+  assert [v.path for v in pieces.weights] == [
+      f'token_embedding/embeddings_{i}' for i in range(3)]
+  table = whole.get_layer('token_embedding').embeddings.numpy()
+  for variable, rows in zip(pieces.weights, np.split(table, [7, 14])):
+    variable.assign(rows)
+  for layer in whole.layers:
+    if layer.name != 'token_embedding':
+      sharded.get_layer(layer.name).set_weights(layer.get_weights())
+  tokens = _tokens()
+  np.testing.assert_array_equal(sharded(tokens), whole(tokens))
+
+  def table_gradient(model):
+    with tf.GradientTape() as tape:
+      loss = _loss(model, tokens[:, :-1], tokens[:, 1:])
+    layer = model.get_layer('token_embedding')
+    grads = tape.gradient(loss, layer.weights)
+    return np.concatenate([tf.convert_to_tensor(g) for g in grads])
+  np.testing.assert_allclose(table_gradient(sharded), table_gradient(whole),
+                             rtol=1e-6, atol=1e-8)
+  # The layer's config keeps the pieces: a rebuilt model has them too.
+  rebuilt = tf.keras.Model.from_config(sharded.get_config())
+  assert [v.shape for v in rebuilt.get_layer('token_embedding').weights] == [
+      (7, 32), (7, 32), (6, 32)]
+
+
 @pytest.mark.parametrize('positions', transformer.POSITIONS)
 def test_gradient_step_changes_every_weight_and_loss_is_finite(positions):
   model = _lm(positions=positions)
