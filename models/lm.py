@@ -61,10 +61,12 @@ class LMTrainer(Trainer):
       raise UserError(f'config key model.positions={model.positions!r} is '
                       f'unknown; valid: {", ".join(transformer.POSITIONS)}')
     shard_bytes = model.get('embedding_shard_bytes', 0)
-    if not isinstance(shard_bytes, int) or shard_bytes < 0:
+    row = 4 * model.width
+    if not isinstance(shard_bytes, int) or shard_bytes < 0 or (
+        0 < shard_bytes < row):
       raise UserError(f'config key model.embedding_shard_bytes={shard_bytes!r} '
-                      'must be an integer >= 0 (0: the token table in one '
-                      'variable)')
+                      f'must be 0 (the token table in one variable) or at '
+                      f'least one row of it, {row} bytes (4 x model.width)')
     if model.width % model.heads:
       raise UserError(f'config key model.heads={model.heads} must divide '
                       f'model.width={model.width}; change either')

@@ -6,8 +6,8 @@ Attention is causal; with `positions='rotary'` (RoPE, Su et al. 2021) q and k
 are rotated by position inside attention and there is no position table.
 With `tie_embeddings` the logits are hidden @ E^T with the token embedding E:
 one [vocab, width] table serves both ends. With `embedding_shard_bytes` the
-table is held as several variables of consecutive rows (under
---strategy=parameter_server each goes to a ps task of its own, round-robin).
+table is held as several variables of consecutive rows, which
+--strategy=parameter_server places round-robin over the ps tasks.
 
 Every layer here is registered Keras-serializable (package 'distloop'), so the
 model round-trips through get_config / `.keras` files, and uses only TF ops
@@ -33,11 +33,19 @@ def _normal(stddev=_INIT_STDDEV):
 
 def shard_rows(vocab_size: int, width: int, max_bytes: int) -> list[int]:
   """Rows of each piece of a float32 [vocab_size, width] table cut into the
-  fewest pieces of at most `max_bytes` (at least one row each; 0: whole),
-  as even as can be, the first ones a row longer."""
+  fewest pieces of at most `max_bytes` each (0: one piece), as even as can
+  be, the first ones a row longer (tf.nn.embedding_lookup's 'div' split).
+
+  Raises:
+    ValueError: `max_bytes` is smaller than one row (4 * width bytes).
+  """
   if not max_bytes:
     return [vocab_size]
-  pieces = min(vocab_size, -(-vocab_size * width * 4 // max_bytes))
+  rows = max_bytes // (4 * width)
+  if rows < 1:
+    raise ValueError(f'{max_bytes} bytes is less than one row of the table '
+                     f'({4 * width} bytes)')
+  pieces = -(-vocab_size // rows)
   return [vocab_size // pieces + (i < vocab_size % pieces)
           for i in range(pieces)]
 
@@ -51,9 +59,10 @@ class TokenEmbedding(layers.Layer):
 
   With `shard_bytes` > 0 the table E is held as variables
   `embeddings_0, embeddings_1, ...` of consecutive rows, each at most that
-  many bytes (shard_rows), joined at each call: the same function as one
-  table, whose pieces a parameter-server cluster places on different ps
-  tasks. Without it: one variable `embeddings`.
+  many bytes (shard_rows): the same function as one table, whose pieces a
+  parameter-server cluster places round-robin over its ps tasks. A lookup
+  reads only the rows it needs from each piece; the transpose (tied
+  logits) reads every piece. Without it: one variable `embeddings`.
   """
 
   def __init__(self, vocab_size, width, shard_bytes=0, **kwargs):
@@ -75,18 +84,23 @@ class TokenEmbedding(layers.Layer):
           name=f'embeddings_{i}'))
     self.num_shards = len(rows)
 
-  def table(self):
-    """E [vocab_size, width], joined from its pieces when sharded."""
+  def pieces(self) -> list:
+    """The table's variables, in row order (one when not sharded)."""
     if not hasattr(self, 'num_shards'):
-      return self.embeddings
-    return tf.concat([getattr(self, f'embeddings_{i}')
-                      for i in range(self.num_shards)], axis=0)
+      return [self.embeddings]
+    return [getattr(self, f'embeddings_{i}') for i in range(self.num_shards)]
 
   def call(self, inputs, reverse=False):
-    table = tf.cast(self.table(), self.compute_dtype)
+    pieces = [tf.cast(p, self.compute_dtype) for p in self.pieces()]
     if reverse:
-      return tf.cast(tf.matmul(inputs, table, transpose_b=True), tf.float32)
-    return tf.gather(table, inputs)
+      # The logits of each piece's rows, side by side: [B, T, vocab_size].
+      return tf.cast(tf.concat(
+          [tf.matmul(inputs, p, transpose_b=True) for p in pieces], axis=-1),
+                     tf.float32)
+    if len(pieces) == 1:
+      return tf.gather(pieces[0], inputs)
+    # Each id's row from the piece holding it ('div': consecutive rows).
+    return tf.nn.embedding_lookup(pieces, inputs)
 
   def get_config(self):
     config = {**super().get_config(), 'vocab_size': self.vocab_size,

@@ -96,6 +96,7 @@ def test_two_workers_match_one_process_through_the_launcher(tmp_path):
   # The workers' temporary directories go here, away from other runs'.
   temp_dir = tmp_path / 'tmp'
   temp_dir.mkdir()
+  untouched = temp_dir.stat().st_mtime_ns
   single = {n: runner.start_main(*config, '--strategy=mirrored',
                                  f'--num_cpu_devices={n}',
                                  f'--model_dir={tmp_path / f"single{n}"}')
@@ -121,6 +122,8 @@ def test_two_workers_match_one_process_through_the_launcher(tmp_path):
         'goodput', 'goodput.json', 'run.json', 'train']
     evals = (model_dir / 'eval' / 'metrics.jsonl').read_text().splitlines()
     assert len(evals) == 1  # Both workers evaluated; only the chief wrote.
+  # The non-chief workers made their directories there, and removed them.
+  assert temp_dir.stat().st_mtime_ns != untouched
   assert not glob.glob(str(temp_dir / 'distloop-worker*'))
 
 

@@ -157,7 +157,7 @@ def test_a_users_own_trainer_outside_models_trains_on_the_cluster(tmp_path):
   """examples/regression.py (dict batches, its own forward, loss and metric,
   imported by path from outside models/) on a chief, 2 workers and a ps:
   600 steps counted and saved, an error far below predicting the mean
-  (0.67) and in one process's range; the checkpoint restored without the
+  (0.67), as one process's run is; the checkpoint restored without the
   cluster evaluates to the chief's numbers."""
   args = ('--config=examples/regression_config.py', '--config.train.steps=600',
           '--config.eval.every_steps=0')
@@ -167,7 +167,8 @@ def test_a_users_own_trainer_outside_models_trains_on_the_cluster(tmp_path):
   # Measured: 0.14-0.20 on the cluster, 0.29 alone (600 of the example's
   # 1,500 steps; asynchronous updates are not the same trajectory).
   assert chief['examples'] == alone['examples'] == 2048
-  assert chief['abs_error'] < 0.4 and alone['abs_error'] < 0.4, (chief, alone)
+  assert chief['abs_error'] < 0.33 and alone['abs_error'] < 0.33, (chief,
+                                                                   alone)
   evaluated = runner.run_main('--config=examples/regression_config.py',
                               '--mode=eval', f'--model_dir={tmp_path}/ps')
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
@@ -222,9 +223,9 @@ def test_the_token_table_is_spread_over_the_ps_tasks(shard_bytes, pieces):
 
 def test_a_sharded_token_table_trains_on_two_ps_tasks_and_restores_alone(
     tmp_path):
-  """The LM with its table in 2 pieces on a chief, 2 workers and 2 ps:
-  trains, saves at the last step, and the checkpoint evaluates without the
-  cluster to the chief's numbers."""
+  """The smoke LM with its table in 2 pieces on a chief, 2 workers and 2
+  ps: runs its 6 steps, saves at the last one, and the checkpoint evaluates
+  without the cluster to the chief's numbers."""
   args = ('--config=configs/lm_transformer.py:smoke',
           '--config.model.embedding_shard_bytes=16384')
   cluster = subprocess.Popen(

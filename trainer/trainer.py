@@ -1,4 +1,4 @@
-"""The Trainer base class: the subclass contract and the wiring.
+"""The Trainer base class: the subclass contract, wired by trainer/wiring.py.
 
 A subclass supplies what is model-specific:
 

@@ -73,6 +73,7 @@ def build_functions(trainer) -> None:
     t.one_batch_gradients = tf.function(t.one_batch_gradients,
                                         jit_compile=True, autograph=False)
   traces = retrace.TraceCounter(type(t).__name__)
+  t._traces = traces  # pylint: disable=protected-access
   t.trace_counts = traces.counts
   t._train_loop = traces.function(  # pylint: disable=protected-access
       lambda it, n: loops.train_loop(t, it, n, timed=False), 'train_loop')
@@ -85,7 +86,7 @@ def build_functions(trainer) -> None:
   t.eval_batch_fns = {}  # By the eval dataset's element spec.
   t._eval_sums = traces.function(  # pylint: disable=protected-access
       lambda: t.eval_sums.reduce_and_reset(t.strategy), 'eval_sums')
-  t._traces = traces  # pylint: disable=protected-access
-  # --strategy=parameter_server: inner loops go to the workers.
+  # --strategy=parameter_server: inner loops go to the workers (it counts
+  # its own traces in trainer._traces too).
   t.coordinated = (coordinated.Loops(t) if isinstance(
       t.strategy, tf.distribute.experimental.ParameterServerStrategy) else None)

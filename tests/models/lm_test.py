@@ -218,8 +218,11 @@ def test_data_files_matching_nothing_stops_main_with_one_line(tmp_path):
     ('model.heads', 3, 'model.heads=3 must divide model.width=32'),
     ('model.positions', 'sinusoid', "model.positions='sinusoid' is unknown"),
     ('model.seq_len', 0, 'model.seq_len=0 must be a positive integer'),
-    ('model.embedding_shard_bytes', -1, 'model.embedding_shard_bytes=-1 '
-     'must be an integer >= 0'),
+    ('model.embedding_shard_bytes', -1, r'model.embedding_shard_bytes=-1 '
+     r'must be 0 \(the token table in one variable\) or at least one row of '
+     r'it, 128 bytes \(4 x model.width\)'),
+    ('model.embedding_shard_bytes', 64, 'model.embedding_shard_bytes=64 must '
+     'be 0'),
     ('eval.split', 'validation', "eval.split='validation' cannot be "
      'evaluated'),
 ])

@@ -94,7 +94,8 @@ def test_tied_embeddings_share_one_matrix():
 def test_a_sharded_token_table_is_the_same_function_and_gradient(tie):
   """embedding_shard_bytes holds the table as pieces of consecutive rows;
   with the same numbers the logits and the table's gradient are the same."""
-  # 20 x 32 float32 = 2,560 bytes; at most 1,000 a piece: 3 pieces.
+  # 20 rows of 32 float32 (128 bytes); at most 1,000 bytes (7 rows) a
+  # piece: 3 pieces.
   assert transformer.shard_rows(VOCAB, 32, 1000) == [7, 7, 6]
   whole = _lm(tie_embeddings=tie)
   sharded = _lm(tie_embeddings=tie, embedding_shard_bytes=1000)
@@ -108,7 +109,8 @@ def test_a_sharded_token_table_is_the_same_function_and_gradient(tie):
     if layer.name != 'token_embedding':
       sharded.get_layer(layer.name).set_weights(layer.get_weights())
   tokens = _tokens()
-  np.testing.assert_array_equal(sharded(tokens), whole(tokens))
+  np.testing.assert_allclose(sharded(tokens), whole(tokens), rtol=1e-6,
+                             atol=1e-6)
 
   def table_gradient(model):
     with tf.GradientTape() as tape:
@@ -116,12 +118,34 @@ def test_a_sharded_token_table_is_the_same_function_and_gradient(tie):
     layer = model.get_layer('token_embedding')
     grads = tape.gradient(loss, layer.weights)
     return np.concatenate([tf.convert_to_tensor(g) for g in grads])
+  # The same sums in another order (per piece): float32 rounding apart.
   np.testing.assert_allclose(table_gradient(sharded), table_gradient(whole),
-                             rtol=1e-6, atol=1e-8)
+                             rtol=1e-5, atol=1e-7)
   # The layer's config keeps the pieces: a rebuilt model has them too.
   rebuilt = tf.keras.Model.from_config(sharded.get_config())
   assert [v.shape for v in rebuilt.get_layer('token_embedding').weights] == [
       (7, 32), (7, 32), (6, 32)]
+  # Unsharded, the layer is what it was before the key existed: one
+  # `embeddings` variable and no new config entry, so older checkpoints and
+  # .keras files load.
+  layer = whole.get_layer('token_embedding')
+  assert [v.path for v in layer.weights] == ['token_embedding/embeddings']
+  assert set(layer.get_config()) >= {'vocab_size', 'width'}
+  assert 'shard_bytes' not in layer.get_config()
+
+
+@pytest.mark.parametrize('vocab', [1, 7, 20, 256, 1000])
+@pytest.mark.parametrize('max_bytes', [128, 300, 1000, 4096, 10 ** 6])
+def test_token_table_pieces_are_at_most_the_size_and_as_few_as_can_be(
+    vocab, max_bytes):
+  rows = transformer.shard_rows(vocab, 32, max_bytes)  # 128 bytes a row.
+  assert sum(rows) == vocab and min(rows) >= 1
+  assert max(rows) * 128 <= max_bytes
+  assert max(rows) - min(rows) <= 1 and rows == sorted(rows, reverse=True)
+  fits = max_bytes // 128
+  assert len(rows) == -(-vocab // fits)  # No fewer pieces would fit.
+  with pytest.raises(ValueError, match='less than one row'):
+    transformer.shard_rows(vocab, 32, 127)
 
 
 @pytest.mark.parametrize('positions', transformer.POSITIONS)
