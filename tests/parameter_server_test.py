@@ -19,6 +19,7 @@ import time
 import pytest
 
 from tests import docs
+from tests import resume_test
 from tests import runner
 from tests.trainer.experiment import cli_test
 from trainer.cluster import launch
@@ -29,11 +30,12 @@ DIGITS = ('--config=configs/digits_mlp.py:smoke',
           '--config.eval.every_steps=0', '--config.summary.every_steps=100')
 
 
-def start_cluster(*args, env=None):
-  """The launcher of a chief, 2 workers and 1 ps running main.py ARGS."""
+def start_cluster(*args, env=None, num_ps=1):
+  """The launcher of a chief, 2 workers and `num_ps` ps tasks running
+  main.py ARGS."""
   return subprocess.Popen(
       [sys.executable, '-m', 'trainer.cluster.launch', '--num_workers=2',
-       '--num_ps=1', '--', *args, PS], cwd=runner.REPO,
+       f'--num_ps={num_ps}', '--', *args, PS], cwd=runner.REPO,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {})),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -178,21 +180,13 @@ def test_a_users_own_trainer_outside_models_trains_on_the_cluster(tmp_path):
 # Builds the LM's layers under a ParameterServerStrategy over 2 in-process
 # ps tasks and a worker (127.0.0.1) and prints where each variable lives.
 PLACEMENT = """
-import json, socket, sys
+import json, sys
 import tensorflow as tf
 from models import transformer
+from tests import runner
 
-def address():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return '127.0.0.1:%d' % s.getsockname()[1]
-
-spec = tf.train.ClusterSpec({'worker': [address()],
-                             'ps': [address(), address()]})
-servers = [tf.distribute.Server(spec, job_name=job, task_index=i)
-           for job in ('worker', 'ps') for i in range(len(spec.as_dict()[job]))]
 strategy = tf.distribute.experimental.ParameterServerStrategy(
-    tf.distribute.cluster_resolver.SimpleClusterResolver(spec, rpc_layer='grpc'))
+    runner.loopback_cluster(num_ps=2))
 with strategy.scope():
   model = transformer.build_transformer_lm(
       vocab_size=256, seq_len=32, width=32, depth=1, num_heads=2,
@@ -228,12 +222,8 @@ def test_a_sharded_token_table_trains_on_two_ps_tasks_and_restores_alone(
   without the cluster to the chief's numbers."""
   args = ('--config=configs/lm_transformer.py:smoke',
           '--config.model.embedding_shard_bytes=16384')
-  cluster = subprocess.Popen(
-      [sys.executable, '-m', 'trainer.cluster.launch', '--num_workers=2',
-       '--num_ps=2', '--', *args, f'--model_dir={tmp_path}', PS],
-      cwd=runner.REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  code, stdout, stderr = finish(cluster)
+  code, stdout, stderr = finish(start_cluster(
+      *args, f'--model_dir={tmp_path}', num_ps=2))
   assert code == 0, stderr[-4000:]
   assert saved_step(tmp_path) == 6
   # The table is saved as its 2 pieces of 128 rows (the variables keyed as
@@ -246,6 +236,80 @@ def test_a_sharded_token_table_trains_on_two_ps_tasks_and_restores_alone(
   evaluated = runner.run_main(*args, '--mode=eval', f'--model_dir={tmp_path}')
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert runner.final_eval(evaluated.stdout) == pytest.approx(chief, rel=1e-4)
+
+
+def test_variables_in_pieces_train_resume_and_evaluate_whole(tmp_path):
+  """train.variable_shard_bytes=4096 on a chief, 2 workers and 2 ps: the
+  digits MLP's two 16 KB kernels train as 4 pieces each; the checkpoint
+  holds them whole and once (with slots per piece), evaluates without the
+  cluster to the chief's numbers, and resumes on the cluster with the same
+  pieces; resuming it held whole is refused in one line, nothing touched."""
+  run = tmp_path / 'run'
+  args = (*DIGITS, '--config.train.variable_shard_bytes=4096',
+          '--config.checkpoint.every_steps=200',
+          '--config.summary.histograms_every_steps=200', f'--model_dir={run}')
+  code, stdout, stderr = finish(start_cluster(
+      *args, '--config.train.steps=400', num_ps=2))
+  assert code == 0, stderr[-4000:]
+  assert saved_step(run) == 400
+  with open(run / 'run.json') as f:
+    assert json.load(f)['pieces'] == {'mlp/dense_0/kernel': [16] * 4,
+                                      'mlp/dense_1/kernel': [16] * 4}
+  saved = runner.checkpoint_values(str(run))
+  kernels = sorted(value.shape for key, value in saved.items()
+                   if key.startswith('model/') and '_kernel' in key)
+  assert kernels == [(64, 10), (64, 64), (64, 64)], kernels
+  assert not [key for key in saved if '_trainable_variables' in key]
+  slots = [value.shape for key, value in saved.items()
+           if key.startswith('optimizer/_variables/')]
+  assert slots.count((16, 64)) == 16  # Adam's 2 per piece.
+  chief = runner.final_eval('\n'.join(tagged(stdout, '[chief] ')))
+  assert chief['accuracy'] > 0.9, chief
+  evaluated = runner.run_main(DIGITS[0], '--mode=eval', f'--model_dir={run}')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert runner.final_eval(evaluated.stdout) == pytest.approx(chief, rel=1e-4)
+
+  before = resume_test.snapshot(run)
+  whole = runner.run_main(*args, '--config.train.steps=600')
+  assert whole.returncode == 2, whole.stderr[-3000:]
+  assert runner.error_lines(whole.stderr) == [
+      f'error: cannot resume --model_dir={run}: variable '
+      "'mlp/dense_0/kernel' was 4 pieces and is now whole (train."
+      'variable_shard_bytes or --strategy changed), and the optimizer keeps '
+      'its slots per piece; resume with the old key and strategy, or start a '
+      'new --model_dir (--mode=eval and export read it either way)']
+  assert resume_test.snapshot(run) == before
+
+  code, stdout, stderr = finish(start_cluster(
+      *args, '--config.train.steps=600', num_ps=2))
+  assert code == 0, stderr[-4000:]
+  assert any(line.endswith(f'restored {run}/ckpt-400 (step 400, data '
+                           'position 400)')
+             for line in tagged(stderr, '[chief] ')), stderr[-3000:]
+  assert saved_step(run) == 600
+  assert runner.final_eval('\n'.join(tagged(stdout, '[chief] ')))[
+      'accuracy'] > 0.9
+
+
+def test_a_tutorial_step_on_pieces_is_one_line_with_the_fix(tmp_path):
+  """A train_step taking gradients of self.model.trainable_variables (the
+  tutorial pattern) cannot differentiate a weight held in pieces: the chief
+  refuses it while tracing, naming self.trainable_variables, before it
+  writes anything."""
+  cluster = start_cluster('--config=tests/user_config.py:model_variables',
+                          '--config.train.variable_shard_bytes=64',
+                          f'--model_dir={tmp_path}/run')
+  code, _, stderr = finish(cluster)
+  assert code == 2, stderr[-3000:]
+  (line,) = [l for l in stderr.splitlines() if l.startswith('[chief] error:')]
+  assert line.startswith('[chief] error: ModelVariablesTutorial.train_step '
+                         'raised '
+                         'AttributeError while the train step was traced: ')
+  assert line.endswith('; a weight is held in pieces (train.variable_shard_'
+                       'bytes): take gradients of and apply them to self.'
+                       'trainable_variables, not self.model.trainable_'
+                       'variables')
+  assert not os.path.exists(tmp_path / 'run')
 
 
 @pytest.mark.parametrize('restarted', [False, True],

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -63,6 +64,25 @@ def restored_model_weights(model_dir: str) -> list:
       tf.train.latest_checkpoint(model_dir))
   status.expect_partial().assert_existing_objects_matched()
   return model.get_weights()
+
+
+_SERVERS = []  # Kept alive for the life of the process.
+
+
+def loopback_cluster(num_ps: int):
+  """A resolver of one worker and `num_ps` ps servers started in this
+  process on free 127.0.0.1 ports (for a ParameterServerStrategy)."""
+  def address():
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      return '127.0.0.1:%d' % s.getsockname()[1]
+  spec = tf.train.ClusterSpec({'worker': [address()],
+                               'ps': [address() for _ in range(num_ps)]})
+  _SERVERS.extend(tf.distribute.Server(spec, job_name=job, task_index=i)
+                  for job in ('worker', 'ps')
+                  for i in range(len(spec.as_dict()[job])))
+  return tf.distribute.cluster_resolver.SimpleClusterResolver(
+      spec, rpc_layer='grpc')
 
 
 def error_lines(stderr: str) -> list[str]:

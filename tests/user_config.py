@@ -2,7 +2,8 @@
 configs/ and models/, as a user keeps theirs).
 
 Command:   python main.py --config=tests/user_config.py:two_optimizers
-Variants:  two_optimizers (default), sync_norm_accum, tutorial.
+Variants:  two_optimizers (default), sync_norm_accum, tutorial,
+           model_variables.
 """
 
 import ml_collections
@@ -11,6 +12,7 @@ TRAINERS = {
     'two_optimizers': 'tests.user_trainers:TwoOptimizerTrainer',
     'sync_norm_accum': 'tests.user_trainers:SyncNormTrainer',
     'tutorial': 'tests.user_trainers:TutorialTrainer',
+    'model_variables': 'tests.user_trainers:ModelVariablesTutorial',
 }
 VARIANTS = tuple(TRAINERS)
 

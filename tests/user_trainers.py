@@ -97,10 +97,21 @@ class TutorialTrainer(SequenceTrainer):
       per_example = self.compute_loss(batch, outputs)
       loss = tf.nn.compute_average_loss(
           per_example, global_batch_size=self.global_batch_size)
-    variables = self.model.trainable_variables
+    variables = self.variables_to_train()
     grads = tape.gradient(loss, variables)
     self.optimizer.apply_gradients(zip(grads, variables))
     return {'loss': per_example, **self.compute_metrics(batch, outputs)}
+
+  def variables_to_train(self):
+    return self.trainable_variables
+
+
+class ModelVariablesTutorial(TutorialTrainer):
+  """The tutorial pattern as Keras tutorials write it: the model's own
+  trainable_variables (refused once a weight is held in pieces)."""
+
+  def variables_to_train(self):
+    return self.model.trainable_variables
 
 
 class TwoOptimizerTrainer(SequenceTrainer):

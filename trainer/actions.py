@@ -20,6 +20,8 @@ naming it (exit 2); a checkpoint in flight still completes.
 import dataclasses
 from typing import Any, Callable
 
+import tensorflow as tf
+
 from trainer import errors
 from trainer.errors import UserError
 
@@ -119,8 +121,8 @@ def weight_histograms(context: Context) -> None:
   under weights/<path>."""
   model = context.trainer.model
   context.writer.write_histograms(context.step, {
-      'weights/' + getattr(v, 'path', v.name): v.numpy()
-      for v in model.trainable_variables})
+      'weights/' + getattr(v, 'path', v.name): tf.convert_to_tensor(v).numpy()
+      for v in model.trainable_variables})  # A weight in pieces: joined.
 
 
 def built_in(config) -> list[Action]:

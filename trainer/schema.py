@@ -9,8 +9,8 @@ mistake a one-line UserError naming the key, the value and the fix.
 
 Sections `model` and `data` belong to the Trainer: any key goes there
 (`data.pipeline`, `data.auto_shard` and `data.service` are the
-framework's). Every other
-section is the framework's: a key it does not know is a typo, and an error.
+framework's). Every other section is the framework's: a key it does not
+know is a typo, and an error.
 
 Pure Python (no TensorFlow): main.py checks flags and config with it before
 TensorFlow is imported, so a bad key costs well under a second.
@@ -101,6 +101,9 @@ SCHEMA = {
         'ema_decay': Key(0.0, 'moving average of the weights for eval, export '
                          'and the best checkpoint, in [0, 1); 0: off',
                          minimum=0, below=1),
+        'variable_shard_bytes': Key(0, 'parameter_server: larger variables '
+                                    'in pieces of at most this many bytes, '
+                                    'over the ps tasks; 0: whole', minimum=0),
     },
     'optimizer': {
         'name': Key('adam', 'sgd, adam, adamw or lamb', choices=OPTIMIZERS),

@@ -84,7 +84,7 @@ def compute_gradients(trainer, batch):
 @autograph.framework
 def one_batch_gradients(trainer, batch):
   """Steps 1-3 for one (micro-)batch: ({'grads', 'loss', ...}, values)."""
-  variables = trainer.model.trainable_variables
+  variables = trainer.trainable_variables
   scaling = trainer.loss_scaling
   size = contracts.batch_size(batch)
   where = f'{type(trainer).__name__}.compute_loss'

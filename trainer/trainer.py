@@ -42,6 +42,7 @@ from trainer.parts import distributed_input
 from trainer.parts import input_wait
 from trainer.parts import precision as precision_lib
 from trainer.parts import randomness
+from trainer.parts import sharding
 
 
 class Trainer:
@@ -188,6 +189,14 @@ class Trainer:
   # The replica step (trainer/step.py). Override `train_step` for an unusual
   # update; call the methods below from it.
 
+  @property
+  def trainable_variables(self) -> list:
+    """What the step differentiates and updates: the model's trainable
+    weights, a weight sharded over ps tasks (train.variable_shard_bytes) as
+    its pieces (parts/sharding.py). Use it, not the model's, in a
+    train_step override."""
+    return sharding.trainable_variables(self.model)
+
   def train_step(self, batch) -> dict:
     """One optimizer step on this replica's batch (replica context, traced).
 
@@ -201,7 +210,7 @@ class Trainer:
     and the gradient norm.
     """
     grads, loss, values = self.compute_gradients(batch)
-    self.apply_gradients(grads, self.model.trainable_variables, loss=loss)
+    self.apply_gradients(grads, self.trainable_variables, loss=loss)
     return values
 
   @autograph.framework

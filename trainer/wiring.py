@@ -22,6 +22,7 @@ from trainer.parts import loss_scale
 from trainer.parts import metric_sums
 from trainer.parts import precision as precision_lib
 from trainer.parts import retrace
+from trainer.parts import sharding
 
 ONLY_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
 
@@ -33,12 +34,17 @@ def build_state(trainer) -> None:
   with strategy.scope():
     with precision_lib.policy(s.precision):
       t.model = t.build_model()
+    # With train.variable_shard_bytes under parameter_server: large weights
+    # in pieces over the ps tasks (parts/sharding.py).
+    sharding.adopt(t.model)
     if s.jit_compile:
       settings_lib.check_xla_with_sync_batch_norm(t.model, strategy, config)
     t.optimizer = optimization.build_optimizer(
-        config.optimizer, variables=t.model.trainable_variables,
+        config.optimizer, variables=t.trainable_variables,
         total_steps=config.train.steps)
-    t.optimizer.build(t.model.trainable_variables)
+    t.optimizer.build(t.trainable_variables)  # A slot set per piece.
+    if sharding.pieces(t.model):
+      sharding.save_once(t.optimizer)
     t.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                 name='global_step', aggregation=ONLY_FIRST)
     t.data_position = tf.Variable(0, dtype=tf.int64, trainable=False,

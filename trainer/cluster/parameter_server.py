@@ -18,11 +18,10 @@ once it is back); a ps task that fails ends the chief's run with status 75
 (trainer/cluster/failures.py), and a restarted chief resumes from the
 newest checkpoint.
 
-Variables are placed whole, round-robin over the ps tasks. TensorFlow's
-variable partitioners (sharding one variable over several ps tasks) are not
-offered: Keras 3 layers cannot use the ShardedVariable they make (measured
-with TF 2.21 and Keras 3: "'ShardedVariable' object has no attribute
-'handle'" when the step is traced).
+Variables are placed round-robin over the ps tasks, whole or, with
+train.variable_shard_bytes, a large one as pieces of rows
+(MaxSizePartitioner; trainer/parts/sharding.py makes Keras 3 train and
+checkpoint them).
 """
 
 import signal
@@ -37,10 +36,12 @@ from trainer.cluster import tf_config
 from trainer.errors import UserError
 
 
-def build_strategy(cluster_timeout: float
+def build_strategy(cluster_timeout: float, variable_shard_bytes: int = 0
                    ) -> tf.distribute.experimental.ParameterServerStrategy:
   """The chief's strategy, from TF_CONFIG (validated here first), once every
-  worker and ps task serves.
+  worker and ps task serves. With `variable_shard_bytes` > 0 a variable
+  larger than that is made of pieces of rows, each at most that size (as
+  near as whole rows allow) and placed round-robin (parts/sharding.py).
 
   Raises:
     failures.ClusterError: a task did not serve within `cluster_timeout` s.
@@ -52,7 +53,32 @@ def build_strategy(cluster_timeout: float
   failures.watch(config)
   _wait_for_servers(config, cluster_timeout)
   resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-  return tf.distribute.experimental.ParameterServerStrategy(resolver)
+  partitioner = RowPieces(variable_shard_bytes) if variable_shard_bytes else None
+  return tf.distribute.experimental.ParameterServerStrategy(
+      resolver, variable_partitioner=partitioner)
+
+
+class RowPieces(tf.distribute.experimental.partitioners.Partitioner):
+  """TensorFlow's MaxSizePartitioner, refusing a size below one row.
+
+  A piece holds whole rows: below one row's size MaxSizePartitioner makes a
+  variable of every row (a million for a large embedding table).
+  """
+
+  def __init__(self, max_bytes: int):
+    self.max_bytes = max_bytes
+    self._pieces = tf.distribute.experimental.partitioners.MaxSizePartitioner(
+        max_shard_bytes=max_bytes)
+
+  def __call__(self, shape, dtype, axis=0):
+    row = shape[1:].num_elements() * tf.as_dtype(dtype).size
+    if row > self.max_bytes:
+      raise UserError(
+          f'config key train.variable_shard_bytes={self.max_bytes} is below '
+          f'one row of a {shape.as_list()} {tf.as_dtype(dtype).name} '
+          f'variable ({row} bytes), and a piece holds whole rows; set it to '
+          f'at least {row}, or 0 to keep variables whole')
+    return self._pieces(shape, dtype, axis)
 
 
 def _wait_for_servers(config: dict, cluster_timeout: float) -> None:

@@ -156,7 +156,8 @@ def _build_multi_worker_mirrored(num_cpu_devices: int):
 
 
 def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0,
-                   num_cpu_devices: int = 1, cluster_timeout: float = 300.0):
+                   num_cpu_devices: int = 1, cluster_timeout: float = 300.0,
+                   variable_shard_bytes: int = 0):
   """Returns the tf.distribute.Strategy for the --strategy flag.
 
   Args:
@@ -168,6 +169,8 @@ def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0,
       multi_worker_mirrored on a GPU-less host, the replicas per worker.
     cluster_timeout: with multi_worker_mirrored, seconds within which every
       task of TF_CONFIG's cluster must join (start its strategy).
+    variable_shard_bytes: with parameter_server, the largest piece of a
+      variable (train.variable_shard_bytes); 0 or any other strategy: whole.
   Raises:
     UserError: unknown name, --tpu without --strategy=tpu or the reverse, bad
       TF_CONFIG, or a TPU that cannot be reached.
@@ -179,6 +182,10 @@ def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0,
   if tpu and name != 'tpu':
     raise UserError(f'flag --tpu={tpu!r} needs --strategy=tpu (got '
                     f'--strategy={name}); drop --tpu or pass --strategy=tpu')
+  if variable_shard_bytes and name != 'parameter_server':
+    logging.info('train.variable_shard_bytes=%d: variables are whole with '
+                 '--strategy=%s (only parameter_server holds them in pieces)',
+                 variable_shard_bytes, name)
   if name == 'default':
     return tf.distribute.get_strategy()
   if name == 'one_device':
@@ -199,7 +206,8 @@ def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0,
     if not cluster_timeout > 0:
       raise UserError(f'flag --cluster_timeout={cluster_timeout:g} must be '
                       '> 0 (seconds to wait for every task to serve)')
-    return parameter_server.build_strategy(cluster_timeout)
+    return parameter_server.build_strategy(cluster_timeout,
+                                           variable_shard_bytes)
   if not tpu:
     raise UserError('flag --strategy=tpu needs --tpu=NAME, '
                     '--tpu=grpc://HOST:PORT or --tpu=local (on a TPU VM)')

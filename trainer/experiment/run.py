@@ -37,6 +37,7 @@ from trainer.experiment import validation
 from trainer.monitoring import goodput
 from trainer.monitoring import progress
 from trainer.monitoring import summaries
+from trainer.parts import sharding
 from trainer.persistence import checkpointing
 from trainer.persistence import run_record
 from trainer.persistence import preemption
@@ -209,7 +210,9 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
   strategy = strategies.build_strategy(strategy_name, tpu=tpu,
                                        tpu_timeout=tpu_timeout,
                                        num_cpu_devices=num_cpu_devices,
-                                       cluster_timeout=cluster_timeout)
+                                       cluster_timeout=cluster_timeout,
+                                       variable_shard_bytes=(
+                                           config.train.variable_shard_bytes))
   layout = run_record.layout(strategy, config)
   if mode in ('train', 'train_and_eval'):
     run_record.check_layout(model_dir, layout, config.train.global_batch_size)
@@ -284,7 +287,8 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
         train_writer=train_writer, eval_writer=eval_writer, actions=actions,
         ledger=ledger)
   record = dict(run_record.build(config, trainer),
-                layout=run_record.layout(trainer.strategy, config))
+                layout=run_record.layout(trainer.strategy, config),
+                pieces=sharding.pieces(trainer.model))
 
   if mode == 'continuous_eval':
     validation.check(trainer, train=False, eval_split=options.eval_split)
@@ -316,6 +320,7 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
   # model_dir with no complete checkpoint or a Trainer whose data or step
   # fails must leave every file as it was (or no model_dir at all).
   run_record.check_or_write(model_dir, record, write=False)
+  run_record.check_pieces(model_dir, record['pieces'])
   preemption.set_phase('restore')
   checkpointer.restore_latest()
   preemption.set_phase('validation (tracing the steps)')

@@ -126,9 +126,14 @@ def _trace(trainer, what: str, fn) -> None:
     method = _user_method(e, type(trainer))
     if method is None:
       raise  # Not from the Trainer's own methods: a bug, with its traceback.
+    hint = ''
+    if 'ShardedVariable' in str(e):
+      hint = ('; a weight is held in pieces (train.variable_shard_bytes): '
+              'take gradients of and apply them to self.trainable_variables, '
+              'not self.model.trainable_variables')
     raise UserError(
         f'{type(trainer).__name__}.{method} raised {type(e).__name__} while '
-        f'the {what.split(" ", 1)[1]} was traced: {errors.one_line(e)}'
+        f'the {what.split(" ", 1)[1]} was traced: {errors.one_line(e)}{hint}'
         ) from e
 
 

@@ -13,6 +13,7 @@ Each module here is usable and testable on its own (tests/trainer/parts/):
   precision      Keras dtype policies
   randomness     per-replica random numbers, and their checkpointed state
   retrace        tf.functions that count their traces
+  sharding       Keras weights in pieces over ps tasks, trained and saved
   status         what every replica agrees a step did (OK, stop, NaN...)
   streaming      Keras metric objects (AUC, F1...) combined across replicas
 

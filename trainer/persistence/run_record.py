@@ -42,6 +42,9 @@ def check_or_write(model_dir: str, record: dict, *,
   path = os.path.join(model_dir, RECORD)
   record = dict(record)
   layout = record.pop('layout', None)
+  # Checked for training only (check_pieces): evaluation and export read
+  # a checkpoint's model with any pieces.
+  pieces = record.pop('pieces', None)
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
@@ -64,8 +67,38 @@ def check_or_write(model_dir: str, record: dict, *,
       write_json_atomically(path, dict(old, layout=layout))
     return
   if write:
-    write_json_atomically(path, dict(record, layout=layout) if layout else
-                          record)
+    extra = {key: value for key, value in
+             (('layout', layout), ('pieces', pieces)) if value}
+    write_json_atomically(path, dict(record, **extra))
+
+
+def check_pieces(model_dir: str, pieces: dict) -> None:
+  """Refuses to resume training with the variables in other pieces.
+
+  `pieces` is {weight path: rows of each piece} of the weights held in
+  pieces (parts/sharding.py). The model's weights are saved whole, but the
+  optimizer keeps its slots per piece.
+
+  Raises:
+    UserError: naming the first weight whose pieces changed.
+  """
+  path = os.path.join(model_dir, RECORD)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f).get('pieces') or {}
+  if old == _jsonable(pieces):
+    return
+  name = sorted(name for name in set(old) | set(pieces)
+                if old.get(name) != pieces.get(name))[0]
+  def describe(rows):
+    return f'{len(rows)} pieces' if rows else 'whole'
+  raise UserError(
+      f'cannot resume --model_dir={model_dir}: variable {name!r} was '
+      f'{describe(old.get(name))} and is now {describe(pieces.get(name))} '
+      '(train.variable_shard_bytes or --strategy changed), and the optimizer '
+      'keeps its slots per piece; resume with the old key and strategy, or '
+      'start a new --model_dir (--mode=eval and export read it either way)')
 
 
 def write_json_atomically(path: str, value) -> None:

@@ -63,3 +63,43 @@ def test_a_layout_that_cannot_keep_the_stream_is_one_line(tmp_path):
                      'auto-shard deals examples to workers'):
     run_record.check_layout(str(tmp_path), {'replicas': 4, 'workers': 2,
                                             'pipeline': 'global'}, 64)
+
+
+def test_the_pieces_of_sharded_variables_are_kept_for_training_only(tmp_path):
+  """run.json keeps which variables a parameter-server run held in pieces
+  (train.variable_shard_bytes): training resumes only with the same pieces
+  (the optimizer's slots are per piece); evaluation reads the run anyway."""
+  pieces = {'mlp/dense_0/kernel': [16, 16, 16, 16]}
+  record = {'trainer': 'classifier', 'layout': {'replicas': 1},
+            'pieces': pieces}
+  run_record.check_or_write(str(tmp_path), record)
+  with open(tmp_path / run_record.RECORD) as f:
+    assert json.load(f)['pieces'] == pieces
+  run_record.check_pieces(str(tmp_path), pieces)
+  # --mode=eval with --strategy=default: the variables are whole.
+  run_record.check_or_write(str(tmp_path), dict(record, pieces={}),
+                            write=False)
+  with pytest.raises(UserError) as e:
+    run_record.check_pieces(str(tmp_path), {})
+  assert str(e.value) == (
+      f'cannot resume --model_dir={tmp_path}: variable '
+      "'mlp/dense_0/kernel' was 4 pieces and is now whole (train."
+      'variable_shard_bytes or --strategy changed), and the optimizer keeps '
+      'its slots per piece; resume with the old key and strategy, or start a '
+      'new --model_dir (--mode=eval and export read it either way)')
+  with pytest.raises(UserError, match="'mlp/dense_0/kernel' was 4 pieces and "
+                     'is now 2 pieces'):
+    run_record.check_pieces(str(tmp_path), {'mlp/dense_0/kernel': [32, 32]})
+
+
+def test_a_run_with_no_pieces_in_its_record_resumes_whole(tmp_path):
+  """A record written before pieces were kept (or a run with none) says
+  every variable was whole."""
+  run_record.check_or_write(str(tmp_path), {'trainer': 'classifier',
+                                            'pieces': {}})
+  with open(tmp_path / run_record.RECORD) as f:
+    assert 'pieces' not in json.load(f)
+  run_record.check_pieces(str(tmp_path), {})
+  with pytest.raises(UserError, match="'dense/kernel' was whole and is now "
+                     '2 pieces'):
+    run_record.check_pieces(str(tmp_path), {'dense/kernel': [8, 8]})

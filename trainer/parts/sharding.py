@@ -1,0 +1,112 @@
+"""Keras weights held as pieces on several ps tasks (train.variable_shard_bytes).
+
+Under --strategy=parameter_server with a `variable_partitioner`, TensorFlow
+creates each large variable as a `ShardedVariable`: pieces of consecutive
+rows, each a variable of its own, placed round-robin over the ps tasks. A Keras 3
+weight then holds that ShardedVariable, and three things Keras and
+TensorFlow do with it fail (TF 2.21, Keras 3):
+
+  gradients    GradientTape cannot take a ShardedVariable as a source ("no
+               attribute 'handle'");
+  the update   the Keras optimizer cannot update one in place ("ShardedVariable
+               doesn't support being used as a reference");
+  checkpoints  a Keras weight saves its value as one tensor, and a
+               ShardedVariable is not one ("no attribute 'device'").
+
+So a Trainer differentiates and updates the pieces (`trainable_variables`),
+each with optimizer slots of its own made beside it on its ps task; a
+sharded weight saves and restores as the whole tensor (`adopt`), once
+(`save_once`). A checkpoint's model is then the same whether it was written
+with pieces or not: it evaluates and exports with any strategy. The
+optimizer's slots are kept per piece, so resuming training needs the same
+pieces (the run record keeps them: `pieces`).
+
+The forward pass reads a sharded weight whole (the pieces joined), so every
+step still moves each weight to the worker; what sharding buys is that no
+ps task has to hold, or serve, more than its share.
+"""
+
+import tensorflow as tf
+
+_SHARDED = tf.__internal__.distribute.ShardedVariable
+
+
+def _sharded(weight):
+  """The ShardedVariable a Keras weight holds, or None."""
+  value = getattr(weight, 'value', None)
+  return value if isinstance(value, _SHARDED) else None
+
+
+def trainable_variables(model) -> list:
+  """The variables to differentiate and update: the model's trainable
+  weights, a sharded one as its pieces (tf.Variables, in row order)."""
+  found = []
+  for weight in model.trainable_variables:
+    sharded = _sharded(weight)
+    found.extend(sharded.variables if sharded is not None else [weight])
+  return found
+
+
+def pieces(model) -> dict[str, list[int]]:
+  """{weight path: rows of each piece} of the model's sharded weights."""
+  return {w.path: [int(v.shape[0]) for v in _sharded(w).variables]
+          for w in model.weights if _sharded(w) is not None}
+
+
+def adopt(model) -> None:
+  """Makes each sharded weight of `model` save and restore as one tensor.
+
+  Called once, after the model is built under the strategy's scope; a
+  model without sharded weights is left as it is.
+  """
+  for weight in model.weights:
+    if _sharded(weight) is not None and not isinstance(weight, _Whole):
+      weight.__class__ = _whole_class(type(weight))
+
+
+def save_once(optimizer) -> None:
+  """Stops a built optimizer saving the pieces of sharded weights.
+
+  A Keras optimizer saves the variables it updates (its
+  `_trainable_variables`), where a checkpoint usually finds the model's
+  weights. Given pieces, it would save each sharded weight a second time,
+  beside the whole one the model saves; the model alone saves them now
+  (its slots, `_variables`, are saved as before).
+  """
+  names = getattr(optimizer, '_self_unconditional_dependency_names', {})
+  if '_trainable_variables' not in names:
+    return
+  # pylint: disable=protected-access
+  del names['_trainable_variables']
+  optimizer._self_unconditional_checkpoint_dependencies = [
+      d for d in optimizer._self_unconditional_checkpoint_dependencies
+      if d.name != '_trainable_variables']
+
+
+class _Whole:
+  """Checkpointing of a Keras weight that holds a ShardedVariable."""
+
+  def _serialize_to_tensors(self):
+    return {'VARIABLE_VALUE': tf.convert_to_tensor(self.value)}
+
+  def _restore_from_tensors(self, restored_tensors):
+    # ShardedVariable.assign splits the rows over the pieces.
+    return self.value.assign(restored_tensors['VARIABLE_VALUE'])
+
+  def _copy_trackable_to_cpu(self, object_map):
+    # Asynchronous checkpoints save from a copy in host memory.
+    value = tf.convert_to_tensor(self.value)
+    if self in object_map:
+      object_map[self].assign(value)
+    else:
+      with tf.device('/cpu:0'):
+        object_map[self] = tf.Variable(value, trainable=False)
+
+
+_CLASSES = {}
+
+
+def _whole_class(base):
+  if base not in _CLASSES:
+    _CLASSES[base] = type(base.__name__, (_Whole, base), {})
+  return _CLASSES[base]
