@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+from tensorboard.util import tensor_util
 
 from tests import docs
 from tests import resume_test
@@ -265,6 +266,12 @@ def test_variables_in_pieces_train_resume_and_evaluate_whole(tmp_path):
   assert slots.count((16, 64)) == 16  # Adam's 2 per piece.
   chief = runner.final_eval('\n'.join(tagged(stdout, '[chief] ')))
   assert chief['accuracy'] > 0.9, chief
+  # The weight histograms read each kernel whole.
+  histograms = runner.summary_values(str(run / 'train'))
+  (kernel,) = [v for step, v in histograms['weights/mlp/dense_0/kernel']
+               if step == 400]
+  assert kernel.metadata.plugin_data.plugin_name == 'histograms'
+  assert tensor_util.make_ndarray(kernel.tensor)[:, 2].sum() == 4096
   evaluated = runner.run_main(DIGITS[0], '--mode=eval', f'--model_dir={run}')
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert runner.final_eval(evaluated.stdout) == pytest.approx(chief, rel=1e-4)
@@ -274,10 +281,11 @@ def test_variables_in_pieces_train_resume_and_evaluate_whole(tmp_path):
   assert whole.returncode == 2, whole.stderr[-3000:]
   assert runner.error_lines(whole.stderr) == [
       f'error: cannot resume --model_dir={run}: variable '
-      "'mlp/dense_0/kernel' was 4 pieces and is now whole (train."
-      'variable_shard_bytes or --strategy changed), and the optimizer keeps '
-      'its slots per piece; resume with the old key and strategy, or start a '
-      'new --model_dir (--mode=eval and export read it either way)']
+      "'mlp/dense_0/kernel' was 4 pieces (train.variable_shard_bytes=4096 "
+      'with --strategy=parameter_server) and is now whole (train.variable_'
+      'shard_bytes=4096 with --strategy=default), and the optimizer keeps its '
+      'slots per piece; resume as it was, or start a new --model_dir '
+      '(--mode=eval and export read it either way)']
   assert resume_test.snapshot(run) == before
 
   code, stdout, stderr = finish(start_cluster(
@@ -474,8 +482,13 @@ def test_a_nan_loss_exits_3_and_per_replica_metrics_are_refused(tmp_path):
      "precision='mixed_float16' is not supported"),
     (('--config.data.service=grpc://127.0.0.1:1',), "config key data.service="
      "'grpc://127.0.0.1:1' is not supported"),
+    (('--config.optimizer.name=lamb', '--config.train.variable_shard_bytes=64'),
+     "config key optimizer.name='lamb' with train.variable_shard_bytes=64 is "
+     "not supported with --strategy=parameter_server: LAMB's trust ratio is a "
+     'norm per variable, and would be taken per piece; use adam, adamw or sgd, '
+     'or set train.variable_shard_bytes=0'),
 ], ids=['mode', 'deterministic', 'ema', 'grad_accum', 'mixed_float16',
-        'service'])
+        'service', 'lamb_in_pieces'])
 @pytest.mark.parametrize('task', [0, 3], ids=['chief', 'ps'])
 def test_what_the_cluster_cannot_do_is_refused_before_tensorflow(
     tmp_path, args, message, task):

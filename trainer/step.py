@@ -157,6 +157,12 @@ def apply_gradients(trainer, grads, variables, *, loss=None, optimizer=None):
     The step status, the same on every replica (parts/status.py).
   """
   optimizer = optimizer or trainer.optimizer
+  grads, variables = list(grads), list(variables)
+  if len(grads) != len(variables):
+    raise contracts.ContractError(
+        f'{type(trainer).__name__}: apply_gradients got {len(grads)} '
+        f'gradients for {len(variables)} variables; take the gradients of '
+        'the list you apply them to (self.trainable_variables)')
   if not optimizer.built:
     raise contracts.ContractError(
         f'{type(trainer).__name__}: apply_gradients got an optimizer that is '

@@ -36,6 +36,7 @@ def build_state(trainer) -> None:
       t.model = t.build_model()
     # With train.variable_shard_bytes under parameter_server: large weights
     # in pieces over the ps tasks (parts/sharding.py).
+    sharding.check_built(strategy)
     sharding.adopt(t.model)
     if s.jit_compile:
       settings_lib.check_xla_with_sync_batch_norm(t.model, strategy, config)

@@ -169,3 +169,24 @@ def test_an_unbuilt_optimizer_is_refused_with_the_fix():
   with pytest.raises(UserError, match=r'not built; build it in __init__ '
                      r'under self.strategy.scope\(\)'):
     train(trainer, loops=(1,))
+
+
+class MismatchedGradients(user_trainers.SequenceTrainer):
+
+  def train_step(self, batch):
+    grads, loss, values = self.compute_gradients(batch)
+    # The hidden layer's gradients for every variable: one list too short.
+    self.apply_gradients(grads[:2], self.trainable_variables, loss=loss)
+    return values
+
+
+def test_gradients_and_variables_of_different_lengths_are_refused():
+  """zip would silently drop the variables without a gradient."""
+  trainer = build(MismatchedGradients, make_config(), 1)
+  with pytest.raises(UserError) as e:
+    train(trainer, loops=(1,))
+  # (AutoGraph's frames above it; main.py prints the last line alone.)
+  assert str(e.value).strip().endswith(
+      'MismatchedGradients: apply_gradients got 2 gradients for 4 variables; '
+      'take the gradients of the list you apply them to '
+      '(self.trainable_variables)')

@@ -22,5 +22,10 @@ def conflicts(config) -> list[tuple[str, str]]:
        'each worker applies its own updates; raise the batch size instead'),
       (c.data.service, f'data.service={c.data.service!r}',
        "each worker reads its own pipeline; set data.service=''"),
+      (c.train.variable_shard_bytes and c.optimizer.name == 'lamb',
+       f"optimizer.name='lamb' with train.variable_shard_bytes="
+       f'{c.train.variable_shard_bytes}',
+       "LAMB's trust ratio is a norm per variable, and would be taken per "
+       'piece; use adam, adamw or sgd, or set train.variable_shard_bytes=0'),
   ]
   return [(key, fix) for bad, key, fix in found if bad]

@@ -59,26 +59,43 @@ def build_strategy(cluster_timeout: float, variable_shard_bytes: int = 0
 
 
 class RowPieces(tf.distribute.experimental.partitioners.Partitioner):
-  """TensorFlow's MaxSizePartitioner, refusing a size below one row.
+  """TensorFlow's MaxSizePartitioner, refusing what it would do badly.
 
   A piece holds whole rows: below one row's size MaxSizePartitioner makes a
-  variable of every row (a million for a large embedding table).
+  variable of every row, and near it nearly so (a million variables for a
+  large embedding table). So a size below one row, or one that would cut a
+  variable into more than MAX_PIECES, is refused. Keras swallows an error
+  raised while a subclassed model builds itself, so the refusal is kept in
+  `refused` too, for the Trainer to raise (parts/sharding.py).
   """
+
+  MAX_PIECES = 1024
 
   def __init__(self, max_bytes: int):
     self.max_bytes = max_bytes
+    self.refused = None
     self._pieces = tf.distribute.experimental.partitioners.MaxSizePartitioner(
         max_shard_bytes=max_bytes)
 
   def __call__(self, shape, dtype, axis=0):
-    row = shape[1:].num_elements() * tf.as_dtype(dtype).size
+    dtype = tf.as_dtype(dtype)
+    row = shape[1:].num_elements() * dtype.size
+    what = (f'config key train.variable_shard_bytes={self.max_bytes} cuts '
+            f'a {shape.as_list()} {dtype.name} variable')
     if row > self.max_bytes:
-      raise UserError(
-          f'config key train.variable_shard_bytes={self.max_bytes} is below '
-          f'one row of a {shape.as_list()} {tf.as_dtype(dtype).name} '
-          f'variable ({row} bytes), and a piece holds whole rows; set it to '
-          f'at least {row}, or 0 to keep variables whole')
-    return self._pieces(shape, dtype, axis)
+      self.refused = UserError(
+          f'{what} below one row ({row} bytes), and a piece holds whole '
+          f'rows; set it to at least {row}, or 0 to keep variables whole')
+      raise self.refused
+    pieces = self._pieces(shape, dtype, axis)
+    if pieces[0] > self.MAX_PIECES:
+      rows = -(-shape[0] // self.MAX_PIECES)
+      self.refused = UserError(
+          f'{what} into {pieces[0]} pieces, more than {self.MAX_PIECES}; set '
+          f'it to at least {rows * row} ({rows} rows), or 0 to keep '
+          'variables whole')
+      raise self.refused
+    return pieces
 
 
 def _wait_for_servers(config: dict, cluster_timeout: float) -> None:

@@ -288,7 +288,11 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
         ledger=ledger)
   record = dict(run_record.build(config, trainer),
                 layout=run_record.layout(trainer.strategy, config),
-                pieces=sharding.pieces(trainer.model))
+                pieces=sharding.pieces(trainer.model),
+                pieces_made_by=(
+                    'train.variable_shard_bytes='
+                    f'{config.train.variable_shard_bytes} with --strategy='
+                    f'{strategy_name}'))
 
   if mode == 'continuous_eval':
     validation.check(trainer, train=False, eval_split=options.eval_split)
@@ -320,7 +324,8 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
   # model_dir with no complete checkpoint or a Trainer whose data or step
   # fails must leave every file as it was (or no model_dir at all).
   run_record.check_or_write(model_dir, record, write=False)
-  run_record.check_pieces(model_dir, record['pieces'])
+  run_record.check_pieces(model_dir, record['pieces'],
+                          record['pieces_made_by'])
   preemption.set_phase('restore')
   checkpointer.restore_latest()
   preemption.set_phase('validation (tracing the steps)')

@@ -2,8 +2,8 @@
 
 Under --strategy=parameter_server with a `variable_partitioner`, TensorFlow
 creates each large variable as a `ShardedVariable`: pieces of consecutive
-rows, each a variable of its own, placed round-robin over the ps tasks. A Keras 3
-weight then holds that ShardedVariable, and three things Keras and
+rows, each a variable of its own, placed round-robin over the ps tasks. A
+Keras 3 weight then holds that ShardedVariable, and three things Keras and
 TensorFlow do with it fail (TF 2.21, Keras 3):
 
   gradients    GradientTape cannot take a ShardedVariable as a source ("no
@@ -15,7 +15,8 @@ TensorFlow do with it fail (TF 2.21, Keras 3):
 
 So a Trainer differentiates and updates the pieces (`trainable_variables`),
 each with optimizer slots of its own made beside it on its ps task; a
-sharded weight saves and restores as the whole tensor (`adopt`), once
+sharded weight saves as TensorFlow saves a ShardedVariable, one tensor in
+slices written from the pieces (`adopt`), and only under the model
 (`save_once`). A checkpoint's model is then the same whether it was written
 with pieces or not: it evaluates and exports with any strategy. The
 optimizer's slots are kept per piece, so resuming training needs the same
@@ -54,7 +55,8 @@ def pieces(model) -> dict[str, list[int]]:
 
 
 def adopt(model) -> None:
-  """Makes each sharded weight of `model` save and restore as one tensor.
+  """Makes each sharded weight of `model` save and restore as one tensor
+  in slices.
 
   Called once, after the model is built under the strategy's scope; a
   model without sharded weights is left as it is.
@@ -70,12 +72,18 @@ def save_once(optimizer) -> None:
   A Keras optimizer saves the variables it updates (its
   `_trainable_variables`), where a checkpoint usually finds the model's
   weights. Given pieces, it would save each sharded weight a second time,
-  beside the whole one the model saves; the model alone saves them now
-  (its slots, `_variables`, are saved as before).
+  beside the model's own; the model alone saves them now (the optimizer's
+  slots, `_variables`, are saved as before). Call it for every optimizer
+  built on `trainable_variables(...)` with pieces in them.
+
+  Raises:
+    RuntimeError: this Keras keeps the variables elsewhere.
   """
   names = getattr(optimizer, '_self_unconditional_dependency_names', {})
   if '_trainable_variables' not in names:
-    return
+    raise RuntimeError(
+        f'{type(optimizer).__name__} does not track _trainable_variables: '
+        'this Keras version is not one parts/sharding.py knows')
   # pylint: disable=protected-access
   del names['_trainable_variables']
   optimizer._self_unconditional_checkpoint_dependencies = [
@@ -83,24 +91,67 @@ def save_once(optimizer) -> None:
       if d.name != '_trainable_variables']
 
 
+def check_built(strategy) -> None:
+  """Raises the partitioner's refusal (parameter_server.RowPieces) if the
+  model was built past it: Keras swallows an error raised while a
+  subclassed model builds itself, and leaves the weight unmade."""
+  partitioner = getattr(strategy.extended, '_variable_partitioner', None)
+  refused = getattr(partitioner, 'refused', None)
+  if refused is not None:
+    raise refused
+
+
+def _slices(weight):
+  """(checkpoint slice spec, piece) of a sharded weight, in row order."""
+  full = weight.value.shape.as_list()
+  offset = 0
+  for piece in weight.value.variables:
+    info = tf.Variable.SaveSliceInfo(
+        full_name=weight.path, full_shape=full,
+        var_offset=[offset] + [0] * (len(full) - 1),
+        var_shape=piece.shape.as_list())
+    yield info.spec, piece
+    offset += int(piece.shape[0])
+
+
 class _Whole:
-  """Checkpointing of a Keras weight that holds a ShardedVariable."""
+  """Checkpointing of a Keras weight that holds a ShardedVariable.
 
-  def _serialize_to_tensors(self):
-    return {'VARIABLE_VALUE': tf.convert_to_tensor(self.value)}
+  Saved as TensorFlow saves a ShardedVariable: one tensor in slices, each
+  piece's written from where it lives and read back into it, so no task
+  holds the whole. A checkpoint key so written restores into the weight
+  held whole, and one saved whole into pieces (tested both ways).
+  """
 
-  def _restore_from_tensors(self, restored_tensors):
-    # ShardedVariable.assign splits the rows over the pieces.
-    return self.value.assign(restored_tensors['VARIABLE_VALUE'])
+  def _gather_saveables_for_checkpoint(self):
+    # Defined here, and not _serialize_to_tensors, so that TensorFlow takes
+    # this (its legacy path: classes are searched in order) over the Keras
+    # weight's own.
+    return self.value._gather_saveables_for_checkpoint()  # pylint: disable=protected-access
 
   def _copy_trackable_to_cpu(self, object_map):
     # Asynchronous checkpoints save from a copy in host memory.
-    value = tf.convert_to_tensor(self.value)
     if self in object_map:
-      object_map[self].assign(value)
+      object_map[self].copy(_slices(self))
     else:
-      with tf.device('/cpu:0'):
-        object_map[self] = tf.Variable(value, trainable=False)
+      object_map[self] = _HostCopy(_slices(self))
+
+
+class _HostCopy(tf.__internal__.tracking.Trackable):
+  """The host-memory copy of a sharded weight an asynchronous save writes."""
+
+  def __init__(self, slices):
+    with tf.device('/cpu:0'):
+      self._slices = [(spec, tf.Variable(piece.read_value(), trainable=False))
+                      for spec, piece in slices]
+
+  def copy(self, slices):
+    for (_, mine), (_, piece) in zip(self._slices, slices):
+      mine.assign(piece.read_value())
+
+  def _serialize_to_tensors(self):
+    return {'VARIABLE_VALUE': {spec: copy.read_value()
+                               for spec, copy in self._slices}}
 
 
 _CLASSES = {}

@@ -45,6 +45,7 @@ def check_or_write(model_dir: str, record: dict, *,
   # Checked for training only (check_pieces): evaluation and export read
   # a checkpoint's model with any pieces.
   pieces = record.pop('pieces', None)
+  made_by = record.pop('pieces_made_by', None)
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
@@ -68,16 +69,18 @@ def check_or_write(model_dir: str, record: dict, *,
     return
   if write:
     extra = {key: value for key, value in
-             (('layout', layout), ('pieces', pieces)) if value}
+             (('layout', layout), ('pieces', pieces),
+              ('pieces_made_by', made_by if pieces else None)) if value}
     write_json_atomically(path, dict(record, **extra))
 
 
-def check_pieces(model_dir: str, pieces: dict) -> None:
+def check_pieces(model_dir: str, pieces: dict, made_by: str) -> None:
   """Refuses to resume training with the variables in other pieces.
 
   `pieces` is {weight path: rows of each piece} of the weights held in
-  pieces (parts/sharding.py). The model's weights are saved whole, but the
-  optimizer keeps its slots per piece.
+  pieces (parts/sharding.py), `made_by` the settings that made them. The
+  model's weights are saved whole, but the optimizer keeps its slots per
+  piece.
 
   Raises:
     UserError: naming the first weight whose pieces changed.
@@ -86,19 +89,22 @@ def check_pieces(model_dir: str, pieces: dict) -> None:
   if not os.path.exists(path):
     return
   with open(path) as f:
-    old = json.load(f).get('pieces') or {}
+    record = json.load(f)
+  old = record.get('pieces') or {}
   if old == _jsonable(pieces):
     return
+  old_by = record.get('pieces_made_by')
   name = sorted(name for name in set(old) | set(pieces)
                 if old.get(name) != pieces.get(name))[0]
-  def describe(rows):
-    return f'{len(rows)} pieces' if rows else 'whole'
+  def describe(rows, by):
+    return (f'{len(rows)} pieces' if rows else 'whole') + (
+        f' ({by})' if by else '')
   raise UserError(
       f'cannot resume --model_dir={model_dir}: variable {name!r} was '
-      f'{describe(old.get(name))} and is now {describe(pieces.get(name))} '
-      '(train.variable_shard_bytes or --strategy changed), and the optimizer '
-      'keeps its slots per piece; resume with the old key and strategy, or '
-      'start a new --model_dir (--mode=eval and export read it either way)')
+      f'{describe(old.get(name), old_by)} and is now '
+      f'{describe(pieces.get(name), made_by)}, and the optimizer keeps its '
+      'slots per piece; resume as it was, or start a new --model_dir '
+      '(--mode=eval and export read it either way)')
 
 
 def write_json_atomically(path: str, value) -> None:

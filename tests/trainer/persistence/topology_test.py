@@ -70,36 +70,49 @@ def test_the_pieces_of_sharded_variables_are_kept_for_training_only(tmp_path):
   (train.variable_shard_bytes): training resumes only with the same pieces
   (the optimizer's slots are per piece); evaluation reads the run anyway."""
   pieces = {'mlp/dense_0/kernel': [16, 16, 16, 16]}
+  by = 'train.variable_shard_bytes=4096 with --strategy=parameter_server'
   record = {'trainer': 'classifier', 'layout': {'replicas': 1},
-            'pieces': pieces}
+            'pieces': pieces, 'pieces_made_by': by}
   run_record.check_or_write(str(tmp_path), record)
   with open(tmp_path / run_record.RECORD) as f:
-    assert json.load(f)['pieces'] == pieces
-  run_record.check_pieces(str(tmp_path), pieces)
+    written = json.load(f)
+  assert (written['pieces'], written['pieces_made_by']) == (pieces, by)
+  run_record.check_pieces(str(tmp_path), pieces, by)
   # --mode=eval with --strategy=default: the variables are whole.
-  run_record.check_or_write(str(tmp_path), dict(record, pieces={}),
-                            write=False)
+  default = 'train.variable_shard_bytes=4096 with --strategy=default'
+  run_record.check_or_write(
+      str(tmp_path), dict(record, pieces={}, pieces_made_by=default),
+      write=False)
   with pytest.raises(UserError) as e:
-    run_record.check_pieces(str(tmp_path), {})
+    run_record.check_pieces(str(tmp_path), {}, default)
   assert str(e.value) == (
       f'cannot resume --model_dir={tmp_path}: variable '
-      "'mlp/dense_0/kernel' was 4 pieces and is now whole (train."
-      'variable_shard_bytes or --strategy changed), and the optimizer keeps '
-      'its slots per piece; resume with the old key and strategy, or start a '
-      'new --model_dir (--mode=eval and export read it either way)')
-  with pytest.raises(UserError, match="'mlp/dense_0/kernel' was 4 pieces and "
-                     'is now 2 pieces'):
-    run_record.check_pieces(str(tmp_path), {'mlp/dense_0/kernel': [32, 32]})
+      "'mlp/dense_0/kernel' was 4 pieces (train.variable_shard_bytes=4096 "
+      'with --strategy=parameter_server) and is now whole (train.variable_'
+      'shard_bytes=4096 with --strategy=default), and the optimizer keeps its '
+      'slots per piece; resume as it was, or start a new --model_dir '
+      '(--mode=eval and export read it either way)')
+  with pytest.raises(UserError, match="'mlp/dense_0/kernel' was 4 pieces .* "
+                     r'and is now 2 pieces \(train.variable_shard_bytes=8192'):
+    run_record.check_pieces(
+        str(tmp_path), {'mlp/dense_0/kernel': [32, 32]},
+        'train.variable_shard_bytes=8192 with --strategy=parameter_server')
 
 
 def test_a_run_with_no_pieces_in_its_record_resumes_whole(tmp_path):
   """A record written before pieces were kept (or a run with none) says
   every variable was whole."""
-  run_record.check_or_write(str(tmp_path), {'trainer': 'classifier',
-                                            'pieces': {}})
+  run_record.check_or_write(str(tmp_path), {
+      'trainer': 'classifier', 'pieces': {},
+      'pieces_made_by': 'train.variable_shard_bytes=0 with --strategy=default'})
   with open(tmp_path / run_record.RECORD) as f:
-    assert 'pieces' not in json.load(f)
-  run_record.check_pieces(str(tmp_path), {})
+    written = json.load(f)
+  assert 'pieces' not in written and 'pieces_made_by' not in written
+  by = 'train.variable_shard_bytes=64 with --strategy=parameter_server'
+  run_record.check_or_write(str(tmp_path), {
+      'trainer': 'classifier', 'pieces': {}, 'pieces_made_by': by},
+      write=False)
+  run_record.check_pieces(str(tmp_path), {}, by)
   with pytest.raises(UserError, match="'dense/kernel' was whole and is now "
-                     '2 pieces'):
-    run_record.check_pieces(str(tmp_path), {'dense/kernel': [8, 8]})
+                     r'2 pieces \(train.variable_shard_bytes=64 with'):
+    run_record.check_pieces(str(tmp_path), {'dense/kernel': [8, 8]}, by)
