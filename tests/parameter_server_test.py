@@ -299,6 +299,36 @@ def test_variables_in_pieces_train_resume_and_evaluate_whole(tmp_path):
       'accuracy'] > 0.9
 
 
+def test_a_second_optimizer_on_pieces_trains_and_saves_them_once(tmp_path):
+  """TwoOptimizerTrainer (tests/user_trainers.py) updates its output layer
+  with a second optimizer of its own: with both layers in pieces it trains
+  on the cluster, the checkpoint holds each kernel once, whole, and the
+  second optimizer's slots per piece, and evaluates alone to the chief's
+  numbers."""
+  args = ('--config=tests/user_config.py:two_optimizers',
+          '--config.train.variable_shard_bytes=128')
+  code, stdout, stderr = finish(start_cluster(
+      *args, f'--model_dir={tmp_path}', num_ps=2))
+  assert code == 0, stderr[-4000:]
+  assert any(line.endswith('in pieces over the ps tasks (train.variable_'
+                           'shard_bytes=128): sequence_model/hidden/kernel '
+                           '(4), sequence_model/logits/kernel (2)')
+             for line in tagged(stderr, '[chief] ')), stderr[-3000:]
+  saved = runner.checkpoint_values(str(tmp_path))
+  assert not [key for key in saved if '_trainable_variables' in key]
+  kernels = sorted(value.shape for key, value in saved.items()
+                   if key.startswith('model/') and key.endswith(
+                       'kernel/.ATTRIBUTES/VARIABLE_VALUE'))
+  assert kernels == [(8, 16), (16, 4)], kernels
+  second = [value.shape for key, value in saved.items()
+            if key.startswith('second_optimizer/_variables/')]
+  assert second.count((8, 4)) == 4, second  # Adam's 2 slots per piece.
+  chief = runner.final_eval('\n'.join(tagged(stdout, '[chief] ')))
+  evaluated = runner.run_main(args[0], '--mode=eval', f'--model_dir={tmp_path}')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert runner.final_eval(evaluated.stdout) == pytest.approx(chief, rel=1e-4)
+
+
 def test_a_tutorial_step_on_pieces_is_one_line_with_the_fix(tmp_path):
   """A train_step taking gradients of self.model.trainable_variables (the
   tutorial pattern) cannot differentiate a weight held in pieces: the chief

@@ -21,6 +21,7 @@ from input import pipeline
 from models import classifier
 from trainer import actions as actions_lib
 from trainer import optimization
+from trainer.parts import sharding
 from trainer.trainer import Trainer
 
 SPLITS = ('train', 'test')
@@ -124,12 +125,15 @@ class TwoOptimizerTrainer(SequenceTrainer):
     with self.strategy.scope():
       self.second = optimization.build_optimizer(
           self.config.optimizer, total_steps=self.config.train.steps)
-      self.second.build(self.model.get_layer('logits').trainable_variables)
+      # A layer's variables to update: its weights, or their pieces under
+      # --strategy=parameter_server with train.variable_shard_bytes.
+      self.second.build(sharding.trainable_variables(
+          self.model.get_layer('logits')))
 
   def train_step(self, batch):
     grads, loss, values = self.compute_gradients(batch)
-    hidden = self.model.get_layer('hidden').trainable_variables
-    logits = self.model.get_layer('logits').trainable_variables
+    hidden = sharding.trainable_variables(self.model.get_layer('hidden'))
+    logits = sharding.trainable_variables(self.model.get_layer('logits'))
     self.apply_gradients(grads[:len(hidden)], hidden, loss=loss)
     self.second.apply_gradients(zip(grads[len(hidden):], logits))
     return values
@@ -146,8 +150,8 @@ class SecondOptimizerApplyTrainer(TwoOptimizerTrainer):
 
   def train_step(self, batch):
     grads, loss, values = self.compute_gradients(batch)
-    hidden = self.model.get_layer('hidden').trainable_variables
-    logits = self.model.get_layer('logits').trainable_variables
+    hidden = sharding.trainable_variables(self.model.get_layer('hidden'))
+    logits = sharding.trainable_variables(self.model.get_layer('logits'))
     self.apply_gradients(grads[:len(hidden)], hidden, loss=loss)
     self.apply_gradients(grads[len(hidden):], logits, optimizer=self.second)
     return values

@@ -44,8 +44,6 @@ def build_state(trainer) -> None:
         config.optimizer, variables=t.trainable_variables,
         total_steps=config.train.steps)
     t.optimizer.build(t.trainable_variables)  # A slot set per piece.
-    if sharding.pieces(t.model):
-      sharding.save_once(t.optimizer)
     t.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                 name='global_step', aggregation=ONLY_FIRST)
     t.data_position = tf.Variable(0, dtype=tf.int64, trainable=False,

@@ -294,6 +294,12 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
                     f'{config.train.variable_shard_bytes} with --strategy='
                     f'{strategy_name}'))
 
+  if record['pieces']:
+    logging.info('in pieces over the ps tasks (train.variable_shard_bytes='
+                 '%d): %s', config.train.variable_shard_bytes, ', '.join(
+                     f'{path} ({len(rows)})'
+                     for path, rows in record['pieces'].items()))
+
   if mode == 'continuous_eval':
     validation.check(trainer, train=False, eval_split=options.eval_split)
     with _writers([os.path.join(model_dir, 'continuous_eval')],

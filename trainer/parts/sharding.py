@@ -73,12 +73,15 @@ def save_once(optimizer) -> None:
   `_trainable_variables`), where a checkpoint usually finds the model's
   weights. Given pieces, it would save each sharded weight a second time,
   beside the model's own; the model alone saves them now (the optimizer's
-  slots, `_variables`, are saved as before). Call it for every optimizer
-  built on `trainable_variables(...)` with pieces in them.
+  slots, `_variables`, are saved as before). The Checkpointer calls it for
+  every optimizer among a Trainer's checkpoint items that updates pieces
+  (`save_pieces_once`); calling it again does nothing.
 
   Raises:
     RuntimeError: this Keras keeps the variables elsewhere.
   """
+  if getattr(optimizer, '_distloop_saves_pieces_once', False):
+    return
   names = getattr(optimizer, '_self_unconditional_dependency_names', {})
   if '_trainable_variables' not in names:
     raise RuntimeError(
@@ -89,6 +92,21 @@ def save_once(optimizer) -> None:
   optimizer._self_unconditional_checkpoint_dependencies = [
       d for d in optimizer._self_unconditional_checkpoint_dependencies
       if d.name != '_trainable_variables']
+  optimizer._distloop_saves_pieces_once = True
+
+
+def save_pieces_once(model, items) -> None:
+  """`save_once` for each optimizer among checkpoint `items` (a dict) that
+  updates pieces of `model`'s weights: a Trainer's own optimizer and any
+  second one its subclass adds in checkpoint_items."""
+  held = {id(piece) for weight in model.weights if _sharded(weight)
+          for piece in _sharded(weight).variables}
+  if not held:
+    return
+  for item in items.values():
+    updated = getattr(item, '_trainable_variables', None)
+    if updated and any(id(v) in held for v in updated):
+      save_once(item)
 
 
 def check_built(strategy) -> None:

@@ -26,6 +26,7 @@ from absl import logging
 import tensorflow as tf
 
 from trainer.errors import UserError
+from trainer.parts import sharding
 from trainer.persistence import checkpoint_writer
 
 _CKPT_RE = re.compile(r'ckpt-(\d+)\.index$')
@@ -113,9 +114,13 @@ class Checkpointer:
     self.restore_directory = restore_directory or directory
     if self.restore_directory == directory and os.path.isdir(directory):
       tidy(directory, max_to_keep)
+    items = trainer.checkpoint_items()
+    # A weight held in pieces is saved by the model, not again by the
+    # optimizers that update its pieces.
+    sharding.save_pieces_once(trainer.model, items)
     self.checkpoint = tf.train.Checkpoint(
         step=trainer.global_step, data_position=trainer.data_position,
-        **trainer.checkpoint_items())
+        **items)
     self.manager = _CheckpointManager(
         self.checkpoint, directory, max_to_keep=max_to_keep,
         step_counter=trainer.global_step)

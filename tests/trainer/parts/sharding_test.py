@@ -46,8 +46,8 @@ def build(strategy, seed):
     variables = sharding.trainable_variables(model)
     optimizer = tf.keras.optimizers.Adam(0.01)
     optimizer.build(variables)
-    if sharding.pieces(model):
-      sharding.save_once(optimizer)
+    # As the Trainer's Checkpointer does with its checkpoint items.
+    sharding.save_pieces_once(model, {'model': model, 'optimizer': optimizer})
   return model, variables, optimizer
 
 def trainer(strategy, model, variables, optimizer):
