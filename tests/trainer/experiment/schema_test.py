@@ -73,8 +73,13 @@ def test_any_framework_key_takes_an_override_type_from_the_schema():
      'config key train.steps is required: set it in the config file or with '
      '--config.train.steps=64'),
     (dict(trainer='x', train=5), 'config key train must be a section'),
+    (minimal(train=dict(variable_shard_bytes=-1)),
+     'train.variable_shard_bytes=-1 must be >= 0'),
+    (minimal(train=dict(variable_shard_bytes='4k')),
+     "train.variable_shard_bytes='4k' must be an integer"),
 ], ids=['typo', 'section_typo', 'negative', 'choice', 'bool', 'range',
-        'accum', 'eval_train', 'momentum', 'required', 'section'])
+        'accum', 'eval_train', 'momentum', 'required', 'section',
+        'shard_bytes_negative', 'shard_bytes_not_int'])
 def test_mistakes_are_one_line_errors(user, message):
   with pytest.raises(UserError) as error:
     schema.resolve(user, source='configs/mine.py')
