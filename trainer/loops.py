@@ -60,7 +60,9 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
       trainer.reports_grad_norm = record.grad_norm is not None
       norm = record.grad_norm if record.grad_norm is not None else 0.0
       # A skipped step (NaN, overflow) is left out of the reported norm.
-      extras['grad_norm'] = tf.where(status_lib.applied(status), norm, 0.0)
+      applied = (record.applied if record.applied is not None else
+                 status_lib.applied(status))
+      extras['grad_norm'] = tf.where(applied, norm, 0.0)
     sums.add(values, examples=tf.shape(loss)[0], **extras)
     return status if gathered is None else (status, gathered)
   if train or not skips_empty_eval_batches(trainer):
@@ -107,7 +109,8 @@ def train_loop(trainer, iterator, num_steps, *, timed: bool):
   # executor ops per step, and an AutoGraph `for ... break` adds a cond and
   # more loop variables (~1-2% of the seed MLP's 0.3 ms step).
   def keep_going(i, status, *unused_waited):
-    return (i < num_steps) & status_lib.continues(status)
+    return (i < num_steps) & status_lib.continues(
+        status, overflow=scaling is not None)
 
   def body(i, unused_status, *waited):
     if timed:

@@ -16,11 +16,12 @@ gradients are summed twice or not at all on any of these paths.
 
 Adam, AdamW and Lamb here are Keras' own classes with one change: Keras
 recomputes the step's bias corrections (two `pow`s, a `sqrt`, casts and
-divisions) and reads the step counter once per variable; these compute them
-once per device and step and share them across the variables. The update is
-the same arithmetic in the same order, bitwise equal to Keras' (tested in
-tests/trainer/optimization_test.py), with ~10 fewer ops per variable per
-step: ~3% of the seed MLP's 0.3 ms step (bench/throughput.py).
+divisions) and reads the step counter once per variable; these compute them,
+and Adam's step size, once per device and step and share them across the
+variables. The update is the same arithmetic in the same order, bitwise
+equal to Keras' (tested in tests/trainer/optimization_test.py), with ~10
+fewer ops per variable per step: ~7% of the seed MLP's step
+(bench/step_cost.py, `minimal` against `minimal_ours`).
 
 The `optimizer` config section (its keys, defaults and meanings are in
 trainer/schema.py) picks the optimizer, its schedule and weight decay.
@@ -101,21 +102,28 @@ class _SharedStepScalars:
     finally:
       self._cache.scalars = None
 
+  def _shared(self, variable, what, make):
+    """make(), computed once per update, device and dtype (per variable
+    when not called from an update)."""
+    cache = getattr(self._cache, 'scalars', None)
+    key = (id(self), what, variable.device, variable.dtype)
+    if cache is not None and key in cache:
+      return cache[key]
+    value = make()
+    if cache is not None:
+      cache[key] = value
+    return value
+
   def _step_scalars(self, variable, learning_rate):
     """(learning rate, 1 - beta_1^t, 1 - beta_2^t) in variable's dtype, as
     Keras computes them (t = iterations + 1)."""
-    cache = getattr(self._cache, 'scalars', None)
-    key = (id(self), variable.device, variable.dtype)
-    if cache is not None and key in cache:
-      return cache[key]
-    dtype = variable.dtype
-    local_step = tf.cast(self.iterations + 1, dtype)
-    scalars = (tf.cast(learning_rate, dtype),
-               1 - tf.pow(tf.cast(self.beta_1, dtype), local_step),
-               1 - tf.pow(tf.cast(self.beta_2, dtype), local_step))
-    if cache is not None:
-      cache[key] = scalars
-    return scalars
+    def make():
+      dtype = variable.dtype
+      local_step = tf.cast(self.iterations + 1, dtype)
+      return (tf.cast(learning_rate, dtype),
+              1 - tf.pow(tf.cast(self.beta_1, dtype), local_step),
+              1 - tf.pow(tf.cast(self.beta_2, dtype), local_step))
+    return self._shared(variable, 'step', make)
 
 
 def _adam_update_step(self, gradient, variable, learning_rate):
@@ -123,8 +131,11 @@ def _adam_update_step(self, gradient, variable, learning_rate):
   if self.amsgrad:
     return tf.keras.optimizers.Adam.update_step(self, gradient, variable,
                                                 learning_rate)
-  lr, bias_1, bias_2 = self._step_scalars(variable, learning_rate)  # pylint: disable=protected-access
-  alpha = lr * tf.sqrt(bias_2) / bias_1
+  # pylint: disable=protected-access
+  lr, bias_1, bias_2 = self._step_scalars(variable, learning_rate)
+  alpha = self._shared(variable, 'alpha',
+                       lambda: lr * tf.sqrt(bias_2) / bias_1)
+  # pylint: enable=protected-access
   gradient = tf.cast(gradient, variable.dtype)
   index = self._get_variable_index(variable)  # pylint: disable=protected-access
   m, v = self._momentums[index], self._velocities[index]  # pylint: disable=protected-access

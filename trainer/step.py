@@ -97,8 +97,7 @@ def one_batch_gradients(trainer, batch):
     loss, weight = contracts.per_example(
         autograph.user(trainer.compute_loss)(batch, outputs), where=where,
         size=size)
-    scaled = tf.nn.compute_average_loss(
-        loss, sample_weight=weight, global_batch_size=trainer.global_batch_size)
+    scaled = _global_batch_share(loss, weight, trainer.global_batch_size)
     regularization = None
     if regularized:
       # Counted once per step: 1/N on each of N replicas, 1/k in each of k
@@ -131,6 +130,20 @@ def one_batch_gradients(trainer, batch):
     autograph.user(trainer.update_streaming_metrics)(
         trainer.streaming['train'], batch, outputs)
   return summed, values
+
+
+def _global_batch_share(loss, weight, global_batch_size: int):
+  """This replica's share of the global-batch mean: sum / global batch.
+
+  tf.nn.compute_average_loss, minus its checks of a batch size that the
+  config already validated, which run at every step (an Assert and four
+  ops): the same ops otherwise, so the same bits.
+  """
+  if weight is not None:
+    return tf.nn.compute_average_loss(loss, sample_weight=weight,
+                                      global_batch_size=global_batch_size)
+  return tf.math.divide_no_nan(tf.reduce_sum(loss),
+                               tf.constant(global_batch_size, loss.dtype))
 
 
 def _gradients(tape, target, variables, scaling):
@@ -185,14 +198,15 @@ def apply_gradients(trainer, grads, variables, *, loss=None, optimizer=None):
   loss_finite = (tf.math.is_finite(total_loss)
                  if trainer.loss_scaling is not None else None)
   status = status_lib.agreed(finite=finite, stop=stop, loss_finite=loss_finite)
-  _records.current.add(status, grad_norm)
+  _records.current.add(status, grad_norm, finite)
   return status
 
 
 class StepRecord:
-  """What the apply_gradients calls of one traced step decided: the status
-  and the global gradient norm, combined over several calls (a step with
-  two optimizers: the worst status, the norm over all gradients).
+  """What the apply_gradients calls of one traced step decided: the status,
+  the global gradient norm and whether the update was applied, combined
+  over several calls (a step with two optimizers: the worst status, the
+  norm over all gradients, applied when all were).
 
   One per replica and step, kept per thread: MirroredStrategy traces each
   replica in a thread of its own, and the threads take turns at every
@@ -202,11 +216,13 @@ class StepRecord:
   def __init__(self):
     self.status = None
     self.grad_norm = None
+    self.applied = None  # Whether every call applied its update.
 
-  def add(self, status, grad_norm):
+  def add(self, status, grad_norm, applied):
     if self.status is None:
-      self.status, self.grad_norm = status, grad_norm
+      self.status, self.grad_norm, self.applied = status, grad_norm, applied
       return
+    self.applied &= applied
     # Ordered by severity: NONFINITE > OVERFLOW > STOP_REQUESTED > OK.
     rank = tf.constant([0, 1, 3, 2])
     worse = tf.gather(rank, status) > tf.gather(rank, self.status)

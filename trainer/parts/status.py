@@ -20,8 +20,14 @@ NONFINITE = 2
 OVERFLOW = 3
 
 
-def continues(status):
-  """Whether the inner loop may run another step after `status`."""
+def continues(status, overflow: bool = True):
+  """Whether the inner loop may run another step after `status`.
+
+  overflow=False (no loss scaling: no step can be an OVERFLOW) saves the
+  loop condition two ops per step.
+  """
+  if not overflow:
+    return status == OK
   return (status == OK) | (status == OVERFLOW)
 
 

@@ -34,3 +34,10 @@ def test_a_replicas_own_view():
                           tf.constant(0.0))) == status.NONFINITE
   assert int(status.local(tf.constant([1.0]), tf.constant(1.0))) == (
       status.STOP_REQUESTED)
+
+
+def test_without_loss_scaling_only_ok_goes_on():
+  values = [status.OK, status.STOP_REQUESTED, status.NONFINITE]
+  goes_on = [bool(status.continues(tf.constant(v), overflow=False))
+             for v in values]
+  assert goes_on == [True, False, False]
