@@ -260,11 +260,11 @@ def _apply_if(finite, optimizer, grads, variables):
 
   if tf.__internal__.distribute.strategy_supports_no_merge_call():
     # Here the cond and everything it touches sit on this replica's one
-    # device, so it can stay one functional If op. By default TensorFlow
-    # lowers it to Switch/Merge nodes around every op of the update, which
-    # made the seed MLP's step ~10-20% slower than the same step without
-    # the guard; kept as an If op, the guard costs ~nothing measurable
-    # (bench/throughput.py). (Across devices, as under MirroredStrategy
+    # device, so it can stay one functional If op; by default TensorFlow
+    # lowers it to Switch/Merge nodes around every op of the update. Either
+    # costs the seed MLP's 0.3 ms step 15-20% (bench/step_cost.py); the If
+    # op a little less, and what was tried instead did no better
+    # (docs/benchmarks.md). (Across devices, as under MirroredStrategy
     # below, an unlowered If cannot be placed, so that path is lowered.)
     with _unlowered_conds():
       tf.cond(finite, apply, lambda: None)
