@@ -1,6 +1,6 @@
 """Where the Trainer's step cost goes: the minimal loop plus one feature at a time.
 
-  python bench/step_cost.py                        # default strategy, ~2 min
+  python bench/step_cost.py                        # default strategy, ~3 min
   python bench/step_cost.py --strategy=mirrored --num_cpu_devices=2
 
 bench/throughput.py compares the Trainer with the minimal hand-written loop

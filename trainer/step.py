@@ -262,9 +262,9 @@ def _apply_if(finite, optimizer, grads, variables):
     # Here the cond and everything it touches sit on this replica's one
     # device, so it can stay one functional If op; by default TensorFlow
     # lowers it to Switch/Merge nodes around every op of the update. Either
-    # costs the seed MLP's 0.3 ms step 15-20% (bench/step_cost.py); the If
-    # op a little less, and what was tried instead did no better
-    # (docs/benchmarks.md). (Across devices, as under MirroredStrategy
+    # costs the seed MLP's 0.3 ms step 15-20% (bench/step_cost.py), the two
+    # within the noise of each other, and what was tried instead did no
+    # better (docs/benchmarks.md). (Across devices, as under MirroredStrategy
     # below, an unlowered If cannot be placed, so that path is lowered.)
     with _unlowered_conds():
       tf.cond(finite, apply, lambda: None)
