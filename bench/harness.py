@@ -13,12 +13,14 @@ time one of them once; this module holds the method around that:
   3. Interleaved rounds (`interleaved`): each round times one segment of
      every method, in an order that changes from round to round (`rotated`,
      or `back_and_forth`), so machine noise and a load that drifts during
-     the run hit every method alike.
+     the run hit every method alike. Where the order the methods were built
+     in matters too, several processes build them in turn (`build_order`)
+     and their rounds are pooled (`pooled`).
   4. Summary: a method's value is the median over rounds (`medians`), its
      spread the min-max or the interquartile range (`min_max`, `iqr`,
      `format_range`); methods compare by ratios of medians (`ratio`) or
-     within each round (`paired_ratios`), printed by `format_ratio` and
-     `print_table`.
+     within each round (`paired_ratios`, `median_paired_ratio`), printed by
+     `format_ratio` and `print_table`.
 
 What is not here stays with each benchmark because it differs between
 them: what one call does and returns, and the check that the methods did
@@ -137,6 +139,26 @@ def interleaved(
       yield r, name
 
 
+def build_order(names: Sequence[Name], process_index: int) -> list[Name]:
+  """The order in which process `process_index` of several builds and warms
+  up `names`: `rotated` by its index (A B C D, then B C D A, ...), so the
+  first two processes build the first two methods in both orders. In one
+  process the build order alone moved one method against another by up to
+  ~12 % here (docs/benchmarks.md)."""
+  return rotated(names, process_index)
+
+
+def pooled(samples: Sequence[Mapping[Name, Sequence[float]]]
+           ) -> dict[Name, list[float]]:
+  """Per-round values of several processes, concatenated per method (a
+  method missing from a process adds nothing)."""
+  merged: dict[Name, list[float]] = {}
+  for process in samples:
+    for name, values in process.items():
+      merged.setdefault(name, []).extend(values)
+  return merged
+
+
 # ---------------------------------------------------------------------------
 # Medians, spreads, ratios.
 
@@ -178,6 +200,16 @@ def paired_ratios(a: Iterable[float], b: Iterable[float]) -> list[float]:
   """a / b within each round: a view that load drifts between rounds do
   not move, since both values of a pair ran back to back."""
   return [x / y for x, y in zip(a, b)]
+
+
+def median_paired_ratio(values: Mapping[Name, Sequence[float]], a: Name,
+                        b: Name) -> float | None:
+  """The median over rounds of a / b within each round; None when either
+  method has no values. Unlike the ratio of medians it stays within the
+  pairs when rounds of processes that ran at different speeds are pooled."""
+  if not values.get(a) or not values.get(b):
+    return None
+  return statistics.median(paired_ratios(values[a], values[b]))
 
 
 def format_ratio(value: float | None, spec: str = '.3f',

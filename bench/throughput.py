@@ -1,7 +1,7 @@
 """Training throughput: the Trainer against a hand-written loop and Keras fit.
 
-  python bench/throughput.py            # full run, ~2 min on 2 CPU cores
-  python bench/throughput.py --quick    # smoke check, ~30 s
+  python bench/throughput.py            # full run (7 rounds), ~11 min on 2 CPU cores
+  python bench/throughput.py --quick    # smoke check, ~1.5 min
 
 Measures examples/sec of the seed MLP (100 features, Dense 64 relu, Dense 64
 relu, Dense 10 logits; Adam lr 1e-3; sparse softmax cross-entropy; global batch
@@ -40,10 +40,17 @@ graph) and calibrated so that one timed segment lasts ~--seconds_per_round
 input-wait call in 10). Each of --rounds rounds then times one segment of
 every method in turn, rotating the order, so machine noise hits all methods
 alike. A method's throughput is the median of its per-round examples/sec;
-ratio a/b is median(a) / median(b) within one strategy ("per round" shows
-the min-max of trainer/bare within a round). All three start from the same
+ratio a/b is the median over rounds of a/b within the round, one strategy
+("per round" shows their min-max). All start from the same
 weights and data, so their mean loss over the first 100 steps must agree: a
 check that they do the same work.
+
+Within one process the order the methods were built in moved trainer/minimal
+by 0.06-0.12 (docs/benchmarks.md), so each
+single-process strategy runs in --build_orders processes, each building
+the methods in another order (the 2nd builds minimal first and the trainer
+last), and their rounds are pooled; "per process" shows each process's own
+trainer/minimal ratio.
 
 Target: trainer >= 0.95 x minimal in one process, >= 0.9 x on 2 workers. The trainer does
 more per step than the minimal loop (the NaN/Inf guard, the stop request,
@@ -80,10 +87,15 @@ flags.DEFINE_enum('strategy', None,
                   'Child mode: measure under this strategy and print one JSON '
                   'line. Unset: parent mode, runs every strategy.')
 flags.DEFINE_integer('num_cpu_devices', 1, 'Child mode: logical CPU devices.')
-flags.DEFINE_bool('quick', False, 'Smoke check: 2 short rounds (~30 s).')
+flags.DEFINE_bool('quick', False, 'Smoke check: 2 short rounds (~1.5 min).')
 flags.DEFINE_integer('rounds', 7, 'Timed rounds (ignored with --quick).')
 flags.DEFINE_float('seconds_per_round', 2.0, 'Seconds each method is timed '
                    'per round, roughly (ignored with --quick).')
+flags.DEFINE_integer('build_orders', 2, 'Processes per single-process '
+                     'strategy, each building the methods in another order '
+                     '(1 with --quick); their rounds are pooled.')
+flags.DEFINE_integer('process_index', 0, 'Child mode: which of the '
+                     '--build_orders orders this process builds in.')
 FLAGS = flags.FLAGS
 
 METHODS = ('trainer', 'minimal', 'bare', 'keras_fit')
@@ -294,7 +306,8 @@ def measure(strategy, rounds: int, seconds_per_round: float) -> dict:
         multiple=INPUT_WAIT_EVERY if name == 'trainer' else 1)
     return run
 
-  runs, failed = harness.warm_up(methods, prepare,
+  order = harness.build_order(methods, FLAGS.process_index)
+  runs, failed = harness.warm_up(order, prepare,
                                  errors=(tf.errors.OpError,),
                                  describe=_first_error_line)
   rates = {name: [] for name in runs}
@@ -352,13 +365,16 @@ def launch_workers(num_workers: int) -> dict:
                    f'{[p.returncode for p in procs]} and printed no result')
 
 
-def launch_child(strategy_name: str, num_cpu_devices: int) -> dict:
+def launch_child(strategy_name: str, num_cpu_devices: int,
+                 process_index: int, build_orders: int) -> dict:
   """Runs one child process and returns its parsed JSON result."""
   command = [sys.executable, os.path.abspath(__file__),
              f'--strategy={strategy_name}',
              f'--num_cpu_devices={num_cpu_devices}',
              f'--rounds={FLAGS.rounds}',
-             f'--seconds_per_round={FLAGS.seconds_per_round}']
+             f'--seconds_per_round={FLAGS.seconds_per_round}',
+             f'--process_index={process_index}',
+             f'--build_orders={build_orders}']
   if FLAGS.quick:
     command.append('--quick')
   proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
@@ -371,39 +387,72 @@ def launch_child(strategy_name: str, num_cpu_devices: int) -> dict:
                    f'{proc.returncode} and printed no result')
 
 
-def _ratio(median, a, b) -> str:
-  return harness.format_ratio(harness.ratio(median, a, b))
+def combine(results: list[dict]) -> dict:
+  """One result from the results of processes that measured the same
+  strategy in different build orders: their rounds pooled, the medians of
+  the pool, each process's own trainer/minimal ratio, the first losses of
+  every process (a list per method), every failure."""
+  first_loss, failed = {}, {}
+  for result in results:
+    for name, loss in result['first_loss'].items():
+      first_loss.setdefault(name, []).append(loss)
+    failed.update(result['failed'])
+  # Rounds pair up only where a method ran in every process.
+  rates = {name: values for name, values in
+           harness.pooled([result['rates'] for result in results]).items()
+           if all(name in result['rates'] for result in results)}
+  return {
+      'strategy': results[0]['strategy'],
+      'replicas': results[0]['replicas'],
+      'rates': rates,
+      'median': harness.medians(rates),
+      'process_ratios': [harness.median_paired_ratio(result['rates'],
+                                                     'trainer', 'minimal')
+                         for result in results],
+      'first_loss': first_loss,
+      'failed': failed,
+  }
+
+
+def _ratio(rates, a, b) -> str:
+  return harness.format_ratio(harness.median_paired_ratio(rates, a, b))
 
 
 def print_table(results) -> None:
   """Prints examples/sec and ratios, then failures, the loss check, verdicts."""
-  rounds = len(results[0]['rates']['trainer'])
-  print(f'\nexamples/sec, median of {rounds} rounds (global batch '
-        f'{GLOBAL_BATCH}, {STEPS_PER_LOOP} steps per call)\n')
-  widths = (36, 9, 9, 9, 11, 17, 12, 14, 13)
+  print(f'\nexamples/sec, median of the rounds of every process (global '
+        f'batch {GLOBAL_BATCH}, {STEPS_PER_LOOP} steps per call)\n')
+  widths = (46, 9, 9, 9, 11, 17, 12, 13, 14, 13)
   rows = [('strategy', *METHODS, 'trainer/minimal', 'per round',
-           'trainer/bare', 'trainer/fit')]
+           'per process', 'trainer/bare', 'trainer/fit')]
   for result in results:
     med, rates = result['median'], result['rates']
     per_round = harness.paired_ratios(rates['trainer'], rates['minimal'])
     replicas = result['replicas']
+    rounds = len(rates['trainer'])
     rows.append((
-        f'{result["strategy"]} ({replicas} replica{"s" * (replicas > 1)})',
+        f'{result["strategy"]} ({replicas} replica{"s" * (replicas > 1)}, '
+        f'{rounds} rounds)',
         *[f'{med[name]:,.0f}' if name in med else 'n/a' for name in METHODS],
-        _ratio(med, 'trainer', 'minimal'),
+        _ratio(rates, 'trainer', 'minimal'),
         harness.format_range(harness.min_max(per_round), '.2f'),
-        _ratio(med, 'trainer', 'bare'), _ratio(med, 'trainer', 'keras_fit')))
+        ' '.join(harness.format_ratio(r, '.2f')
+                 for r in result['process_ratios']),
+        _ratio(rates, 'trainer', 'bare'),
+        _ratio(rates, 'trainer', 'keras_fit')))
   harness.print_table(rows, widths)
   print()
   for result in results:
     name = result['strategy']
     for method, error in result['failed'].items():
       print(f'{name}: {method} failed at warm-up, not timed: {error}')
-    losses = ', '.join(f'{method} {loss:.4f}'
-                       for method, loss in result['first_loss'].items())
+    losses = ', '.join(
+        f'{method} ' + '/'.join(sorted({f'{loss:.4f}' for loss in values}))
+        for method, values in result['first_loss'].items())
     print(f'{name}: mean loss of steps 1-100 (must agree): {losses}')
   for result in results:
-    ratio = result['median']['trainer'] / result['median']['minimal']
+    ratio = harness.median_paired_ratio(result['rates'], 'trainer',
+                                        'minimal')
     target = TARGETS.get(result['strategy'], TARGET)
     verdict = 'meets' if ratio >= target else 'is BELOW'
     print(f'{result["strategy"]}: trainer/minimal = {ratio:.3f} {verdict} '
@@ -417,13 +466,19 @@ def main(argv):
     return
   results = []
   start = time.perf_counter()
+  build_orders = 1 if FLAGS.quick else FLAGS.build_orders
   for strategy_name, num_cpu_devices in CHILDREN:
-    print(f'measuring --strategy={strategy_name} '
-          f'--num_cpu_devices={num_cpu_devices} ...', flush=True)
-    results.append(launch_child(strategy_name, num_cpu_devices))
+    processes = []
+    for index in range(build_orders):
+      print(f'measuring --strategy={strategy_name} '
+            f'--num_cpu_devices={num_cpu_devices}, build order {index + 1} '
+            f'of {build_orders} ...', flush=True)
+      processes.append(launch_child(strategy_name, num_cpu_devices, index,
+                                    build_orders))
+    results.append(combine(processes))
   print(f'measuring --strategy=multi_worker_mirrored, {WORKERS} worker '
         'processes ...', flush=True)
-  results.append(launch_workers(WORKERS))
+  results.append(combine([launch_workers(WORKERS)]))
   print_table(results)
   print(f'\ntotal {time.perf_counter() - start:.0f} s')
 

@@ -177,3 +177,28 @@ def test_timed_returns_the_result():
   result, seconds = harness.timed(sum, [1, 2, 3])
   assert result == 6
   assert seconds >= 0.0
+
+
+def test_build_order_swaps_the_first_two_methods_in_the_second_process():
+  names = ['a', 'b', 'c', 'd']
+  orders = [harness.build_order(names, p) for p in range(4)]
+  assert orders[:2] == [['a', 'b', 'c', 'd'], ['b', 'c', 'd', 'a']]
+  assert orders[1].index('a') > orders[1].index('b')
+  assert [order[0] for order in orders] == names
+
+
+def test_pooled_concatenates_rounds_per_method():
+  merged = harness.pooled([{'a': [1.0, 2.0], 'b': [3.0]},
+                           {'a': [4.0], 'c': [5.0]}])
+  assert merged == {'a': [1.0, 2.0, 4.0], 'b': [3.0], 'c': [5.0]}
+
+
+def test_median_paired_ratio_pairs_rounds_of_pooled_processes():
+  # a/b is 1.0 in process 1 and 1.2 in process 2, which ran at half speed.
+  rates = harness.pooled([{'a': [20.0] * 3, 'b': [20.0] * 3},
+                          {'a': [12.0] * 3, 'b': [10.0] * 3}])
+  assert harness.median_paired_ratio(rates, 'a', 'b') == pytest.approx(1.1)
+  # The ratio of the pooled medians (16 / 15) mixes the two processes' speeds.
+  assert harness.ratio(harness.medians(rates), 'a', 'b') == pytest.approx(
+      16 / 15)
+  assert harness.median_paired_ratio(rates, 'a', 'c') is None
