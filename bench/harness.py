@@ -143,20 +143,47 @@ def build_order(names: Sequence[Name], process_index: int) -> list[Name]:
   """The order in which process `process_index` of several builds and warms
   up `names`: `rotated` by its index (A B C D, then B C D A, ...), so the
   first two processes build the first two methods in both orders. In one
-  process the build order alone moved one method against another by up to
-  ~12 % here (docs/benchmarks.md)."""
+  process the build order moved one method against another by up to ~13 %
+  here (docs/benchmarks.md)."""
   return rotated(names, process_index)
 
 
 def pooled(samples: Sequence[Mapping[Name, Sequence[float]]]
            ) -> dict[Name, list[float]]:
-  """Per-round values of several processes, concatenated per method (a
-  method missing from a process adds nothing)."""
+  """Per-round values of several processes, concatenated per method, for
+  the methods that have values in every process: only then does round i of
+  one method pair with round i of another (`paired_ratios`)."""
   merged: dict[Name, list[float]] = {}
   for process in samples:
     for name, values in process.items():
       merged.setdefault(name, []).extend(values)
-  return merged
+  return {name: values for name, values in merged.items()
+          if all(name in process for process in samples)}
+
+
+def pooled_processes(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The results of processes that measured the same methods, as one:
+  'rates' `pooled`; 'first_loss' a list per method of every process's value;
+  'failed' every process's failures, tagged with the process's number when
+  there are several (a method that failed in one process has no pooled
+  rates, and its rounds in the others show only in 'process_rates');
+  'process_rates' the processes' own rates.
+
+  Each result holds 'rates' {method: per-round values}, 'first_loss'
+  {method: value} and 'failed' {method: why}.
+  """
+  first_loss: dict[str, list[float]] = {}
+  failed: dict[str, str] = {}
+  several = len(results) > 1
+  for index, result in enumerate(results):
+    tag = f' (process {index + 1})' if several else ''
+    for name, loss in result['first_loss'].items():
+      first_loss.setdefault(name, []).append(loss)
+    for name, why in result['failed'].items():
+      failed[name] = '; '.join(filter(None, [failed.get(name), why + tag]))
+  return {'rates': pooled([result['rates'] for result in results]),
+          'first_loss': first_loss, 'failed': failed,
+          'process_rates': [result['rates'] for result in results]}
 
 
 # ---------------------------------------------------------------------------
@@ -199,7 +226,7 @@ def ratio(values: Mapping[Name, float], a: Name, b: Name) -> float | None:
 def paired_ratios(a: Iterable[float], b: Iterable[float]) -> list[float]:
   """a / b within each round: a view that load drifts between rounds do
   not move, since both values of a pair ran back to back."""
-  return [x / y for x, y in zip(a, b)]
+  return [x / y for x, y in zip(a, b, strict=True)]
 
 
 def median_paired_ratio(values: Mapping[Name, Sequence[float]], a: Name,

@@ -27,11 +27,12 @@ each under the default strategy, under MirroredStrategy on 2 logical CPUs
 under MultiWorkerMirroredStrategy in 2 worker processes of one CPU replica
 each (TF_CONFIG with 127.0.0.1 ports; keras_fit not run there).
 Logical CPUs must be split before TensorFlow initialises, so the parent runs
-each strategy in a child process (`--strategy=default`, `--strategy=mirrored
---num_cpu_devices=2`, and 2 processes of `--strategy=multi_worker_mirrored`)
-whose chief prints one JSON line; the parent prints the table. On workers
-every method runs a fixed 10 calls per segment (2 with --quick) instead of
-a calibrated count: both workers must make the same calls.
+each strategy in child processes (`--strategy=default`, `--strategy=mirrored
+--num_cpu_devices=2`, each in --build_orders processes, and 2 processes of
+`--strategy=multi_worker_mirrored`) whose chief prints one JSON line; the
+parent prints the table. On workers every method runs a fixed 10 calls per
+segment (2 with --quick) instead of a calibrated count: both workers must
+make the same calls.
 
 Method (bench/harness.py): every method is warmed up (tracing, not timed:
 one call, two for the trainer, whose second call traces the input-wait
@@ -39,18 +40,17 @@ graph) and calibrated so that one timed segment lasts ~--seconds_per_round
 (for the trainer a whole multiple of 10 calls, so each segment holds one
 input-wait call in 10). Each of --rounds rounds then times one segment of
 every method in turn, rotating the order, so machine noise hits all methods
-alike. A method's throughput is the median of its per-round examples/sec;
-ratio a/b is the median over rounds of a/b within the round, one strategy
-("per round" shows their min-max). All start from the same
-weights and data, so their mean loss over the first 100 steps must agree: a
-check that they do the same work.
+alike. All start from the same weights and data, so their mean loss over
+the first 100 steps must agree: a check that they do the same work.
 
-Within one process the order the methods were built in moved trainer/minimal
-by 0.06-0.12 (docs/benchmarks.md), so each
-single-process strategy runs in --build_orders processes, each building
-the methods in another order (the 2nd builds minimal first and the trainer
-last), and their rounds are pooled; "per process" shows each process's own
-trainer/minimal ratio.
+In one process the order the methods were built in moved trainer/minimal by
+up to 0.13 (docs/benchmarks.md), so each single-process strategy runs in
+--build_orders processes (default 2), each building the methods in another
+order (the 2nd builds minimal first and the trainer last; the rounds rotate
+the same fixed order in every process). Their rounds are pooled: a method's
+examples/sec is the median of its rounds over all processes, and a ratio a/b
+the median over all rounds of a/b within the round ("per round": their
+min-max; "per process": each process's own trainer/minimal).
 
 Target: trainer >= 0.95 x minimal in one process, >= 0.9 x on 2 workers. The trainer does
 more per step than the minimal loop (the NaN/Inf guard, the stop request,
@@ -88,12 +88,14 @@ flags.DEFINE_enum('strategy', None,
                   'line. Unset: parent mode, runs every strategy.')
 flags.DEFINE_integer('num_cpu_devices', 1, 'Child mode: logical CPU devices.')
 flags.DEFINE_bool('quick', False, 'Smoke check: 2 short rounds (~1.5 min).')
-flags.DEFINE_integer('rounds', 7, 'Timed rounds (ignored with --quick).')
+flags.DEFINE_integer('rounds', 7, 'Timed rounds per process (ignored with '
+                     '--quick).')
 flags.DEFINE_float('seconds_per_round', 2.0, 'Seconds each method is timed '
                    'per round, roughly (ignored with --quick).')
 flags.DEFINE_integer('build_orders', 2, 'Processes per single-process '
                      'strategy, each building the methods in another order '
-                     '(1 with --quick); their rounds are pooled.')
+                     '(1 with --quick); their rounds are pooled.',
+                     lower_bound=1)
 flags.DEFINE_integer('process_index', 0, 'Child mode: which of the '
                      '--build_orders orders this process builds in.')
 FLAGS = flags.FLAGS
@@ -311,7 +313,10 @@ def measure(strategy, rounds: int, seconds_per_round: float) -> dict:
                                  errors=(tf.errors.OpError,),
                                  describe=_first_error_line)
   rates = {name: [] for name in runs}
-  for _, name in harness.interleaved(list(runs), rounds):
+  # The rounds rotate the methods' fixed order, not the build order: which
+  # method runs before which, round by round, is the same in every process.
+  for _, name in harness.interleaved([m for m in methods if m in runs],
+                                     rounds):
     _, elapsed = harness.timed(runs[name], calls[name])
     rates[name].append(calls[name] * STEPS_PER_LOOP * GLOBAL_BATCH / elapsed)
 
@@ -389,29 +394,15 @@ def launch_child(strategy_name: str, num_cpu_devices: int,
 
 def combine(results: list[dict]) -> dict:
   """One result from the results of processes that measured the same
-  strategy in different build orders: their rounds pooled, the medians of
-  the pool, each process's own trainer/minimal ratio, the first losses of
-  every process (a list per method), every failure."""
-  first_loss, failed = {}, {}
-  for result in results:
-    for name, loss in result['first_loss'].items():
-      first_loss.setdefault(name, []).append(loss)
-    failed.update(result['failed'])
-  # Rounds pair up only where a method ran in every process.
-  rates = {name: values for name, values in
-           harness.pooled([result['rates'] for result in results]).items()
-           if all(name in result['rates'] for result in results)}
-  return {
-      'strategy': results[0]['strategy'],
-      'replicas': results[0]['replicas'],
-      'rates': rates,
-      'median': harness.medians(rates),
-      'process_ratios': [harness.median_paired_ratio(result['rates'],
-                                                     'trainer', 'minimal')
-                         for result in results],
-      'first_loss': first_loss,
-      'failed': failed,
-  }
+  strategy (harness.pooled_processes), with the medians of the pooled rounds
+  and each process's own trainer/minimal ratio."""
+  combined = harness.pooled_processes(results)
+  return dict(
+      combined, strategy=results[0]['strategy'],
+      replicas=results[0]['replicas'],
+      median=harness.medians(combined['rates']),
+      process_ratios=[harness.median_paired_ratio(rates, 'trainer', 'minimal')
+                      for rates in combined['process_rates']])
 
 
 def _ratio(rates, a, b) -> str:
@@ -422,20 +413,21 @@ def print_table(results) -> None:
   """Prints examples/sec and ratios, then failures, the loss check, verdicts."""
   print(f'\nexamples/sec, median of the rounds of every process (global '
         f'batch {GLOBAL_BATCH}, {STEPS_PER_LOOP} steps per call)\n')
-  widths = (46, 9, 9, 9, 11, 17, 12, 13, 14, 13)
+  widths = (46, 9, 9, 9, 11, 17, 12, 16, 14, 13)
   rows = [('strategy', *METHODS, 'trainer/minimal', 'per round',
            'per process', 'trainer/bare', 'trainer/fit')]
   for result in results:
     med, rates = result['median'], result['rates']
-    per_round = harness.paired_ratios(rates['trainer'], rates['minimal'])
     replicas = result['replicas']
-    rounds = len(rates['trainer'])
+    rounds = max(map(len, rates.values()), default=0)
+    measured = 'trainer' in rates and 'minimal' in rates
+    per_round = (harness.format_range(harness.min_max(harness.paired_ratios(
+        rates['trainer'], rates['minimal'])), '.2f') if measured else 'n/a')
     rows.append((
         f'{result["strategy"]} ({replicas} replica{"s" * (replicas > 1)}, '
         f'{rounds} rounds)',
         *[f'{med[name]:,.0f}' if name in med else 'n/a' for name in METHODS],
-        _ratio(rates, 'trainer', 'minimal'),
-        harness.format_range(harness.min_max(per_round), '.2f'),
+        _ratio(rates, 'trainer', 'minimal'), per_round,
         ' '.join(harness.format_ratio(r, '.2f')
                  for r in result['process_ratios']),
         _ratio(rates, 'trainer', 'bare'),
@@ -454,6 +446,10 @@ def print_table(results) -> None:
     ratio = harness.median_paired_ratio(result['rates'], 'trainer',
                                         'minimal')
     target = TARGETS.get(result['strategy'], TARGET)
+    if ratio is None:
+      print(f'{result["strategy"]}: trainer/minimal not measured (a method '
+            f'failed, above); the target is {target}')
+      continue
     verdict = 'meets' if ratio >= target else 'is BELOW'
     print(f'{result["strategy"]}: trainer/minimal = {ratio:.3f} {verdict} '
           f'the target {target}')

@@ -187,10 +187,10 @@ def test_build_order_swaps_the_first_two_methods_in_the_second_process():
   assert [order[0] for order in orders] == names
 
 
-def test_pooled_concatenates_rounds_per_method():
+def test_pooled_concatenates_rounds_of_methods_in_every_process():
   merged = harness.pooled([{'a': [1.0, 2.0], 'b': [3.0]},
                            {'a': [4.0], 'c': [5.0]}])
-  assert merged == {'a': [1.0, 2.0, 4.0], 'b': [3.0], 'c': [5.0]}
+  assert merged == {'a': [1.0, 2.0, 4.0]}
 
 
 def test_median_paired_ratio_pairs_rounds_of_pooled_processes():
@@ -202,3 +202,26 @@ def test_median_paired_ratio_pairs_rounds_of_pooled_processes():
   assert harness.ratio(harness.medians(rates), 'a', 'b') == pytest.approx(
       16 / 15)
   assert harness.median_paired_ratio(rates, 'a', 'c') is None
+
+
+def test_pooled_processes_keeps_losses_and_tags_failures():
+  results = [
+      {'rates': {'a': [1.0], 'b': [2.0]}, 'first_loss': {'a': 0.5, 'b': 0.5},
+       'failed': {}},
+      {'rates': {'a': [3.0]}, 'first_loss': {'a': 0.5},
+       'failed': {'b': 'no placeholder'}},
+  ]
+  combined = harness.pooled_processes(results)
+  # b failed in process 2: no pooled rounds, its process-1 rounds kept apart.
+  assert combined['rates'] == {'a': [1.0, 3.0]}
+  assert combined['process_rates'][0]['b'] == [2.0]
+  assert combined['first_loss'] == {'a': [0.5, 0.5], 'b': [0.5]}
+  assert combined['failed'] == {'b': 'no placeholder (process 2)'}
+  single = harness.pooled_processes(results[1:])
+  assert single['failed'] == {'b': 'no placeholder'}
+
+
+def test_paired_ratios_refuses_rounds_that_do_not_pair():
+  assert harness.paired_ratios([2.0, 3.0], [1.0, 3.0]) == [2.0, 1.0]
+  with pytest.raises(ValueError):
+    harness.paired_ratios([1.0], [1.0, 2.0])
