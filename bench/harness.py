@@ -143,7 +143,7 @@ def build_order(names: Sequence[Name], process_index: int) -> list[Name]:
   """The order in which process `process_index` of several builds and warms
   up `names`: `rotated` by its index (A B C D, then B C D A, ...), so the
   first two processes build the first two methods in both orders. In one
-  process the build order moved one method against another by up to ~13 %
+  process the build order moved one method against another by up to ~12 %
   here (docs/benchmarks.md)."""
   return rotated(names, process_index)
 

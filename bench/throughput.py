@@ -44,7 +44,7 @@ alike. All start from the same weights and data, so their mean loss over
 the first 100 steps must agree: a check that they do the same work.
 
 In one process the order the methods were built in moved trainer/minimal by
-up to 0.13 (docs/benchmarks.md), so each single-process strategy runs in
+up to 0.12 (docs/benchmarks.md), so each single-process strategy runs in
 --build_orders processes (default 2), each building the methods in another
 order (the 2nd builds minimal first and the trainer last; the rounds rotate
 the same fixed order in every process). Their rounds are pooled: a method's
