@@ -179,6 +179,44 @@ def test_a_lost_dispatcher_ends_the_run_with_75_and_it_resumes(tmp_path):
   assert values['step/.ATTRIBUTES/VARIABLE_VALUE'] == saved + 20
 
 
+def test_a_lost_dispatcher_ends_two_workers_and_leaves_no_private_dir(
+    tmp_path):
+  """The watch exits the process from its own thread, past every `finally`:
+  the non-chief's private write directory (a whole checkpoint copy) must
+  still go."""
+  model_dir, temp_dir = tmp_path / 'run', tmp_path / 'tmp'
+  temp_dir.mkdir()
+  lost = Service(tmp_path)
+  with open(tmp_path / 'launch.log', 'w') as log:
+    launcher = subprocess.Popen(
+        [sys.executable, '-m', 'trainer.cluster.launch', '--num_workers=2',
+         '--', SMOKE, '--strategy=multi_worker_mirrored',
+         '--config.train.steps=100000', '--config.checkpoint.every_steps=20',
+         '--cluster_timeout=6', f'--config.data.service={lost.address}',
+         f'--model_dir={model_dir}'],
+        cwd=runner.REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', TMPDIR=str(temp_dir)))
+  try:
+    deadline = time.monotonic() + 240
+    # The non-chief has saved into its directory too.
+    while not list(temp_dir.glob('distloop-worker1-*/ckpt-*.index')):
+      assert launcher.poll() is None, (tmp_path / 'launch.log').read_text()
+      assert time.monotonic() < deadline
+      time.sleep(0.5)
+  finally:
+    lost.process.kill()
+    lost.process.wait()
+  try:
+    code = launcher.wait(timeout=120)
+  finally:
+    launcher.kill()
+  output = (tmp_path / 'launch.log').read_text()
+  assert code == 75, output[-3000:]
+  assert 'the dispatcher has not answered for --cluster_timeout=6s' in output
+  assert list(model_dir.glob('ckpt-*.index'))  # The chief's are kept.
+  assert not list(temp_dir.glob('distloop-worker*')), output[-3000:]
+
+
 @pytest.mark.parametrize('flags, message', [
     (('--config.data.service=127.0.0.1:5050',),
      "config key data.service='127.0.0.1:5050' is not a tf.data service "

@@ -10,10 +10,14 @@ dispatcher's port from a thread of its own (the main thread is blocked in
 TensorFlow) and, once nothing has answered for `timeout` seconds, prints
 one `error:` line and ends the process with a retryable status, so that a
 job manager restarts it and training resumes from the newest checkpoint.
+The exit skips every `finally` of the main thread, so what must not outlive
+the process (a non-chief worker's temporary directory) is passed as
+`before_exit`.
 A dispatcher that comes back within the timeout (restarted with --work_dir,
 which keeps its jobs) costs nothing but the wait.
 """
 
+from collections.abc import Callable
 import os
 import socket
 import sys
@@ -48,9 +52,10 @@ def check(address: str, *, deterministic: bool) -> None:
 class DispatcherWatch:
   """Probes `address` (grpc://HOST:PORT) every `interval` seconds until
   stopped; exits the process with `exit_code` after `timeout` seconds
-  without an answer."""
+  without an answer, once `before_exit()` has run."""
 
   def __init__(self, address: str, *, timeout: float, exit_code: int,
+               before_exit: Callable[[], None] = lambda: None,
                interval: float = 2.0):
     host, _, port = address.removeprefix('grpc://').rpartition(':')
     try:  # Once: a name service outage later is not the dispatcher's.
@@ -62,6 +67,7 @@ class DispatcherWatch:
     self._address = address
     self._timeout = timeout
     self._exit_code = exit_code
+    self._before_exit = before_exit
     self._interval = interval
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._watch, daemon=True,
@@ -103,4 +109,7 @@ class DispatcherWatch:
               'training resumes from the newest checkpoint in --model_dir',
               file=sys.stderr, flush=True)
         logging.flush()
-        os._exit(self._exit_code)  # pylint: disable=protected-access
+        try:
+          self._before_exit()
+        finally:
+          os._exit(self._exit_code)  # pylint: disable=protected-access

@@ -241,9 +241,14 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
       prefix=f'distloop-worker{strategy.cluster_resolver.task_id}-')
   options = dataclasses.replace(
       options, profile_steps=profile_steps if is_chief else None)
+
+  def remove_private_dir():
+    if not is_chief:
+      shutil.rmtree(write_dir, ignore_errors=True)
+
   watch = use_service and service_watch.DispatcherWatch(
       config.data.service, timeout=cluster_timeout,
-      exit_code=failure_exit_code)
+      exit_code=failure_exit_code, before_exit=remove_private_dir)
   try:
     return _run_mode(config, mode, trainer, options, model_dir=model_dir,
                      write_dir=write_dir, is_chief=is_chief,
@@ -252,8 +257,7 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
   finally:
     if watch:
       watch.stop()
-    if not is_chief:
-      shutil.rmtree(write_dir, ignore_errors=True)
+    remove_private_dir()
 
 
 def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
