@@ -60,9 +60,10 @@ from trainer.persistence import checkpointing
 from trainer.controller import Controller, ControllerOptions
 
 flags.DEFINE_bool('quick', False, 'Smoke check: fewer rounds.')
-flags.DEFINE_integer('rounds', 120, 'Timed rounds (one interval per way).')
+flags.DEFINE_integer('rounds', 120, 'Timed rounds (one interval per way).',
+                     lower_bound=1)
 flags.DEFINE_integer('window_steps', 100, 'Steps after the save that the '
-                     'window spans (K).')
+                     'window spans (K).', lower_bound=1)
 FLAGS = flags.FLAGS
 
 EVERY = 1000  # Steps between checkpoints.

@@ -53,8 +53,9 @@ from input import shapes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('quick', False, 'few small rounds: a smoke check')
-flags.DEFINE_integer('rounds', 7, 'timed rounds')
+flags.DEFINE_integer('rounds', 7, 'timed rounds', lower_bound=1)
 flags.DEFINE_float('segment_secs', 4.0, 'seconds per timed segment')
+flags.register_validator('segment_secs', lambda secs: secs > 0, 'must be > 0')
 
 BATCH = 64
 IMAGE_SIZE = 224

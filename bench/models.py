@@ -106,7 +106,8 @@ flags.DEFINE_enum('model', None, ['resnet20', 'lm'],
                   'Unset: parent mode, runs everything.')
 flags.DEFINE_bool('quick', False, 'Smoke check (~2 min): 2 rounds, no XLA, '
                   'no start-up runs.')
-flags.DEFINE_integer('rounds', 9, 'Timed rounds (ignored with --quick).')
+flags.DEFINE_integer('rounds', 9, 'Timed rounds (ignored with --quick).',
+                     lower_bound=1)
 flags.DEFINE_bool('xla', True, 'Also time the Trainer with XLA (off with '
                   '--quick).')
 flags.DEFINE_bool('startup', True, 'Parent mode: also time main.py start-up '

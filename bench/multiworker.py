@@ -117,9 +117,10 @@ flags.DEFINE_bool('with_2x2', False, 'Also run 2 workers x 2 logical CPUs '
                   '(~+2 min).')
 flags.DEFINE_list('workloads', None, 'Workloads to run (default: mlp,resnet20; '
                   'with --quick: mlp).')
-flags.DEFINE_integer('rounds', 2, 'Interleaved rounds (with --quick: 1).')
+flags.DEFINE_integer('rounds', 2, 'Interleaved rounds (with --quick: 1).',
+                     lower_bound=1)
 flags.DEFINE_integer('timeout', 420, 'Seconds after which one run is stopped '
-                     'and counted as failed.')
+                     'and counted as failed.', lower_bound=1)
 FLAGS = flags.FLAGS
 
 # What is compared: setups (processes x logical CPUs) on workloads.

@@ -37,7 +37,8 @@ CONFIGS = ('configs/digits_mlp.py', 'configs/cifar_resnet20.py:synthetic',
 
 flags.DEFINE_string('baseline', '', 'A checkout to compare with (e.g. `git '
                     'worktree add /tmp/base COMMIT`); empty: this one alone.')
-flags.DEFINE_integer('rounds', 3, 'Runs of each config in each checkout.')
+flags.DEFINE_integer('rounds', 3, 'Runs of each config in each checkout.',
+                     lower_bound=1)
 flags.DEFINE_list('configs', list(CONFIGS), 'Configs to time (FILE[:VARIANT]).')
 FLAGS = flags.FLAGS
 

@@ -53,9 +53,11 @@ from trainer import optimization
 from trainer import step as step_lib
 from trainer.cluster import strategies
 
-flags.DEFINE_integer('step_cost_rounds', 9, 'Timed rounds.')
+flags.DEFINE_integer('step_cost_rounds', 9, 'Timed rounds.', lower_bound=1)
 flags.DEFINE_float('step_cost_seconds', 1.0,
                    'Seconds each variant is timed per round, roughly.')
+flags.register_validator('step_cost_seconds', lambda secs: secs > 0,
+                         'must be > 0')
 FLAGS = flags.FLAGS
 
 # name: (guard, norm, sums, accuracy, ours); guard is None, 'if', 'lowered'

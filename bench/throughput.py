@@ -86,18 +86,22 @@ flags.DEFINE_enum('strategy', None,
                   ['default', 'mirrored', 'multi_worker_mirrored'],
                   'Child mode: measure under this strategy and print one JSON '
                   'line. Unset: parent mode, runs every strategy.')
-flags.DEFINE_integer('num_cpu_devices', 1, 'Child mode: logical CPU devices.')
+flags.DEFINE_integer('num_cpu_devices', 1, 'Child mode: logical CPU devices.',
+                     lower_bound=1)
 flags.DEFINE_bool('quick', False, 'Smoke check: 2 short rounds (~1.5 min).')
 flags.DEFINE_integer('rounds', 7, 'Timed rounds per process (ignored with '
-                     '--quick).')
+                     '--quick).', lower_bound=1)
 flags.DEFINE_float('seconds_per_round', 2.0, 'Seconds each method is timed '
                    'per round, roughly (ignored with --quick).')
+flags.register_validator('seconds_per_round', lambda secs: secs > 0,
+                         'must be > 0')
 flags.DEFINE_integer('build_orders', 2, 'Processes per single-process '
                      'strategy, each building the methods in another order '
                      '(1 with --quick); their rounds are pooled.',
                      lower_bound=1)
 flags.DEFINE_integer('process_index', 0, 'Child mode: which of the '
-                     '--build_orders orders this process builds in.')
+                     '--build_orders orders this process builds in.',
+                     lower_bound=0)
 FLAGS = flags.FLAGS
 
 METHODS = ('trainer', 'minimal', 'bare', 'keras_fit')
