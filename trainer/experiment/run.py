@@ -10,6 +10,7 @@ created, every split the mode reads and the traced steps
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import shutil
@@ -235,17 +236,14 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
                type(strategy).__name__, trainer.global_batch_size, mode)
   # Only the chief writes into model_dir. Other workers (multi-worker runs)
   # still take part in every save, as TensorFlow requires, but write into a
-  # private temporary directory that is removed when they finish.
+  # private temporary directory, removed when they finish (the watch too).
   is_chief = strategy.extended.should_checkpoint
   write_dir = model_dir if is_chief else tempfile.mkdtemp(
       prefix=f'distloop-worker{strategy.cluster_resolver.task_id}-')
   options = dataclasses.replace(
       options, profile_steps=profile_steps if is_chief else None)
-
-  def remove_private_dir():
-    if not is_chief:
-      shutil.rmtree(write_dir, ignore_errors=True)
-
+  remove_private_dir = (lambda: None) if is_chief else functools.partial(
+      shutil.rmtree, write_dir, ignore_errors=True)
   watch = use_service and service_watch.DispatcherWatch(
       config.data.service, timeout=cluster_timeout,
       exit_code=failure_exit_code, before_exit=remove_private_dir)
