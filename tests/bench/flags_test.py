@@ -12,6 +12,8 @@ from tests import runner
 
 @pytest.mark.parametrize('script, flag, message', [
     ('throughput.py', '--build_orders=0', '0 is not a positive integer'),
+    ('throughput.py', '--rounds=0', '0 is not a positive integer'),
+    ('throughput.py', '--num_cpu_devices=0', '0 is not a positive integer'),
     ('throughput.py', '--seconds_per_round=0', 'must be > 0'),
     ('step_cost.py', '--step_cost_seconds=-1', 'must be > 0'),
     ('data_service.py', '--segment_secs=0', 'must be > 0'),

@@ -108,8 +108,9 @@ class DispatcherWatch:
               'input.data_service, with --work_dir to keep its jobs), '
               'training resumes from the newest checkpoint in --model_dir',
               file=sys.stderr, flush=True)
-        logging.flush()
         try:
           self._before_exit()
-        finally:
-          os._exit(self._exit_code)  # pylint: disable=protected-access
+        except Exception:  # pylint: disable=broad-except
+          logging.exception('cleaning up before the exit failed')
+        logging.flush()
+        os._exit(self._exit_code)  # pylint: disable=protected-access
