@@ -34,14 +34,16 @@ STARTUP_MARGIN = 60
 
 
 @pytest.fixture(name='start_worker')
-def fixture_start_worker():
+def fixture_start_worker(tmp_path):
   """start_worker(TF_CONFIG, LOG_PREFIX, *ARGS) starts main.py as one worker
-  (stdout/stderr to LOG_PREFIX.out/.err); whatever still runs at the end of
-  the test is killed."""
+  (stdout/stderr to LOG_PREFIX.out/.err, temporary files in tmp_path/tmp);
+  whatever still runs at the end of the test is killed."""
   started = []
+  (tmp_path / 'tmp').mkdir()
 
   def start(tf_config_json, log_prefix, *args):
-    env = dict(os.environ, TF_CONFIG=tf_config_json, TF_CPP_MIN_LOG_LEVEL='2')
+    env = dict(os.environ, TF_CONFIG=tf_config_json, TF_CPP_MIN_LOG_LEVEL='2',
+               TMPDIR=str(tmp_path / 'tmp'))
     with open(f'{log_prefix}.out', 'w') as out, \
          open(f'{log_prefix}.err', 'w') as err:
       started.append(subprocess.Popen(runner.main_command(*args),
@@ -137,6 +139,8 @@ def test_worker_killed_mid_run_stops_the_other_within_60s(tmp_path, victim,
   assert line.endswith(
       f'); worker:{survivor} cannot go on without it: restart every worker, '
       'training resumes from the newest checkpoint in --model_dir'), line
+  if survivor == 1:  # It removed its private directory on the way out.
+    assert not list((tmp_path / 'tmp').glob('distloop-worker*'))
 
 
 def test_cluster_timeout_must_be_positive(monkeypatch):
