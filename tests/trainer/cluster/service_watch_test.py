@@ -1,19 +1,12 @@
 """service_watch.DispatcherWatch against a real port nobody listens on; only
 its final os._exit is replaced, so the test process lives on."""
 
-import socket
 import threading
 
 from absl import logging
 
+from trainer.cluster import launch
 from trainer.cluster import service_watch
-
-
-def _dead_address() -> str:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  return f'grpc://127.0.0.1:{port}'  # Closed again: nothing answers.
 
 
 class _Exited(BaseException):
@@ -30,7 +23,9 @@ def _watch_until_exit(monkeypatch, before_exit):
   monkeypatch.setattr(service_watch.os, '_exit', fake_exit)
   monkeypatch.setattr(threading, 'excepthook', lambda args: None)
   watch = service_watch.DispatcherWatch(
-      _dead_address(), timeout=0.1, exit_code=75, before_exit=before_exit,
+      # A port that was free a moment ago and is closed again: nothing
+      # answers.
+      f'grpc://127.0.0.1:{launch.free_ports(1)[0]}', timeout=0.1, exit_code=75, before_exit=before_exit,
       interval=0.05)
   assert done.wait(timeout=30)
   watch.stop()
