@@ -10,8 +10,10 @@ and moving averages are those of the global batch, whatever the replica count.
 With `False`, each replica normalises with its own slice's statistics AND, in
 Keras 3, each replica's copy of `moving_mean`/`moving_variance` drifts apart:
 they are created with `aggregation='none'` and assigned per replica, so the
-copies of one MirroredVariable hold different values and a checkpoint keeps
-replica 0's. The default is therefore True; pass False for per-device
+copies of one MirroredVariable hold different values. A checkpoint keeps
+replica 0's, and the Trainer gives every copy replica 0's before it evaluates
+(trainer/loops.py), so an evaluation sees the saved model. The default is
+True, the same numbers on any replica count; pass False for per-device
 ("ghost") batch norm, or to save the all-reduces on a single device.
 
 References: He et al. 2016, "Deep Residual Learning for Image Recognition"

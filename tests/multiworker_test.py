@@ -291,6 +291,23 @@ def test_user_trainers_on_two_workers_match_one_process(tmp_path, variant):
                                err_msg=key)
 
 
+def test_two_workers_evaluate_the_model_their_checkpoint_keeps(tmp_path):
+  """Per-replica batch norm: each worker's moving statistics follow its own
+  slice. Before evaluating, every copy takes the chief's first replica's
+  (tests/trainer/replica_copies_test.py has the one-process case)."""
+  args = ('--config=tests/user_config.py:unsynced_norm',
+          f'--model_dir={tmp_path}')
+  workers = run_launcher(2, *args, MWMS)
+  assert workers.returncode == 0, workers.stderr[-4000:]
+  again = runner.run_main(*args, '--mode=eval')
+  assert again.returncode == 0, again.stderr[-3000:]
+  expected = again.stdout.strip().splitlines()[-1]
+  finals = [line for line in workers.stdout.splitlines()
+            if 'final eval:' in line]
+  assert sorted(finals) == [f'[worker 0] {expected}',
+                            f'[worker 1] {expected}']
+
+
 def test_streaming_and_aggregated_metrics_on_two_workers(tmp_path):
   """AUC, F1 (Keras metric state summed over workers) and the median of
   every example's loss (gathered from both workers) equal their definitions

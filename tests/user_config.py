@@ -3,7 +3,7 @@ configs/ and models/, as a user keeps theirs).
 
 Command:   python main.py --config=tests/user_config.py:two_optimizers
 Variants:  two_optimizers (default), sync_norm_accum, tutorial,
-           model_variables.
+           model_variables, unsynced_norm.
 """
 
 import ml_collections
@@ -13,6 +13,7 @@ TRAINERS = {
     'sync_norm_accum': 'tests.user_trainers:SyncNormTrainer',
     'tutorial': 'tests.user_trainers:TutorialTrainer',
     'model_variables': 'tests.user_trainers:ModelVariablesTutorial',
+    'unsynced_norm': 'tests.user_trainers:UnsyncedNormTrainer',
 }
 VARIANTS = tuple(TRAINERS)
 

@@ -170,6 +170,19 @@ class SyncNormTrainer(SequenceTrainer):
         tf.keras.layers.Dense(CLASSES, name='logits')], name='norm_model')
 
 
+class UnsyncedNormTrainer(SequenceTrainer):
+  """Per-replica batch norm, Keras' default: each replica's copy of the
+  moving statistics follows its own slice of the batch."""
+
+  def build_model(self):
+    return tf.keras.Sequential([
+        tf.keras.Input((SEQ_LEN, FEATURES)),
+        tf.keras.layers.Dense(16, name='hidden'),
+        tf.keras.layers.BatchNormalization(momentum=0.5, name='norm'),
+        tf.keras.layers.ReLU(),
+        tf.keras.layers.Dense(CLASSES, name='logits')], name='norm_model')
+
+
 # -----------------------------------------------------------------------------
 # Mistakes a user makes, one per class: each must stop the run before it
 # writes anything, with one line naming the method

@@ -116,9 +116,27 @@ def compare(trainer_cls, config, *, num_replicas: int, steps: int,
       rel_diff = float(np.max(np.abs(a - b) / (np.abs(a) + 1e-12)))
       report.append(f'  {name}: max abs diff {abs_diff:.3g}, '
                     f'max rel diff {rel_diff:.3g}')
+  # Named as in the weights above: the second model's layers were named
+  # after the first's (batch_normalization_1, ...).
+  names = {m.path: o.path for m, o in zip(many.model.variables,
+                                          one.model.variables)}
+  per_replica_norm = {
+      v.path: layer.name for layer in many.model._flatten_layers()  # pylint: disable=protected-access
+      if isinstance(layer, tf.keras.layers.BatchNormalization) and
+      not layer.synchronized for v in layer.non_trainable_variables}
+  explained = set()
   for name in diverged_variables(many):
     ok = False
-    report.append(f'  {name}: its {num_replicas} replica copies differ')
+    line = f'  {names.get(name, name)}: its {num_replicas} replica copies differ'
+    layer = per_replica_norm.get(name)
+    if layer and layer not in explained:
+      explained.add(layer)
+      line += (f' (BatchNormalization {names[name].rsplit("/", 1)[0]!r} has '
+               'synchronized=False: each replica keeps the moving statistics '
+               'of its own slice, and evaluations and checkpoints use the '
+               'first replica\'s; synchronized=True normalises over the '
+               'global batch, the same on any replica count)')
+    report.append(line)
   report.append(f'  metrics on 1 replica:  {_fmt(metrics_1)}')
   report.append(f'  metrics on {num_replicas} replicas: {_fmt(metrics_n)}')
   return ok, report

@@ -55,6 +55,9 @@ def test_replica_copies_that_drift_apart_fail():
   assert not ok
   drifted = [line for line in report if 'replica copies differ' in line]
   assert any('norm/moving_mean' in line for line in drifted), report
+  # The cause and the fix, once for the layer.
+  explained = [line for line in drifted if 'synchronized=False' in line]
+  assert len(explained) == 1 and 'synchronized=True' in explained[0], report
 
 
 def test_command_reports_pass():
