@@ -61,9 +61,7 @@ def check_or_write(model_dir: str, record: dict, *,
           what += ' (a model.* config key changed)'
       else:
         what = f'{key}: {old[key]!r} -> {record[key]!r}'
-      raise UserError(
-          f'cannot resume --model_dir={model_dir}: {what} since the run '
-          f'started ({RECORD}); restore the old value or use a new --model_dir')
+      raise _changed(model_dir, what)
     if write and layout and old.get('layout') != layout:
       write_json_atomically(path, dict(old, layout=layout))
     return
@@ -107,6 +105,12 @@ def check_pieces(model_dir: str, pieces: dict, made_by: str) -> None:
       '(--mode=eval and export read it either way)')
 
 
+def _changed(model_dir: str, what: str) -> UserError:
+  return UserError(
+      f'cannot resume --model_dir={model_dir}: {what} since the run '
+      f'started ({RECORD}); restore the old value or use a new --model_dir')
+
+
 def write_json_atomically(path: str, value) -> None:
   """Writes JSON to `path` so a reader never sees a partial file."""
   write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True))
@@ -147,13 +151,19 @@ def check_layout(model_dir: str, new: dict, global_batch_size: int) -> None:
   deals elements to workers, so the worker count must stay.
 
   Raises:
-    UserError: naming the layout the run had and the one asked for.
+    UserError: naming the layout the run had and the one asked for, or the
+      global batch, if it changed (checked first: the divisibility message
+      names the batch the run had).
   """
   path = os.path.join(model_dir, RECORD)
   if not os.path.exists(path):
     return
   with open(path) as f:
-    old = json.load(f).get('layout')
+    record = json.load(f)
+  key, batch = 'train.global_batch_size', record.get('train.global_batch_size')
+  if batch is not None and batch != global_batch_size:
+    raise _changed(model_dir, f'{key}: {batch!r} -> {global_batch_size!r}')
+  old = record.get('layout')
   if not old or old == new:
     return
   def describe(layout):

@@ -65,6 +65,24 @@ def test_a_layout_that_cannot_keep_the_stream_is_one_line(tmp_path):
                                             'pipeline': 'global'}, 64)
 
 
+def test_a_changed_batch_is_refused_as_changed_on_any_layout(tmp_path):
+  """A run started with batch 64 on 4 replicas, resumed with 65 on 2: the
+  batch changed, not 'it ran with 65' (the divisibility message)."""
+  (tmp_path / 'run.json').write_text(json.dumps({
+      'train.global_batch_size': 64, 'layout': {
+          'replicas': 4, 'workers': 1, 'pipeline': 'per_host'}}))
+  for replicas in (2, 4):
+    with pytest.raises(UserError) as e:
+      run_record.check_layout(str(tmp_path), {
+          'replicas': replicas, 'workers': 1, 'pipeline': 'per_host'}, 65)
+    assert str(e.value) == (
+        f'cannot resume --model_dir={tmp_path}: train.global_batch_size: '
+        '64 -> 65 since the run started (run.json); restore the old value '
+        'or use a new --model_dir')
+  run_record.check_layout(str(tmp_path), {
+      'replicas': 2, 'workers': 1, 'pipeline': 'per_host'}, 64)  # Fine.
+
+
 def test_the_pieces_of_sharded_variables_are_kept_for_training_only(tmp_path):
   """run.json keeps which variables a parameter-server run held in pieces
   (train.variable_shard_bytes): training resumes only with the same pieces
