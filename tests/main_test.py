@@ -107,7 +107,8 @@ def test_print_config_prints_and_writes_nothing(tmp_path):
      'config key train.global_batch_size=30 must be a positive multiple of '
      'the 4 replicas'),
     (('--config.train.steps=many',),
-     'flag --config.train.steps=many: invalid literal'),
+     'error: flag --config.train.steps=many: not an int; e.g. '
+     '--config.train.steps=20'),
     (('--config.optimizer.name=rmsprop',),
      "config key optimizer.name='rmsprop' is unknown; valid: sgd, adam"),
     (('--config.train.steps=0',), 'config key train.steps=0 must be'),

@@ -18,6 +18,7 @@ import glob
 import importlib.util
 import os
 import re
+import shlex
 
 from absl import flags
 from absl import logging
@@ -162,6 +163,9 @@ def _explain(argv, error: Exception) -> str:
   spec = _config_spec(argv)
   if spec is None:
     return errors.one_line(error)
+  override = re.match(r'flag --config\.([^=]+)=', str(error))
+  if isinstance(error, flags.IllegalFlagValueError) and override:
+    return _bad_value(spec, override.group(1), error)
   if isinstance(error, (KeyError, AttributeError)):
     try:
       config = load_config(spec)
@@ -174,6 +178,27 @@ def _explain(argv, error: Exception) -> str:
         if missing:
           return f'flag {arg}: {missing}'
   return f'flag --config={spec}: {errors.one_line(error)}'
+
+
+# What a --config.KEY=VALUE override must be, by the type of the key's value.
+_TYPES = {int: 'an int', float: 'a number', bool: 'true or false',
+          tuple: 'a tuple', str: 'a string'}
+
+
+def _bad_value(spec: str, key: str, error: Exception) -> str:
+  """absl's 'flag --config.KEY=VALUE: why', with the type and an example."""
+  message = errors.one_line(error)
+  try:
+    current = load_config(spec)[key]
+  except Exception:  # pylint: disable=broad-except
+    return message
+  if type(current) not in _TYPES:  # e.g. None: any type may be meant.
+    return message
+  example = (str(current).lower() if isinstance(current, bool) else
+             repr(current).replace(' ', '') if isinstance(current, tuple) else
+             current)
+  return (f'{message.split(": ", 1)[0]}: not {_TYPES[type(current)]}; e.g. '
+          f'{shlex.quote(f"--config.{key}={example}")}')
 
 
 def _missing_key(config, dotted: str):
