@@ -363,15 +363,15 @@ class Controller:
 
   def _recover(self, retries: int):
     """Restores the last checkpoint after a non-finite step, or gives up."""
-    trainer = self.trainer
-    failed_step = self.step + 1
-    position = int(trainer.data_position.numpy())
-    if retries > self.options.nan_retries or not self.checkpointer:
+    failed_step, n = self.step + 1, self.options.nan_retries
+    position = int(self.trainer.data_position.numpy())
+    if retries > n or not self.checkpointer:
+      tried = f' after {retries - 1} retries' if n else ''
       raise NonFiniteLoss(
-          f'non-finite loss or gradient norm at step {failed_step}; the '
+          f'non-finite loss or gradient norm at step {failed_step}{tried}; the '
           'update was not applied and no checkpoint was written after it '
-          f'(train.nan_retries={self.options.nan_retries}); lower the '
-          'learning rate, enable train.clip_norm, or set train.nan_retries')
+          f'(train.nan_retries={n}); lower the learning rate or enable '
+          'train.clip_norm' + ('' if n else ' (or set train.nan_retries)'))
     computed = self.step
     with self.ledger.timed('checkpoints'):
       self.checkpointer.wait()
@@ -382,10 +382,10 @@ class Controller:
     self.ledger.lose(computed - self.step)  # Computed again from here.
     # Continue with the data after the batch that failed: replaying it would
     # fail the same way.
-    trainer.data_position.assign(position)
+    self.trainer.data_position.assign(position)
     logging.warning('non-finite step %d: restored %s (step %d) and skipped '
                     'to data position %d (retry %d of %d)', failed_step, path,
-                    self.step, position, retries, self.options.nan_retries)
+                    self.step, position, retries, n)
     return self._iterator()
 
   # ---------------------------------------------------------------------------
