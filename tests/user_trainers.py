@@ -233,6 +233,32 @@ class RaisesInBuildModel(SequenceTrainer):
     raise ValueError('width must be even, got 5')
 
 
+class ReadsMissingKey(SequenceTrainer):
+  """Reads a model key its config does not have (tests/user_config.py's
+  model section is empty)."""
+
+  def build_model(self):
+    if self.config.model.use_bn:
+      raise AssertionError('unreachable: the config has no use_bn')
+    return super().build_model()
+
+
+class ReadsMissingKeyInStep(SequenceTrainer):
+  """Reads a key the train section does not have, while the step traces."""
+
+  def compute_loss(self, batch, outputs):
+    loss, tokens = super().compute_loss(batch, outputs)
+    return loss * self.config.train.loss_weight, tokens
+
+
+class IgnoresBatchSize(SequenceTrainer):
+  """Batches by a config value instead of its batch_size argument."""
+
+  def dataset(self, split, input_context, batch_size):
+    return super().dataset(split, input_context,
+                           self.config.eval.global_batch_size)
+
+
 class EndsUnseen(SequenceTrainer):
   """A train split that ends, of a length tf.data cannot count (a filter):
   found only when it runs out."""

@@ -8,6 +8,8 @@ message names the flag or key, the value given, the rule and the fix.
 import re
 import sys
 
+from ml_collections import config_dict
+
 
 class UserError(Exception):
   """A mistake in the user's input, reported in one line."""
@@ -22,8 +24,79 @@ def fail(message: str):
 
 
 def one_line(error: Exception) -> str:
-  """The informative last line of a (possibly multi-line) error message."""
+  """The informative last line of a (possibly multi-line) error message;
+  for a config key that code read and the config lacks, the key and fix."""
+  missing = missing_config_key(error)
+  if missing:
+    return missing
   lines = [l.strip() for l in str(error).strip().splitlines() if l.strip()]
   line = lines[-1] if lines else type(error).__name__
   # Tracing errors end in "ExceptionName: message" lines (AutoGraph).
   return re.sub(r'^\w*(Error|Exception): ', '', line)
+
+
+def missing_config_key(error: Exception) -> str | None:
+  """'config has no key ...' when `error` is a ConfigDict's missing key.
+
+  ml_collections raises a KeyError (config['k']) or AttributeError
+  (config.k) naming only the key, from the ConfigDict's own __getitem__ or
+  __getattr__, the innermost frame. The section is found by identity under
+  the roots the traceback's frames hold (a ConfigDict local, or the
+  `config` of a `self`, e.g. the Trainer's); the root it lies deepest
+  under names it whole. With no root, only the key is named.
+  """
+  if not isinstance(error, (KeyError, AttributeError)):
+    return None
+  tb, frames = error.__traceback__, []
+  while tb is not None:
+    frames.append(tb.tb_frame)
+    tb = tb.tb_next
+  if not frames or frames[-1].f_code.co_name not in ('__getattr__',
+                                                     '__getitem__'):
+    return None
+  inner = frames[-1].f_locals
+  section = inner.get('self')
+  key = inner.get('attribute', inner.get('key'))
+  if not isinstance(section, config_dict.ConfigDict) or not isinstance(
+      key, str) or key in section:
+    return None
+  roots = []
+  for frame in frames[:-1]:
+    for value in frame.f_locals.values():
+      attributes = getattr(value, '__dict__', None)
+      if isinstance(attributes, dict):
+        value = attributes.get('config', value)
+      if isinstance(value, config_dict.ConfigDict):
+        roots.append(value)
+  paths = [p for p in (_path(root, section) for root in roots)
+           if p is not None]
+  path = max(paths, key=len) if paths else None
+  similar = re.search(r'Did you mean "([^"]+)"', str(error))
+  from trainer import schema  # pylint: disable=import-outside-toplevel
+  own = ' or '.join(schema.TRAINER_SECTIONS)  # Where a Trainer's keys go.
+  if path is None:
+    named, fix = f'{key!r} (in a section of it)', f'the {own} section of'
+  else:
+    named = repr('.'.join((*path, key)))
+    fix = (f'the {".".join(path)} section of' if path and path[0] in
+           schema.TRAINER_SECTIONS else f'the {own} section (a Trainer\'s '
+           'own keys go there; this one is not a framework key) of')
+  return (f'config has no key {named}'
+          f'{f" (did you mean {similar.group(1)!r}?)" if similar else ""}; '
+          f"add {key}=... to {fix} the config file's get_config() "
+          '(--config.KEY=VALUE overrides only keys the config has)')
+
+
+def _path(root, target) -> tuple[str, ...] | None:
+  """The keys from ConfigDict `root` down to the ConfigDict `target`."""
+  stack, seen = [(root, ())], set()
+  while stack:
+    node, path = stack.pop()
+    if node is target:
+      return path
+    if id(node) in seen:
+      continue
+    seen.add(id(node))
+    stack.extend((value, (*path, str(name))) for name, value in node.items()
+                 if isinstance(value, config_dict.ConfigDict))
+  return None

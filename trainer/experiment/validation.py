@@ -15,6 +15,7 @@ import types
 import tensorflow as tf
 
 from trainer import errors
+from trainer.parts import contracts
 from trainer import loops
 from trainer.errors import UserError
 from trainer.trainer import Trainer
@@ -105,6 +106,14 @@ def _check_split(trainer, split: str, *, training: bool) -> None:
     raise UserError(f'{where} is empty: it yields no batch; check the data '
                     f'keys of the config and the files behind {split!r}'
                     ) from None
+  size = int(contracts.batch_size(batch))
+  if size > batch_size or (training and size < batch_size):
+    key = 'train' if training else 'eval'
+    raise UserError(
+        f'{where} gave a first batch of {size} examples for batch_size='
+        f'{batch_size} ({key}.global_batch_size over {trainer.num_replicas} '
+        'replica(s)): batch by the batch_size argument it is called with, '
+        'not by a config value')
   if (isinstance(batch, dict) and
       type(trainer).forward is Trainer.forward):
     raise UserError(

@@ -33,10 +33,22 @@ def config(trainer='SequenceTrainer', **eval_keys):
      r'batches, but training reads the stream for train.steps steps: add '
      r'.repeat\(\)'),
     ('EmptyEvalSplit', r"EmptyEvalSplit.dataset\('test'\) is empty"),
+    ('IgnoresBatchSize', r"IgnoresBatchSize.dataset\('train'\) gave a first "
+     r'batch of 64 examples for batch_size=32 \(train.global_batch_size over '
+     r'1 replica\(s\)\): batch by the batch_size argument'),
     ('RaisesInComputeLoss', r'RaisesInComputeLoss.compute_loss raised '
      r"KeyError while the train step was traced: .*'labelz'"),
     ('RaisesInBuildModel', r'RaisesInBuildModel.build_model raised '
      'ValueError: width must be even, got 5'),
+    ('ReadsMissingKey', r"ReadsMissingKey.build_model raised AttributeError: "
+     r"config has no key 'model.use_bn'; add use_bn=... to the model section "
+     r"of the config file's get_config\(\) \(--config.KEY=VALUE overrides "
+     r'only keys the config has\)$'),
+    ('ReadsMissingKeyInStep', r'ReadsMissingKeyInStep.compute_loss raised '
+     r"AttributeError while the train step was traced: config has no key "
+     r"'train.loss_weight'; add loss_weight=... to the model or data section "
+     r"\(a Trainer's own keys go there; this one is not a framework key\) of "
+     r"the config file's get_config\(\)"),
 ])
 def test_mistakes_stop_the_run_before_model_dir_exists(tmp_path, trainer,
                                                       message):
