@@ -107,6 +107,23 @@ class TutorialTrainer(SequenceTrainer):
     return self.trainable_variables
 
 
+class WeightedTutorialTrainer(SequenceTrainer):
+  """The tutorial pattern with a weighted loss (padded tokens weigh 0), as
+  docs/writing-a-trainer.md writes it: divided by the global weight sum."""
+
+  def train_step(self, batch):
+    with tf.GradientTape() as tape:
+      outputs = self.forward(batch, training=True)
+      values, weights = self.compute_loss(batch, outputs)  # ([B], [B])
+      # The weight sum of the global batch: every replica and worker.
+      total = tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, tf.reduce_sum(weights))
+      loss = tf.math.divide_no_nan(tf.reduce_sum(values * weights), total)
+    grads = tape.gradient(loss, self.trainable_variables)
+    self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+    return {'loss': (values, weights), **self.compute_metrics(batch, outputs)}
+
+
 class ModelVariablesTutorial(TutorialTrainer):
   """The tutorial pattern as Keras tutorials write it: the model's own
   trainable_variables (refused once a weight is held in pieces)."""

@@ -63,7 +63,7 @@ def assert_same_weights(a, b):
 
 @pytest.mark.parametrize('cls', [
     user_trainers.SequenceTrainer, user_trainers.TutorialTrainer,
-    user_trainers.TwoOptimizerTrainer,
+    user_trainers.WeightedTutorialTrainer, user_trainers.TwoOptimizerTrainer,
     user_trainers.SecondOptimizerApplyTrainer], ids=lambda c: c.__name__)
 def test_weights_match_on_1_2_and_4_replicas(cls):
   config = make_config()
@@ -82,6 +82,16 @@ def test_weights_match_on_1_2_and_4_replicas(cls):
       assert rn['examples'] == r1['examples'] == 4 * 32
       assert rn['loss'] == pytest.approx(r1['loss'], rel=1e-5)
       assert rn['accuracy'] == pytest.approx(r1['accuracy'], rel=1e-5)
+
+
+def test_the_weighted_tutorial_step_trains_what_the_default_step_does():
+  config = make_config()
+  default = build(user_trainers.SequenceTrainer, config, 1)
+  tutorial = build(user_trainers.WeightedTutorialTrainer, config, 2,
+                   default.model.get_weights())
+  train(default)
+  train(tutorial)
+  assert_same_weights(default, tutorial)
 
 
 class PerReplicaMeanTutorial(user_trainers.TutorialTrainer):
