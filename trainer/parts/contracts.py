@@ -63,10 +63,8 @@ def _checked(tensor, *, where, size, dtype):
                          shape[0] != size):
     raise ContractError(
         f'{where} returned shape {shape.as_list() if shape.rank is not None else "unknown"}'
-        f', expected {expected}: one value per example of the batch (a '
-        'scalar or a mean is the wrong reduction: the Trainer reduces over '
-        'the global batch itself; flattened per-token values belong in a '
-        'per-example mean with its token count as weight)')
+        f', expected {expected}: one value per example of the batch '
+        f'({_shape_hint(shape, size)})')
   if not isinstance(size, int) or shape[0] is None:
     # Known only when it runs (eval batches have a free batch dimension).
     with tf.control_dependencies([tf.debugging.assert_equal(
@@ -74,6 +72,22 @@ def _checked(tensor, *, where, size, dtype):
             f'{where} must return one value per example of the batch'))]):
       tensor = tf.identity(tensor)
   return tf.cast(tensor, dtype)
+
+
+def _shape_hint(shape, size) -> str:
+  """What a value of `shape` instead of [size] usually means, and the fix."""
+  dims = shape.as_list() if shape.rank is not None else None
+  if dims == [size, 1]:
+    return 'squeeze the last axis: tf.squeeze(value, -1)'
+  if dims == [size, size]:
+    return ('a [B, 1] output broadcast against [B] labels gives [B, B]: '
+            'squeeze the output\'s last axis first')
+  if dims and len(dims) > 1 and dims[0] == size:
+    return ('reduce the other axes per example, or return a per-example '
+            'mean with its token count as weight')
+  return ('a scalar or a mean is the wrong reduction: the Trainer reduces '
+          'over the global batch itself; flattened per-token values belong '
+          'in a per-example mean with its token count as weight')
 
 
 def step_outputs(values, *, where: str, names, size):

@@ -59,7 +59,9 @@ def train_one(cls, replicas=2):
     (DoubledLoss, r'DoubledLoss.compute_loss returned shape \[32\], expected '
      r'\[16\]: one value per example'),
     (SquareMetric, r"SquareMetric.compute_metrics \['accuracy'\] returned "
-     r'shape \[16, 16\], expected \[16\]'),
+     r'shape \[16, 16\], expected \[16\]: one value per example of the '
+     r'batch \(a \[B, 1\] output broadcast against \[B\] labels gives '
+     r"\[B, B\]: squeeze the output's last axis first\)$"),
     (MismatchedWeights, r'MismatchedWeights.compute_loss \(weights\) returned '
      r'shape \[3\], expected \[16\]'),
 ], ids=['loss_2B', 'metric_BxB', 'weights'])
@@ -83,3 +85,16 @@ def test_per_example_accepts_values_and_weight_pairs():
   assert weights.dtype == tf.float32 and values.shape == [4]
   values, weights = contracts.per_example(tf.ones([4]), where='f', size=4)
   assert weights is None
+
+
+@pytest.mark.parametrize('shape, hint', [
+    ([4, 1], r'squeeze the last axis: tf.squeeze\(value, -1\)'),
+    ([4, 7], 'reduce the other axes per example'),
+    ([], 'a scalar or a mean is the wrong reduction'),
+    ([8], 'flattened per-token values belong in a per-example mean'),
+])
+def test_a_wrong_shape_names_its_likely_cause(shape, hint):
+  with pytest.raises(contracts.ContractError,
+                     match=rf'f returned shape .*, expected \[4\]: one value '
+                     rf'per example of the batch \(.*{hint}'):
+    contracts.per_example(tf.ones(shape), where='f', size=4)
