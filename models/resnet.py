@@ -12,9 +12,10 @@ Keras 3, each replica's copy of `moving_mean`/`moving_variance` drifts apart:
 they are created with `aggregation='none'` and assigned per replica, so the
 copies of one MirroredVariable hold different values. A checkpoint keeps
 replica 0's, and the Trainer gives every copy replica 0's before it evaluates
-(trainer/loops.py), so an evaluation sees the saved model. The default is
-True, the same numbers on any replica count; pass False for per-device
-("ghost") batch norm, or to save the all-reduces on a single device.
+(trainer/parts/replica_copies.py), so an evaluation sees the saved model. The
+default is True, the same numbers on any replica count; pass False for
+per-device ("ghost") batch norm, or to save the all-reduces on a single
+device.
 
 References: He et al. 2016, "Deep Residual Learning for Image Recognition"
 (CIFAR net of section 4.2, shortcut option A); ResNet-50 "v1.5" (stride in the

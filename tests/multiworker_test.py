@@ -294,7 +294,7 @@ def test_user_trainers_on_two_workers_match_one_process(tmp_path, variant):
 def test_two_workers_evaluate_the_model_their_checkpoint_keeps(tmp_path):
   """Per-replica batch norm: each worker's moving statistics follow its own
   slice. Before evaluating, every copy takes the chief's first replica's
-  (tests/trainer/replica_copies_test.py has the one-process case)."""
+  (tests/trainer/parts/replica_copies_test.py: one process)."""
   args = ('--config=tests/user_config.py:unsynced_norm',
           f'--model_dir={tmp_path}')
   workers = run_launcher(2, *args, MWMS)

@@ -23,6 +23,7 @@ from trainer.parts import contracts
 from trainer.parts import input_wait
 from trainer.parts import precision
 from trainer.parts import randomness
+from trainer.parts import replica_copies
 from trainer.parts import status as status_lib
 from trainer.parts import streaming
 
@@ -233,7 +234,8 @@ def evaluate(trainer, split: str) -> dict[str, float]:
   dataset = trainer.distribute_dataset(
       split, batch_size=trainer.eval_global_batch_size)
   build_streaming(trainer)
-  equalize_replica_copies(trainer)
+  if trainer._equalize_copies and replica_copies.drifting(trainer.model):
+    trainer._equalize_copies()  # Replica 0's moving statistics everywhere.
   streaming.results(trainer.streaming['eval'], trainer.strategy)  # Reset.
   aggregated = {}
   with trainer.ema_weights():
@@ -256,45 +258,6 @@ def evaluate(trainer, split: str) -> dict[str, float]:
   metrics.update(aggregated)
   metrics.update(trainer.derived_metrics(metrics))
   return metrics
-
-
-def equalize_replica_copies(trainer) -> None:
-  """Sets every replica's copy of the model's non-trainable float variables
-  to replica 0's value, the one a checkpoint keeps.
-
-  Keras 3 assigns such variables per replica (aggregation 'none'): a
-  BatchNormalization(synchronized=False) layer updates each replica's copy
-  of its moving statistics from that replica's slice, so the copies drift
-  apart. Training does not read them (batch norm trains on batch
-  statistics), but an evaluation spread over the replicas would use N
-  different models and report what no checkpoint holds. Run before every
-  evaluation, this makes the evaluated model the saved one, and leaves
-  training as it was: replica 0's copy and the weights are unchanged, so a
-  run is the same whether or when it evaluates, and a resumed run evaluates
-  what the uninterrupted one does. Copies already equal (synchronized batch
-  norm) are set to the value they hold. Nothing to do on one replica.
-  """
-  if trainer.num_replicas == 1 or getattr(trainer, 'coordinated', None):
-    return
-  if not hasattr(trainer, '_equalize'):
-    variables = [v for v in trainer.model.non_trainable_variables
-                 if tf.as_dtype(v.dtype).is_floating and
-                 getattr(v, 'aggregation', 'none') == 'none' and
-                 getattr(v, 'synchronization', 'auto') != 'on_read']
-
-    def equalize():
-      def replica():
-        # Each copy [1, ...], gathered in replica order: row 0 is replica
-        # 0's, bit for bit (a gather does no arithmetic).
-        gathered = tf.distribute.get_replica_context().all_gather(
-            [tf.identity(v.value)[tf.newaxis] for v in variables], axis=0)
-        for variable, values in zip(variables, gathered):
-          variable.assign(values[0])
-      trainer.strategy.run(replica)
-    trainer._equalize = (trainer._traces.function(  # pylint: disable=protected-access
-        equalize, 'equalize_replica_copies') if variables else None)
-  if trainer._equalize is not None:  # pylint: disable=protected-access
-    trainer._equalize()  # pylint: disable=protected-access
 
 
 def gathers_eval_outputs(trainer) -> bool:
@@ -327,6 +290,9 @@ def trace_train(trainer, iterator) -> None:
 
 def trace_eval(trainer, dataset) -> None:
   """Traces the eval step of a distributed `dataset` without running it."""
+  # pylint: disable=protected-access
+  if trainer._equalize_copies and replica_copies.drifting(trainer.model):
+    trainer._equalize_copies.tf_function.get_concrete_function()
   if gathers_eval_outputs(trainer):
     eval_batch_fn(trainer, dataset.element_spec).tf_function.get_concrete_function()
   else:

@@ -21,6 +21,7 @@ from trainer.parts import ema as ema_lib
 from trainer.parts import loss_scale
 from trainer.parts import metric_sums
 from trainer.parts import precision as precision_lib
+from trainer.parts import replica_copies
 from trainer.parts import retrace
 from trainer.parts import sharding
 
@@ -95,3 +96,9 @@ def build_functions(trainer) -> None:
   # its own traces in trainer._traces too).
   t.coordinated = (coordinated.Loops(t) if isinstance(
       t.strategy, tf.distribute.experimental.ParameterServerStrategy) else None)
+  # Per-replica batch norm's moving statistics made equal before evaluating
+  # (parts/replica_copies.py); used only when the model has such layers.
+  equalize = functools.partial(replica_copies.equalize, t.model, t.strategy)
+  t._equalize_copies = (  # pylint: disable=protected-access
+      traces.function(equalize, 'equalize_replica_copies')
+      if t.num_replicas > 1 and not t.coordinated else None)

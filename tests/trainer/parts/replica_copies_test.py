@@ -1,6 +1,6 @@
 """Per-replica batch norm (Keras' default, synchronized=False) on 2 replicas:
 an evaluation sees the model a checkpoint keeps, and evaluating changes
-nothing about training (trainer/loops.py, equalize_replica_copies).
+nothing about training (trainer/parts/replica_copies.py).
 
 Each replica's copy of the moving statistics follows its own slice of the
 batch, so the copies drift apart; a checkpoint keeps replica 0's.
@@ -10,6 +10,8 @@ import json
 import os
 
 import numpy as np
+import pytest
+import tensorflow as tf
 
 from tests import runner
 from tests import user_trainers
@@ -21,14 +23,30 @@ def moving_stat_copies(trainer):
   return [[c.numpy() for c in
            trainer.strategy.experimental_local_results(v.value)]
           for v in trainer.model.non_trainable_variables
-          if 'moving_' in v.path]
+          if '/moving_' in v.path]
 
 
-def test_evaluate_gives_every_replica_the_first_copy_and_keeps_training_the_same():
+class RenormTrainer(user_trainers.UnsyncedNormTrainer):
+  """Batch renormalization, whose renorm_mean/renorm_stddev are read in
+  training: they stay per replica."""
+
+  def build_model(self):
+    model = super().build_model()
+    norm = model.get_layer('norm')
+    return tf.keras.Sequential([
+        tf.keras.Input((user_trainers.SEQ_LEN, user_trainers.FEATURES)),
+        model.get_layer('hidden'),
+        tf.keras.layers.BatchNormalization(
+            momentum=norm.momentum, renorm=True, name='norm'),
+        tf.keras.layers.ReLU(), model.get_layer('logits')])
+
+
+@pytest.mark.parametrize('cls', [user_trainers.UnsyncedNormTrainer,
+                                 RenormTrainer], ids=lambda c: c.__name__)
+def test_evaluate_gives_every_replica_the_first_copy_and_keeps_training(cls):
   config = paths.make_config()
-  plain = paths.build(user_trainers.UnsyncedNormTrainer, config, 2)
-  evaluated = paths.build(user_trainers.UnsyncedNormTrainer, config, 2,
-                          initial=plain.model.get_weights())
+  plain = paths.build(cls, config, 2)
+  evaluated = paths.build(cls, config, 2, initial=plain.model.get_weights())
   paths.train(plain, (4, 4))
   iterator = iter(evaluated.distribute_dataset(
       'train', batch_size=evaluated.global_batch_size))
