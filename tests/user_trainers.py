@@ -276,6 +276,14 @@ class IgnoresBatchSize(SequenceTrainer):
                            self.config.eval.global_batch_size)
 
 
+class RepeatsPartialBatches(SequenceTrainer):
+  """20 examples batched by 32 without drop_remainder, then repeated."""
+
+  def dataset(self, split, input_context, batch_size):
+    examples = super().dataset(split, input_context, batch_size).unbatch()
+    return examples.take(20).batch(batch_size).repeat()
+
+
 class EndsUnseen(SequenceTrainer):
   """A train split that ends, of a length tf.data cannot count (a filter):
   found only when it runs out."""

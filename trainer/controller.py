@@ -364,15 +364,15 @@ class Controller:
   def _recover(self, retries: int):
     """Restores the last checkpoint after a non-finite step, or gives up."""
     failed_step, n = self.step + 1, self.options.nan_retries
-    position = int(self.trainer.data_position.numpy())
     if retries > n or not self.checkpointer:
-      tried = f' after {retries - 1} retries' if n else ''
+      tried = (f' after {n} retr{"y" if n == 1 else "ies"}' if retries > n > 0
+               else ' with no checkpoint to restore' if n else '')
       raise NonFiniteLoss(
           f'non-finite loss or gradient norm at step {failed_step}{tried}; the '
           'update was not applied and no checkpoint was written after it '
           f'(train.nan_retries={n}); lower the learning rate or enable '
           'train.clip_norm' + ('' if n else ' (or set train.nan_retries)'))
-    computed = self.step
+    computed, position = self.step, int(self.trainer.data_position.numpy())
     with self.ledger.timed('checkpoints'):
       self.checkpointer.wait()
       path = self.checkpointer.restore_latest()

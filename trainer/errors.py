@@ -8,8 +8,6 @@ message names the flag or key, the value given, the rule and the fix.
 import re
 import sys
 
-from ml_collections import config_dict
-
 
 class UserError(Exception):
   """A mistake in the user's input, reported in one line."""
@@ -24,9 +22,14 @@ def fail(message: str):
 
 
 def one_line(error: Exception) -> str:
-  """The informative last line of a (possibly multi-line) error message;
-  for a config key that code read and the config lacks, the key and fix."""
-  missing = missing_config_key(error)
+  """The informative last line of a (possibly multi-line) error message.
+
+  For a config key that code read and the config lacks: the key and the fix.
+  """
+  try:
+    missing = missing_config_key(error)
+  except Exception:  # pylint: disable=broad-except
+    missing = None  # Never hide the error being reported behind another.
   if missing:
     return missing
   lines = [l.strip() for l in str(error).strip().splitlines() if l.strip()]
@@ -47,6 +50,9 @@ def missing_config_key(error: Exception) -> str | None:
   """
   if not isinstance(error, (KeyError, AttributeError)):
     return None
+  # Here, not at the top: trainer.cluster.launch imports this module and
+  # never needs ml_collections.
+  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
   tb, frames = error.__traceback__, []
   while tb is not None:
     frames.append(tb.tb_frame)
@@ -89,6 +95,7 @@ def missing_config_key(error: Exception) -> str | None:
 
 def _path(root, target) -> tuple[str, ...] | None:
   """The keys from ConfigDict `root` down to the ConfigDict `target`."""
+  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
   stack, seen = [(root, ())], set()
   while stack:
     node, path = stack.pop()
@@ -97,6 +104,7 @@ def _path(root, target) -> tuple[str, ...] | None:
     if id(node) in seen:
       continue
     seen.add(id(node))
-    stack.extend((value, (*path, str(name))) for name, value in node.items()
+    stack.extend((value, (*path, str(name))) for name, value in
+                 node.items(preserve_field_references=True)
                  if isinstance(value, config_dict.ConfigDict))
   return None

@@ -127,7 +127,8 @@ def compare(trainer_cls, config, *, num_replicas: int, steps: int,
   explained = set()
   for name in diverged_variables(many):
     ok = False
-    line = f'  {names.get(name, name)}: its {num_replicas} replica copies differ'
+    line = (f'  {names.get(name, name)}: its {num_replicas} replica copies '
+            'differ')
     layer = per_replica_norm.get(name)
     if layer and layer not in explained:
       explained.add(layer)

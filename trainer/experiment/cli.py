@@ -165,7 +165,7 @@ def _explain(argv, error: Exception) -> str:
     return errors.one_line(error)
   override = re.match(r'flag --config\.([^=]+)=', str(error))
   if isinstance(error, flags.IllegalFlagValueError) and override:
-    return _bad_value(spec, override.group(1), error)
+    return _bad_value(argv, spec, override.group(1), error)
   if isinstance(error, (KeyError, AttributeError)):
     try:
       config = load_config(spec)
@@ -185,9 +185,10 @@ _TYPES = {int: 'an int', float: 'a number', bool: 'true or false',
           tuple: 'a tuple', str: 'a string'}
 
 
-def _bad_value(spec: str, key: str, error: Exception) -> str:
+def _bad_value(argv, spec: str, key: str, error: Exception) -> str:
   """absl's 'flag --config.KEY=VALUE: why', with the type and an example."""
   message = errors.one_line(error)
+  given = [a for a in argv if a.startswith(f'--config.{key}=')]
   try:
     current = load_config(spec)[key]
   except Exception:  # pylint: disable=broad-except
@@ -197,7 +198,8 @@ def _bad_value(spec: str, key: str, error: Exception) -> str:
   example = (str(current).lower() if isinstance(current, bool) else
              repr(current).replace(' ', '') if isinstance(current, tuple) else
              current)
-  return (f'{message.split(": ", 1)[0]}: not {_TYPES[type(current)]}; e.g. '
+  flag = given[-1] if given else f'--config.{key}'
+  return (f'flag {flag}: not {_TYPES[type(current)]}; e.g. '
           f'{shlex.quote(f"--config.{key}={example}")}')
 
 

@@ -4,12 +4,12 @@
   config.trainer = 'my_package.my_module:MyTrainer'     # any importable module
 
 An import path needs no registration and no edit of this repository: the
-module is imported from the working directory or PYTHONPATH (main.py puts
-the working directory first on sys.path).
+module is imported from the path: main.py puts the distloop directory first
+on sys.path, then the working directory, then PYTHONPATH's entries.
 """
 
 import importlib
-import sys
+import os
 
 from trainer.errors import UserError
 
@@ -55,7 +55,7 @@ def _from_path(name: str):
     if e.name and module_name.startswith(e.name):
       raise UserError(
           f'config key trainer={name!r}: no module {e.name!r} on the path '
-          f'(working directory {sys.path[0] or "."} and PYTHONPATH); check '
+          f'(working directory {os.getcwd()} and PYTHONPATH); check '
           'the spelling, or add its directory to PYTHONPATH') from e
     raise  # A module of the user's imports something missing: a traceback.
   cls = getattr(module, class_name, None)

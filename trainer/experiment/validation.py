@@ -15,8 +15,8 @@ import types
 import tensorflow as tf
 
 from trainer import errors
-from trainer.parts import contracts
 from trainer import loops
+from trainer.parts import contracts
 from trainer.errors import UserError
 from trainer.trainer import Trainer
 
@@ -109,11 +109,14 @@ def _check_split(trainer, split: str, *, training: bool) -> None:
   size = int(contracts.batch_size(batch))
   if size > batch_size or (training and size < batch_size):
     key = 'train' if training else 'eval'
+    fix = ('batch by the batch_size argument it is called with, not by a '
+           'config value' if size > batch_size else
+           'a partial batch: .repeat() before .batch(batch_size, '
+           'drop_remainder=True)')
     raise UserError(
         f'{where} gave a first batch of {size} examples for batch_size='
         f'{batch_size} ({key}.global_batch_size over {trainer.num_replicas} '
-        'replica(s)): batch by the batch_size argument it is called with, '
-        'not by a config value')
+        f'replica(s)): {fix}')
   if (isinstance(batch, dict) and
       type(trainer).forward is Trainer.forward):
     raise UserError(

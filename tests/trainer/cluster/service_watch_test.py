@@ -22,10 +22,10 @@ def _watch_until_exit(monkeypatch, before_exit):
     raise _Exited
   monkeypatch.setattr(service_watch.os, '_exit', fake_exit)
   monkeypatch.setattr(threading, 'excepthook', lambda args: None)
+  # A port that was free a moment ago and is closed again: nothing answers.
+  address = f'grpc://127.0.0.1:{launch.free_ports(1)[0]}'
   watch = service_watch.DispatcherWatch(
-      # A port that was free a moment ago and is closed again: nothing
-      # answers.
-      f'grpc://127.0.0.1:{launch.free_ports(1)[0]}', timeout=0.1, exit_code=75, before_exit=before_exit,
+      address, timeout=0.1, exit_code=75, before_exit=before_exit,
       interval=0.05)
   assert done.wait(timeout=30)
   watch.stop()

@@ -48,8 +48,8 @@ PROBE = textwrap.dedent('''
      "'/nonexistent/never-trained' does not exist"),
     (('--model_dir=gs://bucket/run1',), "flag --model_dir='gs://bucket/run1' "
      'is a URL; distloop writes model_dir through the local file system'),
-], ids=['key', 'value', 'int', 'bool', 'variant', 'mode', 'tpu', 'worker_hosts', 'profile',
-        'model_dir', 'export_without_run', 'model_dir_url'])
+], ids=['key', 'value', 'int', 'bool', 'variant', 'mode', 'tpu', 'worker_hosts',
+        'profile', 'model_dir', 'export_without_run', 'model_dir_url'])
 def test_a_bad_flag_or_key_exits_2_without_importing_tensorflow(args,
                                                                  message):
   result = subprocess.run([sys.executable, '-c', PROBE, *args],

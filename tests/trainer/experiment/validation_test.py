@@ -36,6 +36,9 @@ def config(trainer='SequenceTrainer', **eval_keys):
     ('IgnoresBatchSize', r"IgnoresBatchSize.dataset\('train'\) gave a first "
      r'batch of 64 examples for batch_size=32 \(train.global_batch_size over '
      r'1 replica\(s\)\): batch by the batch_size argument'),
+    ('RepeatsPartialBatches', r"RepeatsPartialBatches.dataset\('train'\) gave "
+     r'a first batch of 20 examples for batch_size=32 .*: a partial batch: '
+     r'.repeat\(\) before .batch\(batch_size, drop_remainder=True\)$'),
     ('RaisesInComputeLoss', r'RaisesInComputeLoss.compute_loss raised '
      r"KeyError while the train step was traced: .*'labelz'"),
     ('RaisesInBuildModel', r'RaisesInBuildModel.build_model raised '
