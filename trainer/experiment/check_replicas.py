@@ -80,6 +80,7 @@ def compare(trainer_cls, config, *, num_replicas: int, steps: int,
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from trainer.parts import randomness  # pylint: disable=import-outside-toplevel
+  from trainer.parts import replica_copies  # pylint: disable=import-outside-toplevel
   devices = [d.name for d in tf.config.list_logical_devices('CPU')]
   if len(devices) < num_replicas:
     raise UserError(f'flag --num_replicas={num_replicas} needs that many '
@@ -120,19 +121,16 @@ def compare(trainer_cls, config, *, num_replicas: int, steps: int,
   # after the first's (batch_normalization_1, ...).
   names = {m.path: o.path for m, o in zip(many.model.variables,
                                           one.model.variables)}
-  per_replica_norm = {
-      v.path: layer.name for layer in many.model._flatten_layers()  # pylint: disable=protected-access
-      if isinstance(layer, tf.keras.layers.BatchNormalization) and
-      not layer.synchronized for v in layer.non_trainable_variables}
+  per_replica_norm = {v.path for v in replica_copies.drifting(many.model)}
   explained = set()
   for name in diverged_variables(many):
     ok = False
-    line = (f'  {names.get(name, name)}: its {num_replicas} replica copies '
-            'differ')
-    layer = per_replica_norm.get(name)
-    if layer and layer not in explained:
+    shown = names.get(name, name)
+    line = f'  {shown}: its {num_replicas} replica copies differ'
+    layer = shown.rsplit('/', 1)[0]
+    if name in per_replica_norm and layer not in explained:
       explained.add(layer)
-      line += (f' (BatchNormalization {names[name].rsplit("/", 1)[0]!r} has '
+      line += (f' (BatchNormalization {layer!r} has '
                'synchronized=False: each replica keeps the moving statistics '
                'of its own slice, and evaluations and checkpoints use the '
                'first replica\'s; synchronized=True normalises over the '
