@@ -146,20 +146,33 @@ def test_eval_and_export_modes_read_the_trained_run(tmp_path):
   model_dir = tmp_path / 'run'
   trained = runner.run_main(SMOKE, f'--model_dir={model_dir}')
   assert trained.returncode == 0, trained.stderr[-3000:]
-  # Side by side: neither changes the checkpoints the other reads (eval
-  # appends to eval/metrics.jsonl, export writes model_dir/export).
-  evaluating, exporting = (
+  # What a training job's checkpoint write in flight has on disk: a reader
+  # beside the job must leave it alone (only a training run tidies it).
+  in_flight = [model_dir / 'ckpt-900_temp' / (
+      'part-00000-of-00002.data-00000-of-00001.tempstate123'),
+               model_dir / 'ckpt-900.index.tempstate456',
+               model_dir / 'checkpoint.tmp789']
+  in_flight[0].parent.mkdir()
+  for path in in_flight:
+    path.write_bytes(b'being written')
+  # Side by side: none changes the checkpoints the others read (eval
+  # appends to eval/metrics.jsonl, export writes model_dir/export,
+  # continuous_eval writes model_dir/continuous_eval).
+  evaluating, exporting, watching = (
       runner.start_main(SMOKE, f'--mode={mode}', f'--model_dir={model_dir}')
-      for mode in ('eval', 'export'))
+      for mode in ('eval', 'export', 'continuous_eval'))
   try:
-    (evaluated, eval_err), (exported, export_err) = (
-        p.communicate(timeout=300) for p in (evaluating, exporting))
+    (evaluated, eval_err), (exported, export_err), (watched, watch_err) = (
+        p.communicate(timeout=300) for p in (evaluating, exporting, watching))
   finally:
-    for p in (evaluating, exporting):
+    for p in (evaluating, exporting, watching):
       if p.poll() is None:
         p.kill()
+  assert [path.read_bytes() for path in in_flight] == [b'being written'] * 3
   assert evaluating.returncode == 0, eval_err[-3000:]
   assert runner.final_eval(evaluated) == runner.final_eval(trained.stdout)
+  assert watching.returncode == 0, watch_err[-3000:]
+  assert runner.final_eval(watched) == runner.final_eval(trained.stdout)
   assert exporting.returncode == 0, export_err[-3000:]
   assert exported.strip() == f'exported: {model_dir / "export"}'
   assert (model_dir / 'export' / 'saved_model.pb').exists()

@@ -273,7 +273,8 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
   checkpointer = checkpointing.Checkpointer(
       trainer, write_dir, restore_directory=model_dir,
       max_to_keep=config.checkpoint.max_to_keep if is_chief else 1,
-      async_save=config.checkpoint.async_save and is_chief)
+      async_save=config.checkpoint.async_save and is_chief,
+      tidy_leftovers=mode in ('train', 'train_and_eval'))  # Not evaluators.
 
   actions = actions_lib.Actions(
       actions_lib.built_in(config) + list(trainer.actions()),
@@ -384,10 +385,8 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
 
 def _hparams(config, trainer, strategy_name: str) -> dict:
   """Every config key, and how the run was distributed."""
-  hparams = summaries.flatten(config.to_dict())
-  hparams['run.strategy'] = strategy_name
-  hparams['run.num_replicas'] = trainer.num_replicas
-  return hparams
+  return dict(summaries.flatten(config.to_dict()), **{
+      'run.strategy': strategy_name, 'run.num_replicas': trainer.num_replicas})
 
 
 @contextlib.contextmanager

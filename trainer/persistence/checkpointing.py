@@ -105,14 +105,20 @@ class Checkpointer:
       the whole write (~2-3 ms for the seed MLP, far more for a large
       model). `wait()` blocks until the last write is on disk; the
       controller calls it before exiting.
+    tidy_leftovers: remove what earlier writes left in `directory`
+      (`tidy`). Only a process that is to write its checkpoints there may:
+      beside a training job (an evaluator, --mode=eval) the "leftovers"
+      are the job's writes in flight.
   """
 
   def __init__(self, trainer, directory: str, *, restore_directory=None,
-               max_to_keep: int = 3, async_save: bool = True):
+               max_to_keep: int = 3, async_save: bool = True,
+               tidy_leftovers: bool = True):
     self.trainer = trainer
     self.directory = directory
     self.restore_directory = restore_directory or directory
-    if self.restore_directory == directory and os.path.isdir(directory):
+    if (tidy_leftovers and self.restore_directory == directory and
+        os.path.isdir(directory)):
       tidy(directory, max_to_keep)
     items = trainer.checkpoint_items()
     # A weight held in pieces is saved by the model, not again by the
