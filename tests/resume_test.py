@@ -327,6 +327,35 @@ def test_sigterm_saves_and_exits_42_then_resume_is_bitwise_identical(
           runner.final_eval(reference.stdout()))
 
 
+def test_a_second_run_into_a_model_dir_in_training_is_refused(tmp_path,
+                                                              started):
+  """One command started twice: the second stops in one line naming the
+  first one's pid and writes nothing; the first trains on, and once it has
+  ended (SIGTERM, 42) a restart finds no stale lock."""
+  model_dir = tmp_path / 'run'
+  args = (SMOKE, '--config.train.steps=1000000',
+          '--config.checkpoint.every_steps=100', f'--model_dir={model_dir}')
+  first = Logged(tmp_path, 'first', *args)
+  started(first)
+  wait_for(lambda: 'TensorBoard summaries in' in first.stderr(), run=first,
+           what="the 'TensorBoard summaries in' log line")
+  second = runner.run_main(*args, timeout=TIMEOUT)
+  assert assert_one_line_error(second) == (
+      f"error: flag --model_dir='{model_dir}' is in use by another training "
+      f'run (pid {first.pid}); wait for it to end or stop it, or pass '
+      'another --model_dir')
+  assert first.poll() is None, first.tail()
+  os.kill(first.pid, signal.SIGTERM)
+  assert first.wait() == 42, first.tail()
+  assert len(os.listdir(model_dir / 'goodput')) == 1  # The first's record.
+  saved = checkpoint_steps(model_dir)[-1]
+  resumed = runner.run_main(SMOKE, f'--config.train.steps={saved + 10}',
+                            f'--model_dir={model_dir}', timeout=TIMEOUT)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert restored(resumed.stderr)[1] == saved
+  assert checkpoint_steps(model_dir)[-1] == saved + 10
+
+
 # -----------------------------------------------------------------------------
 # Restarts over a finished run: nothing retrained, damage handled, mismatches
 # refused. Each test works on its own copy of one finished 40-step run.

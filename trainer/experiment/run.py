@@ -40,6 +40,7 @@ from trainer.monitoring import progress
 from trainer.monitoring import summaries
 from trainer.parts import sharding
 from trainer.persistence import checkpointing
+from trainer.persistence import run_lock
 from trainer.persistence import run_record
 from trainer.persistence import preemption
 
@@ -256,6 +257,7 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
     if watch:
       watch.stop()
     remove_private_dir()
+    run_lock.release(model_dir)
 
 
 def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
@@ -274,7 +276,7 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
       trainer, write_dir, restore_directory=model_dir,
       max_to_keep=config.checkpoint.max_to_keep if is_chief else 1,
       async_save=config.checkpoint.async_save and is_chief,
-      tidy_leftovers=mode in ('train', 'train_and_eval'))  # Not evaluators.
+      tidy_leftovers=False)  # Only a training chief, locked (below).
 
   actions = actions_lib.Actions(
       actions_lib.built_in(config) + list(trainer.actions()),
@@ -341,7 +343,9 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
   validation.check(trainer, train=True, eval_split=options.eval_split,
                    data_position=int(trainer.data_position.numpy()))
   prepare_model_dir(model_dir)
-  if is_chief:
+  if is_chief:  # Alone in model_dir from here; readers never tidy it.
+    run_lock.take(model_dir)
+    checkpointing.tidy(model_dir, config.checkpoint.max_to_keep)
     run_record.check_or_write(model_dir, record)
     run_record.write_text_atomically(
         os.path.join(model_dir, 'config.json'),
@@ -354,7 +358,7 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
                 resume_step=step) as (run_writer, train_writer, eval_writer):
     # At step 0, or at the step a resumed run starts from (its config may
     # differ: train.steps, the learning rate...).
-    run_writer.write_texts(step, {'config': _config_markdown(config)})
+    run_writer.write_texts(step, {'config': summaries.config_markdown(config)})
     run_writer.write_hparams(
         _hparams(config, trainer, strategy_name),
         trial_id=os.path.basename(os.path.normpath(model_dir)))
@@ -404,12 +408,6 @@ def _writers(directories, *, enabled: bool, resume_step=None):
   finally:
     for writer in writers:
       writer.close()
-
-
-def _config_markdown(config) -> str:
-  """The resolved config as a markdown code block (TensorBoard's Text tab)."""
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  return '\n'.join('    ' + line for line in text.splitlines())
 
 
 def _export(trainer, model_dir: str) -> str:

@@ -315,3 +315,9 @@ def flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
     else:
       flat[name] = str(value)
   return flat
+
+
+def config_markdown(config) -> str:
+  """The resolved config as a markdown code block (TensorBoard's Text tab)."""
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  return '\n'.join('    ' + line for line in text.splitlines())
