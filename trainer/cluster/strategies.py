@@ -245,10 +245,12 @@ def _tpu_strategy(tpu: str, timeout: float):
     strategy = tf.distribute.TPUStrategy(resolver)
   except Exception as e:  # pylint: disable=broad-except
     lines = str(e).strip().splitlines()
+    fix = ('run on a TPU VM, or pass --tpu=NAME of a TPU node'
+           if tpu == 'local' else
+           'check the TPU name/address, or use --tpu=local on a TPU VM')
     raise UserError(f'flag --tpu={tpu}: could not connect to the TPU '
                     f'({type(e).__name__}: {lines[0][:200] if lines else ""});'
-                    ' check the TPU name/address, or use --tpu=local on a TPU '
-                    'VM') from e
+                    f' {fix}') from e
   finally:
     watchdog.stop()
   logging.info('Connected to TPU %s', tpu)
@@ -279,11 +281,9 @@ class _Watchdog:
 
 
 def _probe(tpu: str, timeout: float, deadline: float) -> None:
-  host, _, port = tpu[len('grpc://'):].rpartition(':')
-  if not host or not port.isdigit():
-    raise UserError(f'flag --tpu={tpu} is not of the form grpc://HOST:PORT')
+  host, port = tf_config.tpu_address(tpu)
   try:
-    socket.create_connection((host, int(port)), timeout=timeout).close()
+    socket.create_connection((host, port), timeout=timeout).close()
   except OSError as e:
     raise UserError(f'flag --tpu={tpu}: nothing answered at {host}:{port} '
                     f'within {timeout:g}s (--tpu_timeout) ({e}); check the '

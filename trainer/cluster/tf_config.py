@@ -254,6 +254,14 @@ def set_from_flags(worker_hosts: str, task_index, *, strategy: str,
   environ['TF_CONFIG'] = from_flags(worker_hosts, task_index)
 
 
+def tpu_address(tpu: str) -> tuple[str, int]:
+  """(host, port) of --tpu=grpc://HOST:PORT; a UserError if malformed."""
+  host, _, port = tpu[len('grpc://'):].rpartition(':')
+  if not host or not port.isdigit():
+    raise UserError(f'flag --tpu={tpu} is not of the form grpc://HOST:PORT')
+  return host, int(port)
+
+
 def task_name(tf_config: dict) -> str:
   """'type:index' of this task, e.g. 'worker:1'."""
   task = tf_config['task']

@@ -254,6 +254,8 @@ def run_request(flag_values) -> RunRequest:
   if f.strategy == 'tpu' and not f.tpu:
     raise UserError('flag --strategy=tpu needs --tpu=NAME, '
                     '--tpu=grpc://HOST:PORT or --tpu=local (on a TPU VM)')
+  if f.tpu.startswith('grpc://'):
+    tf_config.tpu_address(f.tpu)
   for name in ('tpu_timeout', 'cluster_timeout'):
     if not f[name].value > 0:
       raise UserError(f'flag --{name}={f[name].value:g} must be > 0 '

@@ -184,9 +184,9 @@ class Checkpointer:
     """
     items = self.trainer.checkpoint_items(model_only=model_only)
     if 'rng' in items and not _has_key(path, 'rng'):
-      logging.warning('%s holds no random-number state (written by an older '
-                      'version): dropout and other random layers restart '
-                      'their streams', path)
+      logging.warning('%s holds no random-number state (written with no '
+                      'random layers, or by an older version): dropout and '
+                      'other random layers start their streams afresh', path)
       del items['rng']
     elif not model_only:
       items = None  # The whole checkpoint, as saved.

@@ -47,6 +47,14 @@ def test_tpu_name_off_cloud_fails_fast_naming_the_flag():
   assert time.monotonic() - start < 60
 
 
+def test_tpu_local_without_a_tpu_says_to_run_on_a_tpu_vm():
+  with pytest.raises(UserError) as raised:
+    strategies.build_strategy('tpu', tpu='local', tpu_timeout=60)
+  message = str(raised.value)
+  assert message.startswith('flag --tpu=local: could not connect to the TPU')
+  assert message.endswith('; run on a TPU VM, or pass --tpu=NAME of a TPU node')
+
+
 def test_tpu_address_with_nothing_listening_times_out():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

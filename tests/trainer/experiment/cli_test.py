@@ -37,6 +37,8 @@ PROBE = textwrap.dedent('''
      'unknown'),
     (('--mode=fit',), "flag --mode='fit' is unknown"),
     (('--strategy=tpu',), 'flag --strategy=tpu needs --tpu='),
+    (('--strategy=tpu', '--tpu=grpc://127.0.0.1'), 'flag --tpu=grpc://'
+     '127.0.0.1 is not of the form grpc://HOST:PORT'),
     (('--strategy=multi_worker_mirrored', '--worker_hosts=a:1,b:2'),
      '--task_index'),
     (('--profile_steps=5,1',), 'flag --profile_steps='),
@@ -48,7 +50,8 @@ PROBE = textwrap.dedent('''
      "'/nonexistent/never-trained' does not exist"),
     (('--model_dir=gs://bucket/run1',), "flag --model_dir='gs://bucket/run1' "
      'is a URL; distloop writes model_dir through the local file system'),
-], ids=['key', 'value', 'int', 'bool', 'variant', 'mode', 'tpu', 'worker_hosts',
+], ids=['key', 'value', 'int', 'bool', 'variant', 'mode', 'tpu', 'tpu_address',
+        'worker_hosts',
         'profile', 'model_dir', 'export_without_run', 'model_dir_url'])
 def test_a_bad_flag_or_key_exits_2_without_importing_tensorflow(args,
                                                                  message):
