@@ -64,6 +64,28 @@ def mirrored_strategy(devices) -> tf.distribute.MirroredStrategy:
   return tf.distribute.MirroredStrategy(devices)
 
 
+def _check_port_free(config: dict) -> None:
+  """Refuses this task's port when another process listens on it.
+
+  TensorFlow's server would fail to bind it and the task would end as a
+  cluster failure (exit 75, "collectives aborted"), which a restart cannot
+  mend, while its peers wait out --cluster_timeout.
+  """
+  task = config['task']
+  address = config['cluster'][task['type']][task['index']]
+  port = int(address.rpartition(':')[2])
+  with socket.socket() as probe:
+    # As TensorFlow's server binds: every interface, past TIME_WAIT.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      probe.bind(('', port))
+    except OSError as e:
+      raise UserError(
+          f'TF_CONFIG task {tf_config.task_name(config)}: port {port} of '
+          f'{address} is in use on this host ({e.strerror}); stop what holds '
+          'it or give the task another port') from e
+
+
 def _multi_worker_mirrored(num_cpu_devices: int, config: dict,
                            cluster_timeout: float):
   """MultiWorkerMirroredStrategy that fails instead of waiting forever.
@@ -201,6 +223,7 @@ def build_strategy(name: str, *, tpu: str = '', tpu_timeout: float = 300.0,
     if not cluster_timeout > 0:
       raise UserError(f'flag --cluster_timeout={cluster_timeout:g} must be '
                       '> 0 (seconds to wait for every worker to join)')
+    _check_port_free(config)
     return _multi_worker_mirrored(num_cpu_devices, config, cluster_timeout)
   if name == 'parameter_server':
     if not cluster_timeout > 0:

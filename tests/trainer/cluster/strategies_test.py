@@ -1,5 +1,6 @@
 """--strategy/--tpu/TF_CONFIG handling, and the TPU path as far as it runs here."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -82,6 +83,22 @@ def test_multi_worker_rejects_invalid_json(monkeypatch):
   monkeypatch.setenv('TF_CONFIG', '{"cluster": ')
   with pytest.raises(UserError, match='TF_CONFIG is not valid JSON'):
     strategies.build_strategy('multi_worker_mirrored')
+
+
+def test_a_worker_whose_port_is_taken_is_one_line_naming_it(monkeypatch):
+  with socket.socket() as holder:
+    holder.bind(('127.0.0.1', 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    monkeypatch.setenv('TF_CONFIG', json.dumps({
+        'cluster': {'worker': ['127.0.0.1:1', f'127.0.0.1:{port}']},
+        'task': {'type': 'worker', 'index': 1}}))
+    with pytest.raises(UserError) as raised:
+      strategies.build_strategy('multi_worker_mirrored', cluster_timeout=5)
+  assert str(raised.value) == (
+      f'TF_CONFIG task worker:1: port {port} of 127.0.0.1:{port} is in use on '
+      'this host (Address already in use); stop what holds it or give the '
+      'task another port')
 
 
 def test_num_cpu_devices_below_one_is_an_error():
