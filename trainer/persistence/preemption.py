@@ -18,6 +18,7 @@ worker stop after the same step.
 
 import signal
 import socket
+import sys
 import threading
 
 from absl import logging
@@ -83,6 +84,13 @@ def install_guard() -> None:
     _pending[:] = [_phase[0]]
     raise Preempted(phase=_phase[0])
   signal.signal(signal.SIGTERM, guard)
+  print_unraisable = sys.unraisablehook
+
+  def unraisable(dropped):
+    # A dropped Preempted is raised again (_pending): print no traceback.
+    if not isinstance(dropped.exc_value, Preempted):
+      print_unraisable(dropped)
+  sys.unraisablehook = unraisable
 
 
 class SigtermWatcher:
