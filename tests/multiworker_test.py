@@ -259,10 +259,13 @@ def test_sigterm_to_one_worker_between_loops_stops_both_at_one_step(
   # Both stopped after the same step and saved it once.
   steps = {int(line.split(' at step ')[1].split(';')[0]) for line in lines}
   assert len(steps) == 1 and steps <= set(saved), lines
+  step = steps.pop()
+  # Both name the checkpoint the job resumes from, not a private copy.
+  assert all(f'saved {model_dir}/ckpt-{step} at step' in line
+             for line in lines), lines
   assert 'killed worker' not in preempted.stderr
   checkpoints = glob.glob(str(model_dir / 'ckpt-*.index'))
-  assert [os.path.basename(p) for p in checkpoints] == [
-      f'ckpt-{steps.pop()}.index']
+  assert [os.path.basename(p) for p in checkpoints] == [f'ckpt-{step}.index']
   (resumed,) = run_launchers((*KILLED_AT_STEP, f'--model_dir={model_dir}'))
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   assert_same_weights(uninterrupted_run(), model_dir, rtol=0)

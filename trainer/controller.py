@@ -348,7 +348,7 @@ class Controller:
         self._save()
       with self.ledger.timed('checkpoints'):
         self.checkpointer.wait()
-      path = os.path.join(self.checkpointer.directory, f'ckpt-{self.step}')
+      path = self.checkpointer.job_path(self.step)
     self._run_actions('preemption')
     logging.info('%s', self.ledger.finish())
     raise preemption.Preempted(self.step, path)

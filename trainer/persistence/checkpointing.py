@@ -147,6 +147,11 @@ class Checkpointer:
                  path)
     return path
 
+  def job_path(self, step: int) -> str:
+    """Where the job's checkpoint of `step` is: in model_dir (on a worker
+    other than the chief, not its own private copy, removed at exit)."""
+    return os.path.join(self.restore_directory, f'ckpt-{step}')
+
   def wait(self) -> None:
     """Blocks until every checkpoint write started so far is on disk."""
     self._writes.wait()
