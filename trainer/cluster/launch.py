@@ -249,8 +249,10 @@ class _Job:
         failed = running[0]
         codes = [p.returncode for p in self._procs]
     else:
-      stopped = f'; stopped worker(s) {_names(running)}' if running else ''
-    self.stop()
+      stopped = None
+    signalled = self.stop()  # Those still running now, not at the last poll.
+    if stopped is None:
+      stopped = f'; stopped worker(s) {_names(signalled)}' if signalled else ''
     if failed is None:
       return self._summary(0, f'all {len(codes)} workers exited 0')
     status = _exit_status(codes[failed])
@@ -264,8 +266,10 @@ class _Job:
 
     SIGTERM first, so that a worker can save what it can; SIGKILL after the
     grace period, as a worker blocked in a collective never gets to.
+    Returns the indices of the tasks it had to stop.
     """
-    if any(p.poll() is None for p in self._procs):
+    running = [i for i, p in enumerate(self._procs) if p.poll() is None]
+    if running:
       self._send(signal.SIGTERM)
       deadline = time.monotonic() + self._grace_period
       while (any(p.poll() is None for p in self._procs) and
@@ -275,6 +279,7 @@ class _Job:
     for thread in self._threads:
       # A grandchild that escaped the process group may hold the pipe open.
       thread.join(timeout=5)
+    return running
 
   def kill_all(self):
     self._send(signal.SIGKILL)

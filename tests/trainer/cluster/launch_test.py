@@ -132,6 +132,17 @@ def test_failed_worker_stops_the_others_and_sets_the_status(fake_worker):
       'with status 3')
 
 
+def test_only_workers_still_running_are_stopped_and_named(fake_worker):
+  job = launch._Job(io.StringIO(), io.StringIO(), 5,  # pylint: disable=protected-access
+                    launch.cluster_tasks(2))
+  job.start(fake_worker, ['0=exit:42', '1=sleep:60'], launch.free_ports(2))
+  procs = job._procs  # pylint: disable=protected-access
+  assert procs[0].wait(timeout=20) == 42
+  # Worker 0 exited by itself after the launcher's last look: not "stopped".
+  assert job.stop() == [1]
+  assert procs[1].returncode == -signal.SIGTERM
+
+
 def test_worker_ignoring_sigterm_is_killed_after_the_grace_period(
     fake_worker):
   result, seconds = _run(fake_worker, '0=ignore_term,sleep:60', '1=exit:3',
