@@ -84,12 +84,15 @@ def install_guard() -> None:
     _pending[:] = [_phase[0]]
     raise Preempted(phase=_phase[0])
   signal.signal(signal.SIGTERM, guard)
+  if getattr(sys.unraisablehook, 'hides_preempted', False):
+    return  # Installed by an earlier call: wrap the hook once only.
   print_unraisable = sys.unraisablehook
 
   def unraisable(dropped):
     # A dropped Preempted is raised again (_pending): print no traceback.
     if not isinstance(dropped.exc_value, Preempted):
       print_unraisable(dropped)
+  unraisable.hides_preempted = True
   sys.unraisablehook = unraisable
 
 

@@ -56,14 +56,15 @@ def release(model_dir: str) -> None:
 
 def _holder(model_dir: str) -> str:
   """'pid N' of the process holding the lock, from /proc/locks."""
-  inode = os.stat(model_dir).st_ino
+  st = os.stat(model_dir)
+  # The kernel prints the device as hex major:minor, then the inode.
+  where = f'{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}'
   try:
     with open('/proc/locks', encoding='ascii') as f:
       for line in f:
         # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
         fields = line.split()
-        if (len(fields) > 5 and fields[1] == 'FLOCK' and
-            fields[5].rsplit(':', 1)[-1] == str(inode)):
+        if len(fields) > 5 and fields[1] == 'FLOCK' and fields[5] == where:
           return f'pid {fields[4]}'
   except OSError:
     pass

@@ -44,6 +44,13 @@ def test_a_sigterm_dropped_in_a_finalizer_is_raised_at_the_next_phase(
     preemption.set_phase('the final evaluation')
 
 
+def test_installing_the_guard_again_wraps_the_unraisable_hook_once(guard):
+  del guard
+  hook = sys.unraisablehook
+  preemption.install_guard()
+  assert sys.unraisablehook is hook
+
+
 def test_a_sigterm_dropped_before_training_stops_it_at_the_start(guard):
   del guard
   SigtermWhenCollected()
