@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -24,6 +25,21 @@ def test_default_run_reaches_accuracy_bound(tmp_path):
   config = json.loads((model_dir / 'config.json').read_text())
   assert config['train']['steps'] == 3000
   assert config['data']['name'] == 'digits'
+  # The progress lines docs/monitoring.md#console shows: the first loop was
+  # traced at validation (speed, no input wait or ETA yet), the second
+  # measures the input wait and traces that graph (no speed), then both.
+  lines = re.findall(r'\] (step \d+/3000: .*)', result.stderr)
+  assert len(lines) == 30, lines
+  number = r'[\d.e-]+'
+  assert re.fullmatch(rf'step 100/3000: loss={number} accuracy={number} '
+                      r'examples/sec=[\d,]+', lines[0]), lines[0]
+  assert re.fullmatch(rf'step 200/3000: loss={number} accuracy={number} '
+                      r'input_wait=\d+% ETA \d:\d\d:\d\d', lines[1]), lines[1]
+  assert re.fullmatch(rf'step 300/3000: loss={number} accuracy={number} '
+                      r'examples/sec=[\d,]+ input_wait=\d+% ETA \d:\d\d:\d\d',
+                      lines[2]), lines[2]
+  assert lines[-1].startswith('step 3000/3000: ') and lines[-1].endswith(
+      ' done'), lines[-1]
 
 
 def test_default_model_dir_is_under_runs(tmp_path):
