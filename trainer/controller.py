@@ -92,24 +92,8 @@ class Controller:
       one kept in memory).
     clock: returns seconds; injected so tests control time.
 
-  Scalars, at global step s (tags; train and eval share the metric tags, so
-  TensorBoard draws them in one chart):
-    metrics/loss, metrics/<metric>  means over the examples since the last
-        summary (train) or over the eval split (eval);
-    optimizer/learning_rate         at step s;
-    optimizer/grad_norm             mean over the steps since the last
-        summary of the global norm of the all-reduced gradient (before
-        clipping);
-    optimizer/weight_norm           global L2 norm of the trainable weights;
-    throughput/steps_per_sec, throughput/examples_per_sec (steps x global
-        batch): over the time spent inside Trainer.train calls since the
-        last summary, leaving out calls that traced or ran under the
-        profiler (graph building and tracing are not step time);
-    throughput/input_wait_share     the part of the inner loops' time they
-        were blocked on the input pipeline, measured in the graph
-        (trainer/trainer.py, _timed_next) on one inner loop in
-        `input_wait_every`; written when such a loop ran since the last
-        summary.
+  The scalars it writes (metrics/, optimizer/, throughput/) are listed in
+  docs/monitoring.md#the-charts.
   """
 
   def __init__(self, *, trainer, checkpointer=None, model_dir=None,
@@ -163,6 +147,8 @@ class Controller:
       logging.warning('already trained: step %d >= train.steps=%d in the '
                       'checkpoint; nothing to train', self.step,
                       self.total_steps)
+      return {}
+    if self.best and self.best.stopped_early(self.step):
       return {}
     trainer = self.trainer
     with trainer.strategy.scope():

@@ -166,9 +166,63 @@ def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch):
   assert controller.step == 20
   record = json.loads((tmp_path / 'best' / 'record.json').read_text())
   assert record == {'metric': 'accuracy', 'mode': 'max', 'value': 0.7,
-                    'step': 10, 'checkpoint': 'ckpt-10'}
+                    'step': 10, 'checkpoint': 'ckpt-10',
+                    'evals_since': [15, 20]}
   assert saved_steps(tmp_path / 'best') == [10]
   assert saved_steps(tmp_path)[-1] == 20  # Final save after the early stop.
+
+
+def scripted_controller(model_dir, monkeypatch, accuracies, **options):
+  """A controller over model_dir (restored from its last checkpoint, as a
+  restarted run is) whose evals return `accuracies` in turn."""
+  trainer = build(make_config())
+  controller = controller_for(trainer, model_dir, eval_every=5,
+                              checkpoint_every=10, best_metric='accuracy',
+                              best_mode='max', **options)
+  controller.checkpointer.restore_latest()
+  scripted = iter(accuracies)
+
+  def evaluate():
+    metrics = {'accuracy': next(scripted), 'loss': 1.0, 'examples': 10}
+    controller.evals.append((controller.step, metrics))
+    return metrics
+  monkeypatch.setattr(controller, 'evaluate', evaluate)
+  return controller
+
+
+def test_the_best_and_patience_outlive_a_restart(tmp_path, monkeypatch,
+                                                 caplog):
+  first = scripted_controller(tmp_path, monkeypatch, [0.5, 0.9, 0.6],
+                              total_steps=15, patience=3)
+  first.train()  # Best 0.9 at step 10, one worse eval at 15.
+  # Pretend it died after the eval at 15, before its checkpoint: the
+  # restart resumes at 10 and evaluates 15 again.
+  checkpointing.remove(str(tmp_path / 'ckpt-15'))
+  second = scripted_controller(tmp_path, monkeypatch, [0.8, 0.7, 0.6, 0.99],
+                               total_steps=40, patience=3)
+  assert second.step == 10
+  second.train()
+  # 0.8 at 15 is no new best: the record is kept. Patience counts 15, 20,
+  # 25 (the lost eval at 15 only once) and stops there.
+  assert second.step == 25
+  record = json.loads((tmp_path / 'best' / 'record.json').read_text())
+  assert (record['value'], record['step'], record['evals_since']) == (
+      0.9, 10, [15, 20, 25])
+  assert saved_steps(tmp_path / 'best') == [10]
+  # The same command again: it stays stopped.
+  third = scripted_controller(tmp_path, monkeypatch, [], total_steps=40,
+                              patience=3)
+  assert third.train() == {} and third.step == 25
+  assert 'already stopped early at step 25: accuracy has not improved on 0.9 ' \
+      '(step 10) for 3 evals (eval.patience=3); nothing to train' in caplog.text
+  # With more patience it trains on, and a new best replaces the old one.
+  fourth = scripted_controller(tmp_path, monkeypatch, [0.95], total_steps=35,
+                               patience=5)
+  fourth.train()
+  record = json.loads((tmp_path / 'best' / 'record.json').read_text())
+  assert (record['value'], record['step'], record['evals_since']) == (
+      0.95, 30, [])
+  assert saved_steps(tmp_path / 'best') == [30]
 
 
 def test_sigterm_stops_mid_loop_and_saves(tmp_path):

@@ -1,5 +1,12 @@
-"""The best checkpoint so far by an eval metric, and early stopping."""
+"""The best checkpoint so far by an eval metric, and early stopping.
 
+Both outlive a restart: model_dir/best/record.json keeps the best value and
+the steps of the evals since it, so a resumed run neither replaces the best
+with a worse model nor counts its patience from zero, and a run that stopped
+early stays stopped when the same command runs again.
+"""
+
+import json
 import os
 
 from absl import logging
@@ -23,31 +30,85 @@ class BestCheckpoint:
     self.directory, self.metric, self.mode = directory, metric, mode
     self.patience = patience
     self.value = None
-    self.evals_since = 0
+    self.step = None  # Of the best.
+    self.evals_since = []  # Steps of the evals since the best.
+    self._loaded = False
+
+  @property
+  def _record_path(self) -> str:
+    return os.path.join(self.directory, 'record.json')
+
+  def _load(self, step: int) -> None:
+    """Takes up the record an earlier process of this run left, once; of its
+    evals since the best, those after `step` were lost with that process."""
+    if self._loaded:
+      return
+    self._loaded = True
+    try:
+      with open(self._record_path, encoding='utf-8') as f:
+        record = json.load(f)
+      kept = (record['metric'], record['mode'])
+      value, best_step = float(record['value']), int(record['step'])
+      since = [int(s) for s in record.get('evals_since', [])]
+    except FileNotFoundError:
+      return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      logging.warning('cannot read %s (%s); the next eval starts a new best',
+                      self._record_path, e)
+      return
+    if kept != (self.metric, self.mode):
+      logging.warning('%s keeps the best %s (%s); this run keeps the best %s '
+                      '(%s): its next eval replaces it', self.directory,
+                      *kept, self.metric, self.mode)
+      return
+    self.value, self.step = value, best_step
+    self.evals_since = [s for s in since if s <= step]
+
+  def stopped_early(self, step: int) -> bool:
+    """True when an earlier process of this run, at or before `step` (the
+    restored one), already ran out of patience."""
+    self._load(step)
+    if self.patience and len(self.evals_since) >= self.patience:
+      logging.warning(
+          'already stopped early at step %d: %s has not improved on %.6g '
+          '(step %d) for %d evals (eval.patience=%d); nothing to train',
+          step, self.metric, self.value, self.step, len(self.evals_since),
+          self.patience)
+      return True
+    return False
 
   def track(self, trainer, step: int, metrics: dict) -> bool:
     """Saves a new best; returns True when patience ran out."""
+    self._load(step - 1)
     value = metrics[self.metric]
     better = (self.value is None or
               (value > self.value if self.mode == 'max' else value < self.value))
     if better:
-      self.value, self.evals_since = value, 0
-      self._save(trainer, step, value)
+      self.value, self.step, self.evals_since = value, step, []
+      self._save(trainer, step)
       return False
-    self.evals_since += 1
-    if self.patience and self.evals_since >= self.patience:
+    self.evals_since.append(step)
+    self._write_record()
+    if self.patience and len(self.evals_since) >= self.patience:
       logging.warning('early stop at step %d: %s has not improved on %.6g for '
                       '%d evals (eval.patience)', step, self.metric,
-                      self.value, self.evals_since)
+                      self.value, len(self.evals_since))
       return True
     return False
 
-  def _save(self, trainer, step: int, value: float) -> None:
-    """Writes best/ckpt-<step> then best/record.json (atomically, after)."""
+  def _save(self, trainer, step: int) -> None:
+    """Writes best/ckpt-<step>, then record.json (atomically), then removes
+    the previous best: the record never names a deleted checkpoint."""
     manager = checkpointing.Checkpointer(trainer, self.directory,
-                                         max_to_keep=1, async_save=False)
-    path = manager.save()
-    run_record.write_json_atomically(
-        os.path.join(self.directory, 'record.json'),
-        {'metric': self.metric, 'mode': self.mode, 'value': value,
-         'step': step, 'checkpoint': os.path.basename(path)})
+                                         max_to_keep=2, async_save=False)
+    manager.save()
+    self._write_record()
+    for old in checkpointing.checkpoint_paths(self.directory):
+      if os.path.basename(old) != f'ckpt-{step}':
+        checkpointing.remove(old)
+
+  def _write_record(self) -> None:
+    run_record.write_json_atomically(self._record_path, {
+        'metric': self.metric, 'mode': self.mode, 'value': self.value,
+        'step': self.step, 'checkpoint': f'ckpt-{self.step}',
+        'evals_since': self.evals_since})

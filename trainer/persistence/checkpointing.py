@@ -239,12 +239,17 @@ def tidy(directory: str, max_to_keep: int) -> None:
     for path in paths:
       if path in keep:
         continue
-      for name in [path + '.index'] + glob.glob(path + '.data-?????-of-?????'):
-        _remove_if_exists(name)
+      remove(path)
       removed.append(os.path.basename(path))
   if removed:
     logging.warning('removed leftovers of earlier runs from %s: %s', directory,
                     ', '.join(sorted(removed)))
+
+
+def remove(path: str) -> None:
+  """Deletes the files of checkpoint `path` (a prefix), index first."""
+  for name in [path + '.index'] + glob.glob(path + '.data-?????-of-?????'):
+    _remove_if_exists(name)
 
 
 def _has_key(path: str, name: str) -> bool:
