@@ -150,8 +150,8 @@ SCHEMA = {
                            'model_dir/best; "": none'),
         'best_mode': Key('max', 'max or min, for best_metric',
                          choices=('max', 'min')),
-        'patience': Key(0, 'stop after N evals without a new best; 0: never',
-                        minimum=0),
+        'patience': Key(0, 'stop after N evals without a new best (across '
+                        'restarts); 0: never', minimum=0),
     },
     'summary': {
         'every_steps': Key(None, 'TensorBoard training scalars every N steps '
