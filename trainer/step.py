@@ -88,8 +88,9 @@ def one_batch_gradients(trainer, batch):
   scaling = trainer.loss_scaling
   size = contracts.batch_size(batch)
   where = f'{type(trainer).__name__}.compute_loss'
-  regularized = bool(trainer.model.losses)
-  with tf.GradientTape(persistent=regularized) as tape:
+  # Persistent for a second gradient (weighted and regularized); in a traced
+  # step that costs nothing.
+  with tf.GradientTape(persistent=True) as tape:
     # The Trainer's own methods are converted by AutoGraph, this file is
     # not (parts/autograph.py).
     outputs = precision.float32(autograph.user(trainer.forward)(
@@ -98,12 +99,17 @@ def one_batch_gradients(trainer, batch):
         autograph.user(trainer.compute_loss)(batch, outputs), where=where,
         size=size)
     scaled = _global_batch_share(loss, weight, trainer.global_batch_size)
+    # Read after the forward pass: weight regularizers, and the activity
+    # regularizers and add_loss() of this call.
+    model_losses = trainer.model.losses
+    regularized = bool(model_losses)
     regularization = None
     if regularized:
       # Counted once per step: 1/N on each of N replicas, 1/k in each of k
       # micro-batches.
       regularization = tf.nn.scale_regularization_loss(
-          tf.add_n(trainer.model.losses)) / trainer.grad_accum_steps
+          tf.add_n([tf.cast(l, tf.float32) for l in model_losses])
+      ) / trainer.grad_accum_steps
       if weight is None:
         scaled += regularization
     objective = scaled if scaling is None else scaling.scale_loss(scaled)

@@ -277,3 +277,52 @@ def test_regularization_loss_is_scaled_once_across_replicas():
   free, _ = train(config, 1, initial=initial, trainer_cls=UnregularizedTrainer)
   assert (np.linalg.norm(one.model.get_weights()[0]) <
           np.linalg.norm(free.model.get_weights()[0]))
+
+
+class ActivityRegularizedTrainer(UnregularizedTrainer):
+  """A penalty that exists only once the model has been called: Keras adds
+  an activity regularizer's loss during the call. Optionally a weighted
+  loss (weights all 1), which takes the penalty's gradients separately."""
+  weighted = False
+
+  def build_model(self):
+    return tf.keras.Sequential([
+        tf.keras.Input((100,)),
+        tf.keras.layers.Dense(
+            16, activation='relu',
+            activity_regularizer=tf.keras.regularizers.L2(0.05)),
+        tf.keras.layers.Dense(10)])
+
+  def compute_loss(self, batch, outputs):
+    loss = super().compute_loss(batch, outputs)
+    return (loss, tf.ones_like(loss)) if self.weighted else loss
+
+
+class WeightedActivityRegularizedTrainer(ActivityRegularizedTrainer):
+  weighted = True
+
+
+@pytest.mark.parametrize('replicas, accum, trainer_cls', [
+    (4, 1, ActivityRegularizedTrainer),
+    (1, 2, ActivityRegularizedTrainer),
+    (2, 2, WeightedActivityRegularizedTrainer)])
+def test_activity_regularizers_reach_every_step(replicas, accum, trainer_cls):
+  config = make_config('sgd')
+  tf.keras.utils.set_random_seed(config.seed)
+  initial = UnregularizedTrainer(config=config,
+                                 strategy=strategy_for(1)).model.get_weights()
+  one, _ = train(config, 1, initial=initial,
+                 trainer_cls=ActivityRegularizedTrainer)
+  config.train.grad_accum_steps = accum
+  other, _ = train(config, replicas, initial=initial, trainer_cls=trainer_cls)
+  for a, b in zip(one.model.get_weights(), other.model.get_weights()):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  # The penalty is in the update: without it the hidden activations end
+  # larger.
+  free, _ = train(make_config('sgd'), 1, initial=initial,
+                  trainer_cls=UnregularizedTrainer)
+  features = next(iter(one.dataset('train', tf.distribute.InputContext(),
+                                   64)))[0]
+  def hidden(trainer):
+    return float(tf.norm(trainer.model.layers[0](features)))
+  assert hidden(one) < 0.9 * hidden(free)
