@@ -204,8 +204,11 @@ class Controller:
               break
         if self.options.summary_every and self._meter.steps:
           self._write_train_summary()
-        if self.checkpointer and self.checkpointer.last_saved_step != self.step:
-          self._save()
+        if self.checkpointer:
+          if self.checkpointer.last_saved_step != self.step:
+            self._save()
+          with self.ledger.timed('checkpoints'):
+            self.checkpointer.wait()  # A SIGTERM meanwhile: preempt below.
         if status_lib.any_worker(watcher.requested, trainer.strategy):
           self._preempt()  # After the last step: saved, now preempt.
         self._run_actions('end')
@@ -222,9 +225,6 @@ class Controller:
       if self.profile:
         self.profile.stop()
       self.train_writer.flush()
-    if self.checkpointer:
-      with self.ledger.timed('checkpoints'):
-        self.checkpointer.wait()
     return metrics
 
   def _train_loop(self, iterator):

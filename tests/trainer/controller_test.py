@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 import time
 
@@ -109,6 +110,63 @@ def test_a_failed_run_finishes_the_checkpoint_write_in_flight(tmp_path):
   # ckpt-5 was the first (synchronous) save, ckpt-10 an async one.
   assert saved_steps(tmp_path) == [5, 10]
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-10')
+
+
+@pytest.fixture(name='sigterm_guard')
+def fixture_sigterm_guard():
+  """main.py's SIGTERM guard, outside the training loop's watcher."""
+  old, old_hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+  preemption.install_guard()
+  yield
+  signal.signal(signal.SIGTERM, old)
+  sys.unraisablehook = old_hook
+  preemption._pending.clear()  # pylint: disable=protected-access
+
+
+def test_a_sigterm_during_the_last_write_keeps_it(tmp_path, sigterm_guard):
+  """A SIGTERM while the final checkpoint is being written: the write
+  completes and the Preempted error names it (the exit after would cut a
+  write in flight)."""
+  del sigterm_guard
+  trainer = build(make_config())
+  controller = controller_for(trainer, tmp_path, total_steps=10,
+                              checkpoint_every=5)
+  writes = controller.checkpointer._writes  # pylint: disable=protected-access
+  write = writes._write_and_call_back  # pylint: disable=protected-access
+
+  def slow_write(*args):
+    if int(trainer.global_step.numpy()) == 10:
+      time.sleep(0.5)  # Training is over: train() waits for this write.
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(1)
+    write(*args)
+  writes._write_and_call_back = slow_write  # pylint: disable=protected-access
+  with pytest.raises(preemption.Preempted,
+                     match=f'saved {tmp_path}/ckpt-10 at step 10;'):
+    controller.train()
+  assert saved_steps(tmp_path) == [5, 10]
+  assert checkpointing.is_complete(str(tmp_path / 'ckpt-10'))
+
+
+def test_a_sigterm_while_waiting_for_a_write_is_raised_after_it(
+    tmp_path, sigterm_guard):
+  del sigterm_guard
+  trainer = build(make_config())
+  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path))
+  checkpointer.save()  # The first save traces the writer and is in line.
+  writes = checkpointer._writes  # pylint: disable=protected-access
+  write = writes._write_and_call_back  # pylint: disable=protected-access
+
+  def slow_write(*args):
+    time.sleep(1)
+    write(*args)
+  writes._write_and_call_back = slow_write  # pylint: disable=protected-access
+  trainer.global_step.assign(1)
+  checkpointer.save()
+  threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+  with pytest.raises(preemption.Preempted):
+    checkpointer.wait()
+  assert checkpointing.is_complete(str(tmp_path / 'ckpt-1'))
 
 
 def test_nan_step_is_caught_on_two_replicas(tmp_path):

@@ -112,9 +112,13 @@ class Writes:
 
   def wait(self) -> None:
     """Blocks until the last async write is done; raises its error."""
-    if self._pending is not None:
-      pending, self._pending = self._pending, None
-      pending.result()
+    pending = self._pending
+    if pending is not None:
+      try:
+        pending.result()
+      finally:
+        if pending.done():  # Not when a signal's exception cut the wait.
+          self._pending = None
     self._checkpoint.sync()  # TensorFlow's async writer, if it was used.
 
   def _write_and_call_back(self, file_prefix, tensors, callbacks):

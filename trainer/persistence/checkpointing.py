@@ -28,6 +28,7 @@ import tensorflow as tf
 from trainer.errors import UserError
 from trainer.parts import sharding
 from trainer.persistence import checkpoint_writer
+from trainer.persistence import preemption
 
 _CKPT_RE = re.compile(r'ckpt-(\d+)\.index$')
 
@@ -153,8 +154,16 @@ class Checkpointer:
     return os.path.join(self.restore_directory, f'ckpt-{step}')
 
   def wait(self) -> None:
-    """Blocks until every checkpoint write started so far is on disk."""
-    self._writes.wait()
+    """Blocks until every checkpoint write started so far is on disk.
+
+    A SIGTERM meanwhile (Preempted from the guard) is raised once the
+    writes are done: the exit that follows would cut them.
+    """
+    try:
+      self._writes.wait()
+    except preemption.Preempted:
+      self._writes.wait()
+      raise
 
   def restore_latest(self, *, model_only: bool = False):
     """Restores the newest complete checkpoint; returns its path or None.
