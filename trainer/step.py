@@ -113,7 +113,8 @@ def one_batch_gradients(trainer, batch):
       if weight is None:
         scaled += regularization
     objective = scaled if scaling is None else scaling.scale_loss(scaled)
-  summed = {'grads': _gradients(tape, objective, variables, scaling),
+  summed = {'grads': _gradients(tape, objective, variables, scaling,
+                               where=where),
             'loss': scaled}
   if weight is not None:
     summed['weight'] = tf.reduce_sum(weight)
@@ -152,8 +153,14 @@ def _global_batch_share(loss, weight, global_batch_size: int):
                                tf.constant(global_batch_size, loss.dtype))
 
 
-def _gradients(tape, target, variables, scaling):
+def _gradients(tape, target, variables, scaling, where=None):
   grads = tape.gradient(target, variables)
+  if where and variables and all(g is None for g in grads):
+    raise contracts.ContractError(
+        f'{where} returned a loss that no trainable weight has a gradient '
+        'of, so training would change nothing: compute it from the outputs '
+        'of forward with differentiable ops (not argmax, a cast to int or '
+        'the labels alone)')
   grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
            for g, v in zip(grads, variables)]
   return grads if scaling is None else scaling.unscale(grads)

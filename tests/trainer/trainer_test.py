@@ -232,6 +232,22 @@ def test_scalar_loss_is_rejected():
     train(make_config(), 1, trainer_cls=ScalarLossTrainer, loops=(1,))
 
 
+class ArgmaxLossTrainer(ClassifierTrainer):
+  """A slip: the error rate as the loss, which has no gradient."""
+
+  def compute_loss(self, batch, outputs):
+    _, labels = batch
+    wrong = tf.argmax(outputs, -1) != tf.cast(labels, tf.int64)
+    return tf.cast(wrong, tf.float32)
+
+
+def test_a_loss_without_gradients_is_rejected():
+  with pytest.raises(UserError, match='ArgmaxLossTrainer.compute_loss '
+                     'returned a loss that no trainable weight has a gradient '
+                     'of, so training would change nothing'):
+    train(make_config(), 1, trainer_cls=ArgmaxLossTrainer, loops=(1,))
+
+
 class UndeclaredMetricTrainer(ClassifierTrainer):
   metric_names = ()
 
