@@ -17,6 +17,7 @@ from trainer import loops
 from trainer import optimization
 from trainer import settings as settings_lib
 from trainer import step as step_lib
+from trainer.errors import UserError
 from trainer.parts import ema as ema_lib
 from trainer.parts import loss_scale
 from trainer.parts import metric_sums
@@ -35,6 +36,14 @@ def build_state(trainer) -> None:
   with strategy.scope():
     with precision_lib.policy(s.precision):
       t.model = t.build_model()
+    if not t.model.weights:
+      # Built on its first call, later than the optimizer and checkpoint.
+      raise UserError(
+          f'{type(t).__name__}.build_model returned a {type(t.model).__name__} '
+          'with no weights yet (it would be built on its first call, too late '
+          'for the optimizer and the checkpoint): give it its input shape '
+          '(keras.Input(shape) first in a Sequential) or call it once, e.g. '
+          'model(tf.zeros([1, ...])), before returning it')
     # With train.variable_shard_bytes under parameter_server: large weights
     # in pieces over the ps tasks (parts/sharding.py).
     sharding.check_built(strategy)

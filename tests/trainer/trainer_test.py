@@ -257,6 +257,28 @@ def test_undeclared_metric_is_rejected():
     train(make_config(), 1, trainer_cls=UndeclaredMetricTrainer, loops=(1,))
 
 
+class LazyModelTrainer(ClassifierTrainer):
+  """A subclassed model that is built only on its first call."""
+
+  def build_model(self):
+    class Net(tf.keras.Model):
+
+      def __init__(self):
+        super().__init__()
+        self.dense = tf.keras.layers.Dense(10)
+
+      def call(self, inputs):
+        return self.dense(inputs)
+    return Net()
+
+
+def test_a_model_without_weights_yet_is_an_error():
+  with pytest.raises(UserError, match=r'^LazyModelTrainer.build_model returned '
+                     r'a Net with no weights yet .* call it once, e.g. '
+                     r'model\(tf.zeros\(\[1, ...\]\)\), before returning it$'):
+    LazyModelTrainer(config=make_config(), strategy=strategy_for(1))
+
+
 def test_batch_not_divisible_by_replicas_is_an_error():
   with pytest.raises(UserError, match=r'train.global_batch_size=30 must be a '
                      r'positive multiple of the 4 replicas.*=32'):
