@@ -271,6 +271,31 @@ def test_sigterm_to_one_worker_between_loops_stops_both_at_one_step(
   assert_same_weights(uninterrupted_run(), model_dir, rtol=0)
 
 
+def test_sigterm_to_one_worker_stops_both_with_a_tutorial_step(tmp_path):
+  """The same with a train_step of the user's own that bypasses
+  Trainer.apply_gradients: the stop request is still agreed in the step, so
+  the other worker does not run on alone into a collective save."""
+  model_dir = tmp_path / 'run'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', DISTLOOP_TEST_KILL_AT='20',
+             DISTLOOP_TEST_KILL_SIGNAL='SIGTERM',
+             DISTLOOP_TEST_KILL_WORKER='1')
+  args = [a.replace(':KilledAtStep', ':TutorialKilledAtStep')
+          for a in KILLED_AT_STEP]
+  preempted = subprocess.run(
+      launch_command(2, *args, f'--model_dir={model_dir}'),
+      cwd=runner.REPO, capture_output=True, text=True, timeout=240, env=env,
+      check=False)
+  assert preempted.returncode == 42, preempted.stderr[-4000:]
+  lines = [line for line in preempted.stderr.splitlines()
+           if 'preempted by SIGTERM during training' in line]
+  assert sorted(line[:10] for line in lines) == ['[worker 0]', '[worker 1]']
+  steps = {int(line.split(' at step ')[1].split(';')[0]) for line in lines}
+  assert len(steps) == 1 and steps <= set(range(21, 30)), lines
+  assert 'killed worker' not in preempted.stderr
+  assert [os.path.basename(p) for p in glob.glob(
+      str(model_dir / 'ckpt-*.index'))] == [f'ckpt-{steps.pop()}.index']
+
+
 @pytest.mark.parametrize('variant', ['two_optimizers', 'sync_norm_accum'])
 def test_user_trainers_on_two_workers_match_one_process(tmp_path, variant):
   """A user's Trainer from outside models/ (registered by import path):

@@ -340,3 +340,18 @@ class KilledAtStep(classifier.ClassifierTrainer):
         os.kill(os.getpid(), signum)
     return [actions_lib.Action(kill, every_steps=int(at), name='kill',
                                everywhere=True)]
+
+
+class TutorialKilledAtStep(KilledAtStep):
+  """KilledAtStep with the tutorial step: its own tape and the optimizer's
+  own apply_gradients, bypassing Trainer.apply_gradients."""
+
+  def train_step(self, batch):
+    with tf.GradientTape() as tape:
+      outputs = self.forward(batch, training=True)
+      per_example = self.compute_loss(batch, outputs)
+      loss = tf.nn.compute_average_loss(
+          per_example, global_batch_size=self.global_batch_size)
+    grads = tape.gradient(loss, self.trainable_variables)
+    self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+    return {'loss': per_example, **self.compute_metrics(batch, outputs)}

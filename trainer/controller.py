@@ -353,9 +353,12 @@ class Controller:
     if retries > n or not self.checkpointer:
       tried = (f' after {n} retr{"y" if n == 1 else "ies"}' if retries > n > 0
                else ' with no checkpoint to restore' if n else '')
+      # A train_step of its own that bypassed apply_gradients applied it.
+      skipped = ('the update was not applied and '
+                 if self.trainer.reports_grad_norm else '')
       raise NonFiniteLoss(
-          f'non-finite loss or gradient norm at step {failed_step}{tried}; the '
-          'update was not applied and no checkpoint was written after it '
+          f'non-finite loss or gradient norm at step {failed_step}{tried}; '
+          f'{skipped}no checkpoint was written after it '
           f'(train.nan_retries={n}); lower the learning rate or enable '
           'train.clip_norm' + ('' if n else ' (or set train.nan_retries)'))
     computed, position = self.step, int(self.trainer.data_position.numpy())

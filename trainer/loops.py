@@ -52,9 +52,12 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
                                     size=contracts.batch_size(batch))
     loss = values['loss'][0]
     status = record.status
-    if status is None:
-      # A train_step that bypassed apply_gradients (or an eval step): decide
-      # from this replica's own view, which is exact on a single worker.
+    if status is None and train:
+      # A train_step that bypassed apply_gradients: one all-reduce of its
+      # loss's finiteness and the stop request, so that no replica or worker
+      # stops (or goes on) alone.
+      status = status_lib.reduced(loss, trainer.stop_requested)
+    elif status is None:
       status = status_lib.local(loss, trainer.stop_requested)
     extras = {}
     if train:

@@ -23,7 +23,8 @@ NAN_AT = 13  # 1-based step whose batch is poisoned.
 
 
 class PoisonedTrainer(ClassifierTrainer):
-  """Feeds NaN features in the NAN_AT-th training batch (1 replica)."""
+  """Feeds NaN features in the nan_at-th training batch of the pipeline."""
+  nan_at = NAN_AT
 
   def dataset(self, split, input_context, batch_size):
     dataset = super().dataset(split, input_context, batch_size)
@@ -33,7 +34,7 @@ class PoisonedTrainer(ClassifierTrainer):
     def poison(index, batch):
       features, labels = batch
       bad = tf.fill(tf.shape(features), float('nan'))
-      return tf.where(index == NAN_AT - 1, bad, features), labels
+      return tf.where(index == self.nan_at - 1, bad, features), labels
     return dataset.enumerate().map(poison)
 
 
@@ -177,6 +178,33 @@ def test_nan_step_is_caught_on_two_replicas(tmp_path):
   with pytest.raises(NonFiniteLoss, match=f'at step {(NAN_AT + 1) // 2};'):
     controller.train()
   assert all(np.all(np.isfinite(w)) for w in trainer.model.get_weights())
+
+
+class PoisonedTutorialTrainer(PoisonedTrainer):
+  """The tutorial step (its own tape and optimizer call), with the NaN in
+  the second replica's batch of step 7 only."""
+  nan_at = 14
+
+  def train_step(self, batch):
+    with tf.GradientTape() as tape:
+      outputs = self.forward(batch, training=True)
+      per_example = self.compute_loss(batch, outputs)
+      loss = tf.nn.compute_average_loss(
+          per_example, global_batch_size=self.global_batch_size)
+    grads = tape.gradient(loss, self.trainable_variables)
+    self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+    return {'loss': per_example, **self.compute_metrics(batch, outputs)}
+
+
+def test_a_tutorial_step_stops_every_replica_at_the_nan_step(tmp_path):
+  # Judged by the first replica alone, step 7 looked fine; the NaN weights
+  # it made were only seen at step 8.
+  trainer = build(make_config(), PoisonedTutorialTrainer, replicas=2)
+  controller = controller_for(trainer, tmp_path, total_steps=30)
+  with pytest.raises(NonFiniteLoss, match=r'^non-finite loss or gradient '
+                     r'norm at step 7; no checkpoint was written after it'):
+    controller.train()
+  assert controller.step == 6
 
 
 def test_nan_recovery_restores_and_skips_the_bad_batch(tmp_path):

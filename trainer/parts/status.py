@@ -51,9 +51,22 @@ def agreed(*, finite, stop, loss_finite=None):
   return tf.where(finite, tf.where(stop > 0, STOP_REQUESTED, OK), bad)
 
 
+def reduced(loss, stop_requested):
+  """The status of a training step that did not go through
+  Trainer.apply_gradients: the finiteness of its loss and the stop request,
+  summed over every replica and worker in one all-reduce (replica context),
+  so all of them take the same decision."""
+  bad = tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(loss))),
+                tf.float32)
+  # tf.identity places the read on this replica's device (as in step.py).
+  flags = tf.distribute.get_replica_context().all_reduce(
+      tf.distribute.ReduceOp.SUM,
+      tf.stack([bad, tf.cast(tf.identity(stop_requested), tf.float32)]))
+  return agreed(finite=flags[0] == 0, stop=flags[1])
+
+
 def local(loss, stop_requested):
-  """The status from this replica's own view, for a step that did not go
-  through Trainer.apply_gradients (exact on a single replica)."""
+  """The status from this replica's own view, for an eval step."""
   finite = tf.reduce_all(tf.math.is_finite(loss))
   return tf.where(finite, tf.where(stop_requested > 0, STOP_REQUESTED, OK),
                   NONFINITE)
