@@ -355,3 +355,22 @@ class TutorialKilledAtStep(KilledAtStep):
     grads = tape.gradient(loss, self.trainable_variables)
     self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
     return {'loss': per_example, **self.compute_metrics(batch, outputs)}
+
+
+class SubclassedModel(classifier.ClassifierTrainer):
+  """The digits classifier as a subclassed Keras model (built by one call),
+  which has no static inputs for the default serving signature."""
+
+  def build_model(self):
+    class Net(tf.keras.Model):
+
+      def __init__(self, hidden: int, classes: int):
+        super().__init__()
+        self.hidden = tf.keras.layers.Dense(hidden, activation='relu')
+        self.logits = tf.keras.layers.Dense(classes)
+
+      def call(self, inputs):
+        return self.logits(self.hidden(inputs))
+    model = Net(64, self.config.model.num_classes)
+    model(tf.zeros([1, self.config.model.input_dim]))
+    return model

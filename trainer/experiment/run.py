@@ -322,8 +322,8 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
       raise UserError(f'--mode={mode} needs a trained run in --model_dir, '
                       f'but {model_dir!r} does not exist')
     run_record.check_or_write(model_dir, record, write=False)
-    if mode == 'eval':
-      validation.check(trainer, train=False, eval_split=options.eval_split)
+    validation.check(trainer, train=False, serving=mode == 'export',
+                     eval_split=options.eval_split if mode == 'eval' else None)
     if checkpointer.restore_latest(model_only=True) is None:
       raise UserError(f'--mode={mode}: no checkpoint in --model_dir='
                       f'{model_dir}; train first (--mode=train)')
@@ -341,7 +341,8 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
   checkpointer.restore_latest()
   preemption.set_phase('validation (tracing the steps)')
   validation.check(trainer, train=True, eval_split=options.eval_split,
-                   data_position=int(trainer.data_position.numpy()))
+                   data_position=int(trainer.data_position.numpy()),
+                   serving=config.export.at_end)
   prepare_model_dir(model_dir)
   if is_chief:  # Alone in model_dir from here; readers never tidy it.
     run_lock.take(model_dir)

@@ -42,7 +42,7 @@ def built(trainer_cls, config, strategy):
 
 
 def check(trainer, *, train: bool, eval_split: str | None,
-          data_position: int = 0) -> None:
+          data_position: int = 0, serving: bool = False) -> None:
   """Builds the splits `trainer` will read, traces its loops.
 
   Args:
@@ -50,6 +50,8 @@ def check(trainer, *, train: bool, eval_split: str | None,
     train: whether the run trains (the 'train' split and the train loop).
     eval_split: the split it evaluates, or None.
     data_position: global batches the training stream resumes after.
+    serving: whether it exports: traces the serving function as the export
+      will (serve with serving_input_signature).
   Raises:
     UserError: one line naming the method or key and the fix.
   """
@@ -70,6 +72,26 @@ def check(trainer, *, train: bool, eval_split: str | None,
         eval_split, batch_size=trainer.eval_global_batch_size)
     _trace(trainer, f'{name} eval step',
            lambda: loops.trace_eval(trainer, dataset))
+  if serving:
+    _check_serving(trainer)
+
+
+def _check_serving(trainer) -> None:
+  name = type(trainer).__name__
+  try:
+    signature = trainer.serving_input_signature()
+  except Exception as e:  # pylint: disable=broad-except
+    if type(trainer).serving_input_signature is Trainer.serving_input_signature:
+      raise UserError(
+          f"{name} keeps the default serving_input_signature, which reads the "
+          f"model's inputs, but its {type(trainer.model).__name__} has none "
+          f'({type(e).__name__}: {errors.one_line(e)}): override '
+          "serving_input_signature to return the TensorSpecs of serve's "
+          'inputs, which the export needs') from e
+    raise UserError(f'{name}.serving_input_signature raised '
+                    f'{type(e).__name__}: {errors.one_line(e)}') from e
+  _trace(trainer, f'{name} serving function', lambda: tf.function(
+      trainer.serve, input_signature=signature).get_concrete_function())
 
 
 def _check_split(trainer, split: str, *, training: bool) -> None:
