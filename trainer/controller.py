@@ -193,6 +193,8 @@ class Controller:
           if (status == status_lib.STOP_REQUESTED or
               status_lib.host_stops(watcher.requested, trainer.strategy)):
             self._preempt()
+          if not metrics['steps']:
+            continue  # All skipped (loss scale overflow): no boundary passed.
           if self._due(self.options.summary_every):
             self._write_train_summary()
           if self._due(self.options.checkpoint_every):

@@ -6,8 +6,11 @@ import pytest
 import tensorflow as tf
 
 from tests.trainer.settings_test import build, make_config, run
+from trainer.controller import Controller, ControllerOptions
+from trainer.monitoring import summaries
 from trainer.parts import loss_scale
 from trainer.parts import status as status_lib
+from trainer.persistence import checkpointing
 
 
 def test_the_scale_halves_on_overflow_grows_after_good_steps_and_counts():
@@ -77,3 +80,32 @@ def test_float16_overflow_halves_the_scale_and_skips_the_update(replicas):
   assert int(trainer.optimizer.iterations.numpy()) == applied
   assert trainer.learning_rate() == pytest.approx(0.1 * applied / 100)
   assert int(trainer.data_position.numpy()) == 41
+
+
+def test_loops_that_apply_no_step_pass_no_boundary(tmp_path, monkeypatch):
+  """While the scale comes down, whole inner loops overflow at step 0, a
+  boundary of every cadence: none saves, evaluates or summarizes again."""
+  trainer = build(make_config(precision='mixed_float16'), 1)
+  trainer.loss_scale.assign(2.0 ** 40)
+  checkpointer = checkpointing.Checkpointer(trainer, str(tmp_path),
+                                            async_save=False)
+  saves, evals = [], []
+  save = checkpointer.save
+  monkeypatch.setattr(checkpointer, 'save',
+                      lambda: saves.append(int(trainer.global_step)) or save())
+  written = []
+
+  class Writer(summaries.NullWriter):
+
+    def write_scalars(self, step, scalars):
+      written.append(step)
+  controller = Controller(
+      trainer=trainer, checkpointer=checkpointer, total_steps=12,
+      steps_per_loop=4, train_writer=Writer(), options=ControllerOptions(
+          checkpoint_every=4, eval_every=4, summary_every=4))
+  monkeypatch.setattr(controller, 'evaluate', lambda: evals.append(
+      controller.step) or {'loss': 1.0, 'examples': 1})
+  controller.train()
+  idle = [step for step, loop in controller.history if not loop['steps']]
+  assert idle[:3] == [0, 0, 0]  # Loops that applied nothing.
+  assert saves == [4, 8, 12] and evals == [4, 8] and written == [4, 8, 12]
