@@ -52,6 +52,12 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
                                     size=contracts.batch_size(batch))
     loss = values['loss'][0]
     status = record.status
+    if status is None and train and trainer.loss_scaling is not None:
+      raise contracts.ContractError(
+          f'{name} bypasses self.apply_gradients, which under '
+          "train.precision='mixed_float16' skips the steps whose gradients "
+          'overflow float16 and adjusts the loss scale: call it, or set '
+          "train.precision='mixed_bfloat16' (no loss scaling needed)")
     if status is None and train:
       # A train_step that bypassed apply_gradients: one all-reduce of its
       # loss's finiteness and the stop request, so that no replica or worker

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from tests.trainer.settings_test import build, make_config, run
 from trainer.controller import Controller, ControllerOptions
+from trainer.errors import UserError
 from trainer.monitoring import summaries
 from trainer.parts import loss_scale
 from trainer.parts import status as status_lib
@@ -109,3 +110,21 @@ def test_loops_that_apply_no_step_pass_no_boundary(tmp_path, monkeypatch):
   idle = [step for step, loop in controller.history if not loop['steps']]
   assert idle[:3] == [0, 0, 0]  # Loops that applied nothing.
   assert saves == [4, 8, 12] and evals == [4, 8] and written == [4, 8, 12]
+
+
+def test_a_step_that_bypasses_apply_gradients_is_refused_under_float16():
+  class OwnUpdate(type(build(make_config(), 1))):
+
+    def train_step(self, batch):
+      grads, _, values = self.compute_gradients(batch)
+      self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+      return values
+
+  trainer = OwnUpdate(config=make_config(precision='mixed_float16'),
+                      strategy=build(make_config(), 1).strategy)
+  iterator = iter(trainer.distribute_dataset(
+      'train', batch_size=trainer.global_batch_size))
+  with pytest.raises(UserError, match=r"^OwnUpdate.train_step bypasses "
+                     r"self.apply_gradients, which under train.precision="
+                     r"'mixed_float16' skips the steps"):
+    trainer.train(iterator, 1)
