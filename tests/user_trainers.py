@@ -276,6 +276,19 @@ class IgnoresBatchSize(SequenceTrainer):
                            self.config.eval.global_batch_size)
 
 
+class BatchesByContext(SequenceTrainer):
+  """Batches by the config's global batch, divided by TensorFlow's own
+  input_context.get_per_replica_batch_size: right under data.pipeline
+  'per_host' (one replica's batch) and 'global' (a context of one replica:
+  the global batch, which the strategy splits)."""
+
+  def dataset(self, split, input_context, batch_size):
+    section = self.config.train if split == 'train' else self.config.eval
+    return super().dataset(split, input_context,
+                           input_context.get_per_replica_batch_size(
+                               section.global_batch_size))
+
+
 class RepeatsPartialBatches(SequenceTrainer):
   """20 examples batched by 32 without drop_remainder, then repeated."""
 

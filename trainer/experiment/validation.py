@@ -95,13 +95,22 @@ def _check_serving(trainer) -> None:
 
 
 def _check_split(trainer, split: str, *, training: bool) -> None:
-  """One batch of `split`, from one input pipeline."""
+  """One batch of `split`, from one input pipeline called as the run will
+  call it (trainer/parts/distributed_input.py)."""
   name = type(trainer).__name__
   where = f'{name}.dataset({split!r})'
-  batch_size = (trainer.global_batch_size if training else
-                trainer.eval_global_batch_size) // trainer.num_replicas
+  global_size = (trainer.global_batch_size if training else
+                 trainer.eval_global_batch_size)
+  context = tf.distribute.InputContext()
+  if trainer.settings.pipeline == 'global' and not trainer.coordinated:
+    batch_size, over = global_size, 'split over the replicas after'
+  else:
+    context = tf.distribute.InputContext(
+        num_replicas_in_sync=trainer.num_replicas)
+    batch_size = context.get_per_replica_batch_size(global_size)
+    over = f'over {trainer.num_replicas} replica(s)'
   try:
-    dataset = trainer.dataset(split, tf.distribute.InputContext(), batch_size)
+    dataset = trainer.dataset(split, context, batch_size)
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -119,9 +128,10 @@ def _check_split(trainer, split: str, *, training: bool) -> None:
                     f'keys of the config and the files behind {split!r}')
   if training and cardinality > 0:
     raise UserError(
-        f"{where} ends after {cardinality} batches, but training reads the "
-        'stream for train.steps steps: add .repeat() before .batch() (with '
-        'drop_remainder=True), as input/pipeline.py finish() does')
+        f"{where} ends after {cardinality} batches, but the training stream "
+        'must never end (a resume or another batch size reads on from where '
+        'it was): add .repeat() before .batch() (with drop_remainder=True), '
+        'as input/pipeline.py finish() does')
   try:
     batch = next(iter(dataset))
   except StopIteration:
@@ -137,8 +147,7 @@ def _check_split(trainer, split: str, *, training: bool) -> None:
            'drop_remainder=True)')
     raise UserError(
         f'{where} gave a first batch of {size} examples for batch_size='
-        f'{batch_size} ({key}.global_batch_size over {trainer.num_replicas} '
-        f'replica(s)): {fix}')
+        f'{batch_size} ({key}.global_batch_size {over}): {fix}')
   if (isinstance(batch, dict) and
       type(trainer).forward is Trainer.forward):
     raise UserError(
