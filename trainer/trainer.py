@@ -118,10 +118,8 @@ class Trainer:
     Returns float [B], one loss per example, not a mean: the Trainer scales
     by the global batch. Or a pair (loss [B], weights [B]): the step then
     minimises sum(loss * weights) / (global sum of weights), e.g. each
-    sequence's mean token loss weighted by its number of real tokens. A
-    value of weight 0 must still be finite (0 x NaN is NaN, in the loss and
-    its gradient): a mean over no tokens is tf.math.divide_no_nan's 0.
-    """
+    sequence's mean token loss weighted by its number of real tokens (a
+    finite value even at weight 0: 0 x NaN is NaN; use divide_no_nan)."""
     raise NotImplementedError
 
   def compute_metrics(self, batch, outputs) -> dict:
