@@ -1,5 +1,6 @@
 """What the Trainer reads from a resolved config, checked against its devices."""
 
+import contextlib
 import dataclasses
 
 import tensorflow as tf
@@ -49,8 +50,10 @@ class StepSettings:
     raises UserError for what depends on the devices: batch sizes that do
     not divide by the replica count, a precision the devices lack."""
     train, data = config.train, config.data
-    global_batch_size = _divisible('train.global_batch_size',
-                                   train.global_batch_size, num_replicas)
+    global_batch_size = train.global_batch_size
+    if not _evaluating_only[0]:
+      global_batch_size = _divisible('train.global_batch_size',
+                                     global_batch_size, num_replicas)
     return cls(
         global_batch_size=global_batch_size,
         eval_global_batch_size=_divisible(
@@ -60,9 +63,25 @@ class StepSettings:
         data_service=data.service,
         clip_norm=float(train.clip_norm),
         precision=precision_lib.resolve(train.precision, tpu=tpu),
-        grad_accum_steps=_grad_accum_steps(
-            train.grad_accum_steps, global_batch_size, num_replicas),
+        grad_accum_steps=train.grad_accum_steps if _evaluating_only[0] else
+        _grad_accum_steps(train.grad_accum_steps, global_batch_size,
+                          num_replicas),
         jit_compile=train.jit_compile, ema_decay=float(train.ema_decay))
+
+
+_evaluating_only = [False]
+
+
+@contextlib.contextmanager
+def evaluating_only(yes: bool = True):
+  """Trainers built within only evaluate or export (--mode=eval, export,
+  continuous_eval): the training batch need not divide by this replica
+  count, so a run trained on 4 devices evaluates on 3."""
+  before, _evaluating_only[0] = _evaluating_only[0], yes
+  try:
+    yield
+  finally:
+    _evaluating_only[0] = before
 
 
 def _grad_accum_steps(value: int, global_batch_size: int,

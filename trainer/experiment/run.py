@@ -218,7 +218,8 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
   layout = run_record.layout(strategy, config)
   if mode in ('train', 'train_and_eval'):
     run_record.check_layout(model_dir, layout, config.train.global_batch_size)
-  trainer = validation.built(trainer_cls, config, strategy)
+  trainer = validation.built(trainer_cls, config, strategy, train=mode in (
+      'train', 'train_and_eval'))
   options = controller_options(config, trainer)
   # Only training reads through the service (evaluation reads its split
   # here), so only a training mode needs the dispatcher.

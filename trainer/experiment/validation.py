@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from trainer import errors
 from trainer import loops
+from trainer import settings as settings_lib
 from trainer.parts import contracts
 from trainer.errors import UserError
 from trainer.trainer import Trainer
@@ -26,11 +27,13 @@ USER_METHODS = ('__init__', 'build_model', 'dataset', 'forward',
                 'serve', 'serving_input_signature', 'checkpoint_items')
 
 
-def built(trainer_cls, config, strategy):
+def built(trainer_cls, config, strategy, *, train: bool = True):
   """trainer_cls(config=config, strategy=strategy), an error raised in one
-  of its own methods (build_model...) becoming one line naming it."""
+  of its own methods (build_model...) becoming one line naming it; `train`
+  False: to evaluate or export only (settings.evaluating_only)."""
   try:
-    return trainer_cls(config=config, strategy=strategy)
+    with settings_lib.evaluating_only(not train):
+      return trainer_cls(config=config, strategy=strategy)
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except

@@ -138,3 +138,26 @@ def test_a_train_split_that_runs_out_unseen_is_one_line(tmp_path):
                      r'of data after step 16 of 40: .*add .repeat\(\)'):
     experiment.run(long, model_dir=str(tmp_path / 'run'),
                    strategy_name='default')
+
+
+def test_evaluating_needs_only_the_eval_batch_to_divide(tmp_path):
+  """A run trained with a batch of 30 on one device is evaluated and
+  exported on 4 replicas (eval batch 32); only training there is refused."""
+  model_dir = str(tmp_path / 'run')
+  settings = config()
+  settings.train.global_batch_size = 30
+  settings.eval.global_batch_size = 32
+  trained = experiment.run(settings, model_dir=model_dir,
+                           strategy_name='default')
+  evaluated = experiment.run(settings, model_dir=model_dir, mode='eval',
+                             strategy_name='mirrored', num_cpu_devices=4)
+  assert evaluated['examples'] == trained['examples']
+  assert evaluated['loss'] == pytest.approx(trained['loss'], rel=1e-5)
+  exported = experiment.run(settings, model_dir=model_dir, mode='export',
+                            strategy_name='mirrored', num_cpu_devices=4)
+  assert os.path.isdir(exported['export'])
+  with pytest.raises(UserError, match=r'cannot resume .* with '
+                     r'train.global_batch_size=30, which does not divide by '
+                     r'4 replicas'):
+    experiment.run(settings, model_dir=model_dir, mode='train',
+                   strategy_name='mirrored', num_cpu_devices=4)
