@@ -387,3 +387,48 @@ class SubclassedModel(classifier.ClassifierTrainer):
     model = Net(64, self.config.model.num_classes)
     model(tf.zeros([1, self.config.model.input_dim]))
     return model
+
+
+# What a Trainer returns wrong, each refused in one line before the run
+# (tests/trainer/experiment/validation_test.py).
+
+
+class LossWithoutReturn(SequenceTrainer):
+
+  def compute_loss(self, batch, outputs):
+    super().compute_loss(batch, outputs)  # The return forgotten.
+
+
+class MetricsAsList(SequenceTrainer):
+
+  def compute_metrics(self, batch, outputs):
+    return [super().compute_metrics(batch, outputs)['accuracy']]
+
+
+class ModelIsALayer(SequenceTrainer):
+
+  def build_model(self):
+    return tf.keras.layers.Dense(4)
+
+
+class MetricNamesString(SequenceTrainer):
+  metric_names = 'accuracy'
+
+
+class NoComputeLoss(SequenceTrainer):
+  compute_loss = Trainer.compute_loss  # As if never written.
+
+
+class WrongInputWidth(classifier.ClassifierTrainer):
+  """The default forward on (inputs, labels) batches of 64 features, into
+  a model built for 63."""
+
+  def build_model(self):
+    return tf.keras.Sequential([tf.keras.Input((63,)),
+                                tf.keras.layers.Dense(10)])
+
+
+class SignatureNotAList(classifier.ClassifierTrainer):
+
+  def serving_input_signature(self):
+    return tf.TensorSpec([None, 64], tf.float32)

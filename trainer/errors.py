@@ -32,7 +32,10 @@ def one_line(error: Exception) -> str:
     missing = None  # Never hide the error being reported behind another.
   if missing:
     return missing
-  lines = [l.strip() for l in str(error).strip().splitlines() if l.strip()]
+  text = re.sub(r'\x1b\[[0-9;]*m', '', str(error))  # Keras' bold.
+  # Keras ends a layer's error with the arguments of the call it failed in.
+  text = re.split(r'\n\s*Arguments received by ', text)[0]
+  lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
   line = lines[-1] if lines else type(error).__name__
   # Tracing errors end in "ExceptionName: message" lines (AutoGraph).
   return re.sub(r'^\w*(Error|Exception): ', '', line)

@@ -128,7 +128,8 @@ def one_batch_gradients(trainer, batch):
   del tape
   values = {'loss': loss if weight is None else (loss, weight)}
   where = f'{type(trainer).__name__}.compute_metrics'
-  metrics = autograph.user(trainer.compute_metrics)(batch, outputs)
+  metrics = contracts.metrics_dict(autograph.user(trainer.compute_metrics)(
+      batch, outputs), where=where)
   for name, value in metrics.items():
     value, weight = contracts.per_example(value, where=f'{where} [{name!r}]',
                                           size=size)

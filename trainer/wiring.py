@@ -36,6 +36,13 @@ def build_state(trainer) -> None:
   with strategy.scope():
     with precision_lib.policy(s.precision):
       t.model = t.build_model()
+    if not isinstance(t.model, tf.keras.Model):
+      raise UserError(
+          f'{type(t).__name__}.build_model returned '
+          f'{type(t.model).__name__}, not a tf.keras.Model'
+          + (' (no return statement?)' if t.model is None else
+             '; wrap a layer: tf.keras.Sequential([keras.Input(shape), '
+             'layer])'))
     if not t.model.weights:
       # Built on its first call, later than the optimizer and checkpoint.
       raise UserError(
@@ -62,6 +69,13 @@ def build_state(trainer) -> None:
     # every replica reads it each step and the all-reduce makes them agree.
     t.stop_requested = tf.Variable(0.0, trainable=False, name='stop_requested',
                                    aggregation=ONLY_FIRST)
+    if (not isinstance(t.metric_names, (tuple, list)) or
+        not all(isinstance(n, str) for n in t.metric_names)):
+      raise UserError(
+          f'{type(t).__name__}.metric_names={t.metric_names!r} must be a '
+          'tuple of names, e.g. ' +
+          (f'({t.metric_names!r},)' if isinstance(t.metric_names, str) else
+           "('accuracy',)"))
     names = ('loss', *t.metric_names)
     t.train_sums = metric_sums.MetricSums(names, extras=('grad_norm',),
                                           name='train_sums')

@@ -93,6 +93,12 @@ def _check_serving(trainer) -> None:
           'inputs, which the export needs') from e
     raise UserError(f'{name}.serving_input_signature raised '
                     f'{type(e).__name__}: {errors.one_line(e)}') from e
+  if (not isinstance(signature, (list, tuple)) or
+      not all(isinstance(x, tf.TensorSpec) for x in signature)):
+    raise UserError(
+        f'{name}.serving_input_signature returned {signature!r}; return a '
+        "list of tf.TensorSpec, one per input of serve, e.g. "
+        "[tf.TensorSpec([None, 64], tf.float32, name='features')]")
   _trace(trainer, f'{name} serving function', lambda: tf.function(
       trainer.serve, input_signature=signature).get_concrete_function())
 
@@ -117,6 +123,7 @@ def _check_split(trainer, split: str, *, training: bool) -> None:
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
+    _check_defined(e, type(trainer), 'dataset')
     key = ('' if training else
            f' (config key eval.split={split!r}: is it a split your dataset '
            'has?)')
@@ -183,9 +190,16 @@ def _trace(trainer, what: str, fn) -> None:
         ) from e
 
 
+# Trainer's own versions that run the user's model or data: an error in
+# them is the user's (a model that does not fit its data), named with them.
+DEFAULTS_NAMED = ('build_model', 'dataset', 'forward', 'compute_loss',
+                  'serving_input_signature', 'serve')
+
+
 def _user_method(error, cls) -> str | None:
   """The innermost user-written Trainer method in the error's traceback
-  (under AutoGraph a method `m` runs as a generated `tf__m`)."""
+  (under AutoGraph a method `m` runs as a generated `tf__m`), else one of
+  Trainer's DEFAULTS_NAMED as 'm (the default)'."""
   owned = {}
   for klass in cls.__mro__:
     if klass is Trainer or klass is object:
@@ -194,11 +208,32 @@ def _user_method(error, cls) -> str | None:
       function = vars(klass).get(method)
       if isinstance(function, types.FunctionType):
         owned[function.__code__.co_name] = method
-  found, tb = None, error.__traceback__
+  defaults = {vars(Trainer)[m].__code__: m for m in DEFAULTS_NAMED}
+  found = default = None
+  name, tb = '', error.__traceback__
   while tb is not None:
-    name = tb.tb_frame.f_code.co_name
-    name = name[len('tf__'):] if name.startswith('tf__') else name
-    if name in owned:
+    code = tb.tb_frame.f_code
+    converted = code.co_name.startswith('tf__')  # AutoGraph's copy.
+    name = code.co_name[len('tf__'):] if converted else code.co_name
+    if code in defaults:
+      default = defaults[code]
+    elif name in owned:
       found = owned[name]
+    elif converted and name in DEFAULTS_NAMED:
+      default = name
     tb = tb.tb_next
-  return found
+  _check_defined(error, cls, name)  # `name`: the innermost frame's.
+  return found if found or not default else f'{default} (the default)'
+
+
+def _check_defined(error, cls, method: str) -> None:
+  """A NotImplementedError from Trainer's own stub of `method`: the Trainer
+  does not define it."""
+  if (isinstance(error, NotImplementedError) and
+      method in ('build_model', 'dataset', 'compute_loss') and
+      getattr(cls, method) is vars(Trainer)[method]):
+    raise UserError(
+        f'{cls.__name__} does not define {method}, which every Trainer must '
+        '(build_model, dataset, compute_loss; docs/writing-a-trainer.md)'
+        ) from error
+

@@ -56,7 +56,17 @@ def per_example(value, *, where: str, size, dtype=tf.float32):
 
 
 def _checked(tensor, *, where, size, dtype):
-  tensor = tf.convert_to_tensor(tensor)
+  if tensor is None or isinstance(tensor, dict):
+    got = 'None (no return statement?)' if tensor is None else 'a dict'
+    raise ContractError(
+        f'{where} returned {got}; return a tensor [B] of per-example values '
+        '(or a pair (values [B], weights [B]))')
+  try:
+    tensor = tf.convert_to_tensor(tensor)
+  except (TypeError, ValueError) as e:
+    raise ContractError(
+        f'{where} returned {type(tensor).__name__}, not a tensor [B] of '
+        f'per-example values ({str(e).splitlines()[0][:120]})') from None
   shape = tensor.shape
   expected = f'[{size}]' if isinstance(size, int) else '[B] (the batch size)'
   if shape.rank != 1 or (isinstance(size, int) and shape[0] is not None and
@@ -88,6 +98,16 @@ def _shape_hint(shape, size) -> str:
   return ('a scalar or a mean is the wrong reduction: the Trainer reduces '
           'over the global batch itself; flattened per-token values belong '
           'in a per-example mean with its token count as weight')
+
+
+def metrics_dict(metrics, *, where: str) -> dict:
+  """Checks that compute_metrics returned {name: value}."""
+  if not isinstance(metrics, dict):
+    raise ContractError(
+        f'{where} returned {type(metrics).__name__}, not a dict; return '
+        '{name: per-example values [B]} for every name in metric_names ({} '
+        'when there is none)')
+  return metrics
 
 
 def step_outputs(values, *, where: str, names, size):

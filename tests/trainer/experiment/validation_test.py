@@ -8,6 +8,7 @@ import pytest
 from tests import resume_test
 from tests import runner
 from tests import user_config
+from configs import digits_mlp
 from trainer.errors import UserError
 from trainer.experiment import run as experiment
 
@@ -52,6 +53,16 @@ def config(trainer='SequenceTrainer', **eval_keys):
      r"'train.loss_weight'; add loss_weight=... to the model or data section "
      r"\(a Trainer's own keys go there; this one is not a framework key\) of "
      r"the config file's get_config\(\)"),
+    ('LossWithoutReturn', r'^LossWithoutReturn.compute_loss returned None '
+     r'\(no return statement\?\); return a tensor \[B\]'),
+    ('MetricsAsList', r'^MetricsAsList.compute_metrics returned list, not a '
+     'dict'),
+    ('ModelIsALayer', r'^ModelIsALayer.build_model returned Dense, not a '
+     r'tf.keras.Model; wrap a layer'),
+    ('MetricNamesString', r"^MetricNamesString.metric_names='accuracy' must "
+     r"be a tuple of names, e.g. \('accuracy',\)$"),
+    ('NoComputeLoss', r'^NoComputeLoss does not define compute_loss, which '
+     'every Trainer must'),
 ])
 def test_mistakes_stop_the_run_before_model_dir_exists(tmp_path, trainer,
                                                       message):
@@ -161,3 +172,22 @@ def test_evaluating_needs_only_the_eval_batch_to_divide(tmp_path):
                      r'4 replicas'):
     experiment.run(settings, model_dir=model_dir, mode='train',
                    strategy_name='mirrored', num_cpu_devices=4)
+
+
+@pytest.mark.parametrize('trainer, message', [
+    ('WrongInputWidth', r"^WrongInputWidth.forward \(the default\) raised "
+     r'ValueError while the train step was traced: Input 0 .* incompatible '
+     r'.*expected axis -1 of input shape to have value 63, but received input '
+     r'with shape \(64, 64\)$'),
+    ('SignatureNotAList', r'^SignatureNotAList.serving_input_signature '
+     r'returned TensorSpec\(.*\); return a list of tf.TensorSpec'),
+])
+def test_a_model_that_does_not_fit_stops_the_run(tmp_path, trainer, message):
+  settings = digits_mlp.get_config('smoke')
+  settings.trainer = f'tests.user_trainers:{trainer}'
+  settings.export = dict(at_end=True)
+  model_dir = tmp_path / 'run'
+  with pytest.raises(UserError, match=message):
+    experiment.run(settings, model_dir=str(model_dir),
+                   strategy_name='default')
+  assert not model_dir.exists()
