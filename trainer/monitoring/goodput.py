@@ -55,12 +55,14 @@ def process_start_time() -> float:
     with open('/proc/self/stat', encoding='ascii') as f:
       # Field 22 (after the parenthesised command, which may hold spaces).
       fields = f.read().rsplit(')', 1)[1].split()
-    ticks = int(fields[19])
-    with open('/proc/stat', encoding='ascii') as f:
-      boot = next(int(line.split()[1]) for line in f
-                  if line.startswith('btime'))
-    return boot + ticks / os.sysconf('SC_CLK_TCK')
-  except (OSError, ValueError, IndexError, StopIteration):
+    started = int(fields[19]) / os.sysconf('SC_CLK_TCK')  # Since boot.
+    # The process's age from the uptime (1/100 s), not from /proc/stat's
+    # boot time, which is in whole seconds (up to 1 s early).
+    now = time.time()
+    with open('/proc/uptime', encoding='ascii') as f:
+      uptime = float(f.read().split()[0])
+    return now - max(0.0, uptime - started)
+  except (OSError, ValueError, IndexError):
     return time.time()
 
 
