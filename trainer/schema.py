@@ -205,10 +205,9 @@ def merge(user, *, source: str = 'the config') -> ml_collections.ConfigDict:
   return config
 
 
-def _as_dict(value):
-  if isinstance(value, ml_collections.ConfigDict):
-    return value.to_dict()
-  return value
+def _as_dict(value):  # placeholder()s kept: they stay overridable.
+  return (value.to_dict(preserve_field_references=True)
+          if isinstance(value, ml_collections.ConfigDict) else value)
 
 
 def _lay_over(config, user, spec, *, path, source):
@@ -241,8 +240,9 @@ def _lay_over(config, user, spec, *, path, source):
 def _typed(key: Key, value):
   """value as the key's type where that is lossless (int -> float, list ->
   tuple), so the ConfigDict keeps the declared type for overrides."""
-  if key.type is float and isinstance(value, int) and not isinstance(
-      value, bool):
+  if isinstance(value, ml_collections.FieldReference):
+    value = value.get()
+  if key.type is float and type(value) is int:  # Not a bool.
     return float(value)
   if key.type is tuple and isinstance(value, list):
     return tuple(value)

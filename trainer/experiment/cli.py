@@ -164,6 +164,13 @@ def _explain(argv, error: Exception) -> str:
   if spec is None:
     return errors.one_line(error)
   override = re.match(r'flag --config\.([^=]+)=', str(error))
+  none = re.search(r"NoneType'> of field config\.(\S+) is not supported",
+                   str(error))
+  if none:
+    key = none.group(1)
+    return (f'flag --config.{key}: config key {key} is None in {spec}, which '
+            'no override can set; give it a default there, or declare it '
+            'ml_collections.config_dict.placeholder(TYPE)')
   if isinstance(error, flags.IllegalFlagValueError) and override:
     return _bad_value(argv, spec, override.group(1), error)
   if isinstance(error, (KeyError, AttributeError)):

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from tests import runner
+from trainer.experiment import cli
 from trainer.errors import UserError
 from trainer.experiment import registry
 
@@ -115,7 +116,7 @@ def test_a_trainer_from_the_working_directory_trains(tmp_path):
 @pytest.mark.parametrize('name, message', [
     ('no_such_module:Trainer', "no module 'no_such_module' on the path"),
     ('tests.user_trainers:Nope', "module 'tests.user_trainers' has no 'Nope'; "
-     'Trainer subclasses there: DefaultForward'),
+     'Trainer subclasses there: BatchesByContext'),
     ('tests.user_trainers:sequence_arrays', 'sequence_arrays is not a '
      'subclass of trainer.trainer.Trainer'),
     ('clasifier', "trainer='clasifier' names no registered trainer; valid: "),
@@ -125,3 +126,37 @@ def test_a_wrong_trainer_is_one_line(name, message):
     registry.get(name)
   assert message in str(error.value)
   assert '\n' not in str(error.value)
+
+
+def test_a_placeholder_key_of_a_config_is_overridden(tmp_path):
+  """ml_collections' placeholder(int): None by default, an int when given."""
+  path = tmp_path / 'placeholder_config.py'
+  path.write_text(
+      'import ml_collections\n'
+      'from configs import digits_mlp\n\n'
+      'def get_config():\n'
+      "  config = digits_mlp.get_config('smoke')\n"
+      '  config.model.width = ml_collections.config_dict.placeholder(int)\n'
+      '  return config\n')
+  assert cli.load_config(str(path)).model.width is None
+  result = runner.run_main(f'--config={path}', '--config.model.width=24',
+                           '--print_config')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '  width: 24\n' in result.stdout
+
+
+def test_a_none_key_of_a_config_names_the_key_and_the_fix(tmp_path):
+  path = tmp_path / 'none_config.py'
+  path.write_text(
+      'from configs import digits_mlp\n\n'
+      'def get_config():\n'
+      "  config = digits_mlp.get_config('smoke')\n"
+      '  config.model.width = None\n'
+      '  return config\n')
+  result = runner.run_main(f'--config={path}', '--config.model.width=24',
+                           '--print_config')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: flag --config.model.width: config key model.width is None in '
+      f'{path}, which no override can set; give it a default there, or '
+      'declare it ml_collections.config_dict.placeholder(TYPE)')
