@@ -298,11 +298,11 @@ def check_optimizer(optimizer, *, total_steps: int = 0) -> None:
   if total_steps and warmup >= total_steps and schedule != 'constant':
     raise UserError(f'config key optimizer.warmup_steps={warmup} leaves no '
                     f'steps to decay in train.steps={total_steps}; lower it')
-  boundaries = tuple(optimizer.step_boundaries)
-  if schedule == 'step' and (not boundaries or list(boundaries) != sorted(
-      boundaries)):
+  steps = tuple(optimizer.step_boundaries)
+  if schedule == 'step' and not (steps and all(type(b) is int for b in steps)
+                                 and list(steps) == sorted(steps)):
     raise UserError('config key optimizer.step_boundaries='
-                    f'{boundaries!r} must be a non-empty increasing tuple of '
+                    f'{steps!r} must be a non-empty increasing tuple of '
                     'steps for schedule=step, e.g. (30000, 60000)')
 
 

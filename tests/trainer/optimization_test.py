@@ -143,9 +143,12 @@ def test_shared_step_scalars_update_bitwise_as_keras(name, extra,
      'steps to decay in train.steps=100'),
     (dict(schedule='step'), 'step_boundaries=() must be a non-empty '
      'increasing tuple'),
+    (dict(schedule='step', step_boundaries=('abc',)),
+     "step_boundaries=('abc',) must be a non-empty increasing tuple of steps"),
     (dict(weight_decay=-1.0), 'weight_decay=-1.0 must be >= 0'),
     (dict(learning_rate=0.0), 'learning_rate=0.0 must be > 0'),
-], ids=['name', 'momentum_adam', 'schedule', 'warmup', 'step', 'decay', 'lr'])
+], ids=['name', 'momentum_adam', 'schedule', 'warmup', 'step', 'step_text',
+        'decay', 'lr'])
 def test_bad_settings_are_one_line_errors(overrides, message):
   with pytest.raises(UserError, match=None) as raised:
     optimization.build_optimizer(opt_config(**overrides), total_steps=100)
