@@ -130,13 +130,17 @@ def test_print_config_prints_and_writes_nothing(tmp_path):
     (('--config.train.steps=0',), 'config key train.steps=0 must be'),
     (('--config.eval.split=train',), "config key eval.split='train' is the "
      'endless training stream'),
+    (('--num_cpu_devices=2',), 'flag --num_cpu_devices=2 makes replicas '
+     'only under --strategy=mirrored (or multi_worker_mirrored), not '
+     '--strategy=default; add --strategy=mirrored'),
     (('--config.trainer=tests.user_trainers:SubclassedModel',
       '--config.export.at_end=True'),
      'error: SubclassedModel keeps the default serving_input_signature, which '
      "reads the model's inputs, but its Net has none"),
 ], ids=['strategy', 'tpu_without_strategy', 'tpu_strategy_without_tpu',
         'config_key', 'variant', 'config_file', 'batch_not_divisible',
-        'config_type', 'optimizer', 'steps', 'eval_split', 'serving'])
+        'config_type', 'optimizer', 'steps', 'eval_split', 'cpu_devices',
+        'serving'])
 def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, args,
                                                         message):
   model_dir = tmp_path / 'run'

@@ -270,6 +270,12 @@ def run_request(flag_values) -> RunRequest:
   if f.num_cpu_devices < 1:
     raise UserError(f'flag --num_cpu_devices={f.num_cpu_devices} must be '
                     '>= 1')
+  if f.num_cpu_devices > 1 and f.strategy not in ('mirrored',
+                                                  'multi_worker_mirrored'):
+    raise UserError(f'flag --num_cpu_devices={f.num_cpu_devices} makes '
+                    'replicas only under --strategy=mirrored (or '
+                    f'multi_worker_mirrored), not --strategy={f.strategy}; '
+                    'add --strategy=mirrored')
   profile_steps = parse_profile_steps(f.profile_steps)
   code = f.retryable_exit_code
   if code is not None and (not 1 <= code <= 255 or code in PERMANENT_CODES):
