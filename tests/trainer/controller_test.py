@@ -367,6 +367,30 @@ def test_continuous_eval_evaluates_each_checkpoint_once(tmp_path):
   assert [json.loads(l)['step'] for l in lines] == [5, 10, 15, 20]
 
 
+def test_continuous_eval_says_which_checkpoint_was_deleted_unseen(
+    tmp_path, monkeypatch, caplog):
+  trainer = build(make_config(data='digits'))
+  controller_for(trainer, tmp_path, total_steps=15, checkpoint_every=5).train()
+  evaluator = build(make_config(data='digits'))
+  eval_controller = controller_for(evaluator, tmp_path, total_steps=20)
+  # ckpt-10 is still being written at the first look, and deleted (as
+  # max_to_keep does) before the second; no ckpt-20 comes.
+  complete = checkpointing.is_complete
+  monkeypatch.setattr(checkpointing, 'is_complete',
+                      lambda p: not p.endswith('ckpt-10') and complete(p))
+  now = [0.0]
+
+  def sleep(seconds):
+    checkpointing.remove(str(tmp_path / 'ckpt-10'))
+    now[0] += seconds
+  results = continuous_eval.run(
+      eval_controller, eval_controller.checkpointer, timeout_secs=5,
+      poll_secs=10, clock=lambda: now[0], sleep=sleep)
+  assert [step for step, _ in results] == [5, 15]
+  assert (f'{tmp_path}/ckpt-10 was deleted (checkpoint.max_to_keep) before '
+          'it could be evaluated; skipping it') in caplog.text
+
+
 def test_continuous_eval_stops_after_timeout_without_final(tmp_path):
   trainer = build(make_config(data='digits'))
   controller_for(trainer, tmp_path, total_steps=10, checkpoint_every=5).train()

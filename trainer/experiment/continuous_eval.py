@@ -22,11 +22,16 @@ def run(controller, checkpointer, *, timeout_secs: float,
   Returns:
     [(step, metrics)] for every evaluated checkpoint.
   """
-  done, results = set(), []
+  done, seen, results = set(), set(), []
   last_new = clock()
   while True:
-    pending = [p for p in checkpointing.checkpoint_paths(checkpointer.restore_directory)
-               if p not in done]
+    listed = checkpointing.checkpoint_paths(checkpointer.restore_directory)
+    for path in sorted(seen - done - set(listed)):
+      logging.warning('%s was deleted (checkpoint.max_to_keep) before it '
+                      'could be evaluated; skipping it', path)
+      done.add(path)
+    seen.update(listed)
+    pending = [p for p in listed if p not in done]
     for path in pending:
       if not checkpointing.is_complete(path):
         continue

@@ -213,9 +213,10 @@ class Checkpointer:
         status = tf.train.Checkpoint(step=self.trainer.global_step, **extra,
                                      **items).read(path)
         status.expect_partial().assert_existing_objects_matched()
-    logging.info('restored %s (step %d, data position %d)', path,
-                 int(self.trainer.global_step.numpy()),
-                 int(self.trainer.data_position.numpy()))
+    position = ('' if model_only else ', data position '
+                f'{int(self.trainer.data_position.numpy())}')
+    logging.info('restored %s (step %d%s)', path,
+                 int(self.trainer.global_step.numpy()), position)
 
 
 def tidy(directory: str, max_to_keep: int) -> None:
