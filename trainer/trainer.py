@@ -288,11 +288,11 @@ class Trainer:
     items = {'model': self.model}
     if self.ema:
       items['ema'] = self.ema.averages
-    seeds = randomness.seed_states(self.model, self)
-    if seeds:
+    if seeds := randomness.seed_states(self.model, self):
       items['rng'] = seeds
     if not model_only:
       items['optimizer'] = self.optimizer
       if self.loss_scale is not None:
         items['loss_scale'] = self.loss_scale
+        items['loss_scale_good_steps'] = self.loss_scaling.good_steps
     return items

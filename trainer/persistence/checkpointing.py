@@ -197,12 +197,18 @@ class Checkpointer:
     key) restores everything else; the generators keep their initial state.
     """
     items = self.trainer.checkpoint_items(model_only=model_only)
-    if 'rng' in items and not _has_key(path, 'rng'):
+    older = [k for k in ('rng', 'loss_scale_good_steps')
+             if k in items and not _has_key(path, k)]
+    if 'rng' in older:
       logging.warning('%s holds no random-number state (written with no '
                       'random layers, or by an older version): dropout and '
                       'other random layers start their streams afresh', path)
-      del items['rng']
-    elif not model_only:
+    if 'loss_scale_good_steps' in older:
+      logging.warning('%s holds no count of good steps of the loss scale '
+                      '(an older version): it counts afresh', path)
+    for key in older:
+      del items[key]
+    if not older and not model_only:
       items = None  # The whole checkpoint, as saved.
     with self.trainer.strategy.scope():
       if items is None:

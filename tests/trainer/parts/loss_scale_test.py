@@ -128,3 +128,31 @@ def test_a_step_that_bypasses_apply_gradients_is_refused_under_float16():
                      r"self.apply_gradients, which under train.precision="
                      r"'mixed_float16' skips the steps"):
     trainer.train(iterator, 1)
+
+
+def test_the_count_of_good_steps_is_checkpointed(tmp_path, caplog):
+  """The scale doubles after 2,000 good steps: a resumed run must go on
+  counting from where the checkpoint was, or it doubles later than the
+  uninterrupted run (other float16 rounding: not the same numbers)."""
+  config = make_config(precision='mixed_float16')
+  trainer = build(config, 1)
+  trainer.loss_scaling.good_steps.assign(1234)
+  trainer.loss_scale.assign(256.0)
+  checkpointing.Checkpointer(trainer, str(tmp_path / 'new'),
+                             async_save=False).save()
+  resumed = build(config, 1)
+  checkpointing.Checkpointer(resumed, str(tmp_path / 'new')).restore_latest()
+  assert int(resumed.loss_scaling.good_steps.numpy()) == 1234
+  assert float(resumed.loss_scale.numpy()) == 256.0
+  # A checkpoint written without the count (an older version) restores the
+  # rest, and says the count starts afresh.
+  older = tf.train.Checkpoint(
+      step=trainer.global_step, data_position=trainer.data_position,
+      **{k: v for k, v in trainer.checkpoint_items().items()
+         if k != 'loss_scale_good_steps'})
+  older.write(str(tmp_path / 'old' / 'ckpt-0'))
+  again = build(config, 1)
+  checkpointing.Checkpointer(again, str(tmp_path / 'old')).restore_latest()
+  assert float(again.loss_scale.numpy()) == 256.0
+  assert int(again.loss_scaling.good_steps.numpy()) == 0
+  assert 'holds no count of good steps of the loss scale' in caplog.text
