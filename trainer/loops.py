@@ -58,10 +58,11 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
           "train.precision='mixed_float16' skips the steps whose gradients "
           'overflow float16 and adjusts the loss scale: call it, or set '
           "train.precision='mixed_bfloat16' (no loss scaling needed)")
-    if status is None and train:
+    if status is None and train and not trainer.coordinated:
       # A train_step that bypassed apply_gradients: one all-reduce of its
       # loss's finiteness and the stop request, so that no replica or worker
-      # stops (or goes on) alone.
+      # stops (or goes on) alone. (Parameter-server workers step
+      # asynchronously: each decides for itself.)
       status = status_lib.reduced(loss, trainer.stop_requested)
     elif status is None:
       status = status_lib.local(loss, trainer.stop_requested)
