@@ -120,7 +120,9 @@ class Controller:
     self.evals = []
     self.best = (best_lib.BestCheckpoint(
         os.path.join(model_dir, 'best'), metric=options.best_metric,
-        mode=options.best_mode, patience=options.patience)
+        mode=options.best_mode, patience=options.patience,
+        read_from=checkpointer and os.path.join(
+            checkpointer.restore_directory, 'best'))
                  if options.best_metric and model_dir else None)
     self._meter = progress.Meter(trainer.global_batch_size,
                                  trainer.metric_names)
@@ -220,6 +222,8 @@ class Controller:
         # write in flight: main.py exits with os._exit, which would cut it.
         try:
           self.checkpointer.wait()
+        except preemption.Preempted:
+          pass  # The write is done; raised again at the next phase.
         except Exception as e:  # pylint: disable=broad-except
           logging.error('the last checkpoint write failed too: %s', e)
       raise

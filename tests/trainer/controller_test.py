@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from models.classifier import ClassifierTrainer
 from tests.trainer.trainer_test import make_config, strategy_for
+from trainer.persistence import best as best_lib
 from trainer.persistence import checkpointing
 from trainer.experiment import continuous_eval
 from trainer.persistence import preemption
@@ -284,10 +285,11 @@ def test_the_best_and_patience_outlive_a_restart(tmp_path, monkeypatch,
   # Pretend it died after the eval at 15, before its checkpoint: the
   # restart resumes at 10 and evaluates 15 again.
   checkpointing.remove(str(tmp_path / 'ckpt-15'))
-  second = scripted_controller(tmp_path, monkeypatch, [0.8, 0.7, 0.6, 0.99],
+  second = scripted_controller(tmp_path, monkeypatch, [0.8, 0.7, 0.6, 0.6],
                                total_steps=40, patience=3)
   assert second.step == 10
   second.train()
+  second.evaluate_and_track()  # The final eval, as run.py makes it.
   # 0.8 at 15 is no new best: the record is kept. Patience counts 15, 20,
   # 25 (the lost eval at 15 only once) and stops there.
   assert second.step == 25
@@ -303,12 +305,35 @@ def test_the_best_and_patience_outlive_a_restart(tmp_path, monkeypatch,
       '(step 10) for 3 evals (eval.patience=3); nothing to train' in caplog.text
   # With more patience it trains on, and a new best replaces the old one.
   fourth = scripted_controller(tmp_path, monkeypatch, [0.95], total_steps=35,
-                               patience=5)
+                               patience=4)
   fourth.train()
   record = json.loads((tmp_path / 'best' / 'record.json').read_text())
   assert (record['value'], record['step'], record['evals_since']) == (
       0.95, 30, [])
   assert saved_steps(tmp_path / 'best') == [30]
+
+
+def test_every_worker_reads_the_jobs_record_and_a_replay_counts_nothing(
+    tmp_path):
+  """A worker other than the chief writes its best/ privately but takes up
+  the job's record, as the chief does. A restart from before the best
+  (killed after it, resumed from an older checkpoint) recomputes evals the
+  run that found the best did not count against it."""
+  job = tmp_path / 'model_dir' / 'best'
+  job.mkdir(parents=True)
+  (job / 'record.json').write_text(json.dumps(
+      {'metric': 'accuracy', 'mode': 'max', 'value': 0.9, 'step': 1500,
+       'checkpoint': 'ckpt-1500', 'evals_since': []}))
+  best = best_lib.BestCheckpoint(str(tmp_path / 'own' / 'best'),
+                                 metric='accuracy', mode='max', patience=1,
+                                 read_from=str(job))
+  assert not best.stopped_early(1000)
+  assert not best.track(None, 1100, {'accuracy': 0.5})
+  assert not best.track(None, 1500, {'accuracy': 0.9})  # The same eval.
+  assert best.track(None, 1600, {'accuracy': 0.8})  # Patience 1: stop.
+  record = json.loads((tmp_path / 'own' / 'best' / 'record.json').read_text())
+  assert (record['value'], record['step'], record['evals_since']) == (
+      0.9, 1500, [1600])
 
 
 def test_sigterm_stops_mid_loop_and_saves(tmp_path):

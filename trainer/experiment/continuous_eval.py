@@ -26,11 +26,11 @@ def run(controller, checkpointer, *, timeout_secs: float,
   last_new = clock()
   while True:
     listed = checkpointing.checkpoint_paths(checkpointer.restore_directory)
-    for path in sorted(seen - done - set(listed)):
+    gone = seen - done - set(listed)
+    for path in sorted(gone, key=lambda p: int(p.rsplit('-', 1)[1])):
       logging.warning('%s was deleted (checkpoint.max_to_keep) before it '
                       'could be evaluated; skipping it', path)
-      done.add(path)
-    seen.update(listed)
+    seen = (seen - gone) | set(listed)  # Written again: evaluated then.
     pending = [p for p in listed if p not in done]
     for path in pending:
       if not checkpointing.is_complete(path):

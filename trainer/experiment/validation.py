@@ -63,7 +63,8 @@ def check(trainer, *, train: bool, eval_split: str | None,
     _check_split(trainer, 'train', training=True)
   if eval_split:
     _check_split(trainer, eval_split, training=False)
-  loops.build_streaming(trainer)  # Before any trace: it makes variables.
+  if train or eval_split:  # Export alone reads no data.
+    loops.build_streaming(trainer)  # Before any trace: it makes variables.
   if train:
     iterator = iter(trainer.distribute_dataset(
         'train', batch_size=trainer.global_batch_size,

@@ -19,16 +19,20 @@ class BestCheckpoint:
   """Keeps model_dir/best: the checkpoint with the best `metric`.
 
   Args:
-    directory: model_dir/best.
+    directory: model_dir/best (a worker's own directory on the others).
     metric: the eval metric that picks it.
     mode: 'max' or 'min'.
     patience: stop after this many evals without a new best (0: never).
+    read_from: where an earlier process's record is read (default
+      `directory`): the job's model_dir/best on every worker, so that all
+      take the same decisions.
   """
 
   def __init__(self, directory: str, *, metric: str, mode: str,
-               patience: int = 0):
+               patience: int = 0, read_from: str | None = None):
     self.directory, self.metric, self.mode = directory, metric, mode
     self.patience = patience
+    self._read_from = read_from or directory
     self.value = None
     self.step = None  # Of the best.
     self.evals_since = []  # Steps of the evals since the best.
@@ -44,8 +48,9 @@ class BestCheckpoint:
     if self._loaded:
       return
     self._loaded = True
+    path = os.path.join(self._read_from, 'record.json')
     try:
-      with open(self._record_path, encoding='utf-8') as f:
+      with open(path, encoding='utf-8') as f:
         record = json.load(f)
       kept = (record['metric'], record['mode'])
       value, best_step = float(record['value']), int(record['step'])
@@ -54,7 +59,7 @@ class BestCheckpoint:
       return
     except (OSError, ValueError, KeyError, TypeError) as e:
       logging.warning('cannot read %s (%s); the next eval starts a new best',
-                      self._record_path, e)
+                      path, e)
       return
     if kept != (self.metric, self.mode):
       logging.warning('%s keeps the best %s (%s); this run keeps the best %s '
@@ -80,12 +85,19 @@ class BestCheckpoint:
   def track(self, trainer, step: int, metrics: dict) -> bool:
     """Saves a new best; returns True when patience ran out."""
     self._load(step - 1)
+    # An eval of a step already counted (the final eval right after an early
+    # stop, steps recomputed after a NaN rollback) counts once.
+    self.evals_since = [s for s in self.evals_since if s < step]
     value = metrics[self.metric]
     better = (self.value is None or
               (value > self.value if self.mode == 'max' else value < self.value))
     if better:
       self.value, self.step, self.evals_since = value, step, []
       self._save(trainer, step)
+      return False
+    if step <= self.step:
+      # Recomputed after a restart from before the best: the run that found
+      # it did not count these against it.
       return False
     self.evals_since.append(step)
     self._write_record()
@@ -108,6 +120,7 @@ class BestCheckpoint:
         checkpointing.remove(old)
 
   def _write_record(self) -> None:
+    os.makedirs(self.directory, exist_ok=True)  # Before a first save here.
     run_record.write_json_atomically(self._record_path, {
         'metric': self.metric, 'mode': self.mode, 'value': self.value,
         'step': self.step, 'checkpoint': f'ckpt-{self.step}',
