@@ -80,17 +80,10 @@ class SequenceTrainer(Trainer):
     return {'accuracy': (tf.reduce_sum(correct, axis=-1) / tokens, tokens)}
 
 
-class TutorialTrainer(SequenceTrainer):
-  """The tutorial pattern: own tape, the loss scaled by the global batch,
-  then the optimizer's own apply_gradients (Keras sums across replicas)."""
-
-  def compute_loss(self, batch, outputs):  # Unweighted: per-token means.
-    loss, _ = super().compute_loss(batch, outputs)
-    return loss
-
-  def compute_metrics(self, batch, outputs):
-    accuracy, _ = super().compute_metrics(batch, outputs)['accuracy']
-    return {'accuracy': accuracy}
+class TutorialStep:
+  """The tutorial train step, mixed into a Trainer: its own tape, the loss
+  scaled by the global batch, then the optimizer's own apply_gradients
+  (Keras sums across replicas), bypassing Trainer.apply_gradients."""
 
   def train_step(self, batch):
     with tf.GradientTape() as tape:
@@ -105,6 +98,18 @@ class TutorialTrainer(SequenceTrainer):
 
   def variables_to_train(self):
     return self.trainable_variables
+
+
+class TutorialTrainer(TutorialStep, SequenceTrainer):
+  """The tutorial pattern on the sequence model (unweighted losses)."""
+
+  def compute_loss(self, batch, outputs):  # Unweighted: per-token means.
+    loss, _ = super().compute_loss(batch, outputs)
+    return loss
+
+  def compute_metrics(self, batch, outputs):
+    accuracy, _ = super().compute_metrics(batch, outputs)['accuracy']
+    return {'accuracy': accuracy}
 
 
 class WeightedTutorialTrainer(SequenceTrainer):
@@ -355,19 +360,8 @@ class KilledAtStep(classifier.ClassifierTrainer):
                                everywhere=True)]
 
 
-class TutorialKilledAtStep(KilledAtStep):
-  """KilledAtStep with the tutorial step: its own tape and the optimizer's
-  own apply_gradients, bypassing Trainer.apply_gradients."""
-
-  def train_step(self, batch):
-    with tf.GradientTape() as tape:
-      outputs = self.forward(batch, training=True)
-      per_example = self.compute_loss(batch, outputs)
-      loss = tf.nn.compute_average_loss(
-          per_example, global_batch_size=self.global_batch_size)
-    grads = tape.gradient(loss, self.trainable_variables)
-    self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-    return {'loss': per_example, **self.compute_metrics(batch, outputs)}
+class TutorialKilledAtStep(TutorialStep, KilledAtStep):
+  """KilledAtStep with the tutorial step."""
 
 
 class SubclassedModel(classifier.ClassifierTrainer):

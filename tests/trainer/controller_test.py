@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import sys
 import threading
 import time
 
@@ -13,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from models.classifier import ClassifierTrainer
+from tests import user_trainers
 from tests.trainer.trainer_test import make_config, strategy_for
 from trainer.persistence import best as best_lib
 from trainer.persistence import checkpointing
@@ -114,17 +114,6 @@ def test_a_failed_run_finishes_the_checkpoint_write_in_flight(tmp_path):
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-10')
 
 
-@pytest.fixture(name='sigterm_guard')
-def fixture_sigterm_guard():
-  """main.py's SIGTERM guard, outside the training loop's watcher."""
-  old, old_hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
-  preemption.install_guard()
-  yield
-  signal.signal(signal.SIGTERM, old)
-  sys.unraisablehook = old_hook
-  preemption._pending.clear()  # pylint: disable=protected-access
-
-
 def test_a_sigterm_during_the_last_write_keeps_it(tmp_path, sigterm_guard):
   """A SIGTERM while the final checkpoint is being written: the write
   completes and the Preempted error names it (the exit after would cut a
@@ -181,20 +170,10 @@ def test_nan_step_is_caught_on_two_replicas(tmp_path):
   assert all(np.all(np.isfinite(w)) for w in trainer.model.get_weights())
 
 
-class PoisonedTutorialTrainer(PoisonedTrainer):
+class PoisonedTutorialTrainer(user_trainers.TutorialStep, PoisonedTrainer):
   """The tutorial step (its own tape and optimizer call), with the NaN in
   the second replica's batch of step 7 only."""
   nan_at = 14
-
-  def train_step(self, batch):
-    with tf.GradientTape() as tape:
-      outputs = self.forward(batch, training=True)
-      per_example = self.compute_loss(batch, outputs)
-      loss = tf.nn.compute_average_loss(
-          per_example, global_batch_size=self.global_batch_size)
-    grads = tape.gradient(loss, self.trainable_variables)
-    self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-    return {'loss': per_example, **self.compute_metrics(batch, outputs)}
 
 
 def test_a_tutorial_step_stops_every_replica_at_the_nan_step(tmp_path):

@@ -13,17 +13,6 @@ import pytest
 from trainer.persistence import preemption
 
 
-@pytest.fixture
-def guard():
-  old, old_hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
-  preemption.install_guard()
-  yield
-  signal.signal(signal.SIGTERM, old)
-  sys.unraisablehook = old_hook
-  preemption._pending.clear()  # pylint: disable=protected-access
-  preemption.set_phase('start-up')
-
-
 class SigtermWhenCollected:
 
   def __del__(self):
@@ -32,8 +21,8 @@ class SigtermWhenCollected:
 
 
 def test_a_sigterm_dropped_in_a_finalizer_is_raised_at_the_next_phase(
-    guard, capfd):
-  del guard
+    sigterm_guard, capfd):
+  del sigterm_guard
   preemption.set_phase('restore')
   with warnings.catch_warnings():
     # pytest reports an exception Python dropped as this warning.
@@ -44,15 +33,17 @@ def test_a_sigterm_dropped_in_a_finalizer_is_raised_at_the_next_phase(
     preemption.set_phase('the final evaluation')
 
 
-def test_installing_the_guard_again_wraps_the_unraisable_hook_once(guard):
-  del guard
+def test_installing_the_guard_again_wraps_the_unraisable_hook_once(
+    sigterm_guard):
+  del sigterm_guard
   hook = sys.unraisablehook
   preemption.install_guard()
   assert sys.unraisablehook is hook
 
 
-def test_a_sigterm_dropped_before_training_stops_it_at_the_start(guard):
-  del guard
+def test_a_sigterm_dropped_before_training_stops_it_at_the_start(
+    sigterm_guard):
+  del sigterm_guard
   SigtermWhenCollected()
   with pytest.raises(preemption.Preempted, match='during start-up'):
     with preemption.SigtermWatcher(lambda: None):
