@@ -59,11 +59,13 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
           'overflow float16 and adjusts the loss scale: call it, or set '
           "train.precision='mixed_bfloat16' (no loss scaling needed)")
     if status is None and train and not trainer.coordinated:
-      # A train_step that bypassed apply_gradients: one all-reduce of its
-      # loss's finiteness and the stop request, so that no replica or worker
-      # stops (or goes on) alone. (Parameter-server workers step
-      # asynchronously: each decides for itself.)
-      status = status_lib.reduced(loss, trainer.stop_requested)
+      # A train_step that bypassed apply_gradients: one all-reduce of the
+      # finiteness of its loss and of the weights it updated, and of the
+      # stop request, so that no replica or worker stops (or goes on) alone.
+      # (Parameter-server workers step asynchronously: each decides for
+      # itself.)
+      status = status_lib.reduced(loss, trainer.stop_requested,
+                                  trainer.trainable_variables)
     elif status is None:
       status = status_lib.local(loss, trainer.stop_requested)
     extras = {}

@@ -187,6 +187,29 @@ def test_a_tutorial_step_stops_every_replica_at_the_nan_step(tmp_path):
   assert controller.step == 6
 
 
+class MaskedLossTutorialTrainer(PoisonedTutorialTrainer):
+  """Masks non-finite per-example losses to 0, as users do: the loss stays
+  finite while the gradient (through tf.where) is NaN."""
+
+  def compute_loss(self, batch, outputs):
+    loss = super().compute_loss(batch, outputs)
+    return tf.where(tf.math.is_finite(loss), loss, 0.0)
+
+
+@pytest.mark.parametrize('replicas', [1, 2])
+def test_a_tutorial_step_with_a_finite_loss_and_nan_weights_stops(
+    tmp_path, replicas):
+  # The loss says nothing: the weights the step's own update left are
+  # checked (after the update, or it would be seen a step late).
+  trainer = build(make_config(), MaskedLossTutorialTrainer, replicas=replicas)
+  trainer.nan_at = 7 * replicas
+  controller = controller_for(trainer, tmp_path, total_steps=30)
+  with pytest.raises(NonFiniteLoss, match=r'^non-finite loss or gradient '
+                     r'norm at step 7; no checkpoint was written after it'):
+    controller.train()
+  assert controller.step == 6
+
+
 def test_nan_recovery_restores_and_skips_the_bad_batch(tmp_path):
   trainer = build(make_config(), PoisonedTrainer)
   controller = controller_for(trainer, tmp_path, total_steps=30,

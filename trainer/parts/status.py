@@ -51,13 +51,20 @@ def agreed(*, finite, stop, loss_finite=None):
   return tf.where(finite, tf.where(stop > 0, STOP_REQUESTED, OK), bad)
 
 
-def reduced(loss, stop_requested):
+def reduced(loss, stop_requested, variables=()):
   """The status of a training step that did not go through
-  Trainer.apply_gradients: the finiteness of its loss and the stop request,
-  summed over every replica and worker in one all-reduce (replica context),
-  so all of them take the same decision."""
-  bad = tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(loss))),
-                tf.float32)
+  Trainer.apply_gradients: the finiteness of its loss and of `variables`
+  (read after the step's own update) and the stop request, summed over every
+  replica and worker in one all-reduce (replica context), so all of them
+  take the same decision.
+
+  The weights are checked because a finite loss does not make a finite
+  gradient: a fused MatMul+BiasAdd+Relu turns NaN inputs into 0 on some CPUs
+  (oneDNN, AVX-512), and its gradient is then NaN.
+  """
+  finite = [tf.reduce_all(tf.math.is_finite(loss))]
+  finite += [tf.reduce_all(tf.math.is_finite(v)) for v in variables]
+  bad = tf.cast(tf.logical_not(tf.reduce_all(tf.stack(finite))), tf.float32)
   # tf.identity places the read on this replica's device (as in step.py).
   flags = tf.distribute.get_replica_context().all_reduce(
       tf.distribute.ReduceOp.SUM,
