@@ -81,7 +81,7 @@ def main(argv):
     print(request.config)
     return
   try:
-    cli.check_model_dir(request.model_dir, request.mode)
+    cli.check_model_dir(request.model_dir, request.mode, request.chief)
   except errors.UserError as e:
     errors.fail(str(e))
   try:

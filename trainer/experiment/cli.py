@@ -31,6 +31,7 @@ from trainer.cluster import STRATEGIES
 from trainer.cluster import asynchronous
 from trainer.cluster import tf_config
 from trainer.errors import UserError
+from trainer.persistence import run_lock
 
 MODES = ('train', 'eval', 'train_and_eval', 'continuous_eval', 'export')
 # Exit statuses a job manager must not retry: a bad command (UserError) and
@@ -239,6 +240,9 @@ class RunRequest:
   retryable_exit_code: int | None = None
   # 'worker' or 'ps': a parameter-server task that only serves the chief.
   serves: str = ''
+  # Whether this process writes model_dir (False: another worker of a
+  # cluster, which writes a private directory).
+  chief: bool = True
 
 
 def run_request(flag_values) -> RunRequest:
@@ -285,7 +289,7 @@ def run_request(flag_values) -> RunRequest:
                     '143 for a TFJob that retries 128-255')
   tf_config.set_from_flags(f.worker_hosts, f.task_index, strategy=f.strategy)
   mode, strategy = f.mode, f.strategy
-  serves = ''
+  serves, role = '', 'chief'
   if strategy in ('multi_worker_mirrored', 'parameter_server'):
     # Validated now: TensorFlow would wait forever.
     role = tf_config.role(tf_config.from_environ(strategy=strategy))
@@ -314,7 +318,8 @@ def run_request(flag_values) -> RunRequest:
           config_flags.get_config_filename(f['config'])),
       tpu_timeout=f.tpu_timeout, num_cpu_devices=f.num_cpu_devices,
       cluster_timeout=f.cluster_timeout, deterministic=f.deterministic,
-      profile_steps=profile_steps, retryable_exit_code=code, serves=serves)
+      profile_steps=profile_steps, retryable_exit_code=code, serves=serves,
+      chief=role == 'chief')
 
 
 def _check_parameter_server(f) -> None:
@@ -331,11 +336,14 @@ def _check_parameter_server(f) -> None:
                     'multi_worker_mirrored')
 
 
-def check_model_dir(model_dir: str, mode: str) -> None:
-  """Refuses a --model_dir that cannot serve `mode`, before TensorFlow.
+def check_model_dir(model_dir: str, mode: str, chief: bool = True) -> None:
+  """Refuses a --model_dir that cannot serve `mode`, before TensorFlow: for
+  training also one that another training run holds (when this process is
+  the one that will write it, `chief`).
 
   Creates nothing: training makes the directory only once the Trainer has
-  passed validation (trainer/experiment/run.py probes it again then).
+  passed validation (trainer/experiment/run.py probes it again then, and
+  takes the lock).
   """
   if '://' in model_dir:
     # run.json, config.json, goodput, eval records and the cleanup of
@@ -360,6 +368,8 @@ def check_model_dir(model_dir: str, mode: str) -> None:
   elif not os.access(existing, os.W_OK | os.X_OK):
     problem = f'{existing!r} is not writable'
   else:
+    if chief:
+      run_lock.check_free(model_dir)
     return
   raise UserError(f'flag --model_dir={model_dir!r} is not a writable '
                   f'directory ({problem}); pass a directory you can write to')

@@ -34,10 +34,7 @@ def take(model_dir: str) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
     os.close(fd)
-    raise UserError(
-        f'flag --model_dir={model_dir!r} is in use by another training run '
-        f'({_holder(model_dir)}); wait for it to end or stop it, or pass '
-        'another --model_dir') from None
+    raise _in_use(model_dir) from None
   except OSError as e:  # A file system without locks (some network mounts).
     os.close(fd)
     logging.warning('cannot lock --model_dir=%s (%s); nothing stops a second '
@@ -45,6 +42,34 @@ def take(model_dir: str) -> None:
                     e.strerror)
     return
   _held[model_dir] = fd
+
+
+def check_free(model_dir: str) -> None:
+  """Refuses an existing `model_dir` that another run holds, taking nothing
+  (main.py asks before importing TensorFlow, so a second run into a busy
+  model_dir is told in a second; take() decides later).
+
+  Raises:
+    UserError: another process holds it.
+  """
+  if model_dir in _held or not os.path.isdir(model_dir):
+    return
+  fd = os.open(model_dir, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    raise _in_use(model_dir) from None
+  except OSError:
+    pass  # No locks here: take() warns.
+  finally:
+    os.close(fd)  # Drops the lock if it was taken.
+
+
+def _in_use(model_dir: str) -> UserError:
+  return UserError(
+      f'flag --model_dir={model_dir!r} is in use by another training run '
+      f'({_holder(model_dir)}); wait for it to end or stop it, or pass '
+      'another --model_dir')
 
 
 def release(model_dir: str) -> None:

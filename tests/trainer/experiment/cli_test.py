@@ -65,6 +65,43 @@ def test_a_bad_flag_or_key_exits_2_without_importing_tensorflow(args,
   assert message in line
 
 
+HOLD_LOCK = textwrap.dedent('''
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print('locked', flush=True)
+    time.sleep(120)
+''')
+
+
+def test_a_model_dir_in_use_is_refused_before_importing_tensorflow(
+    tmp_path):
+  """A second training run into a locked model_dir stops at once; other
+  workers of a cluster and readers are not refused by it."""
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(model_dir)],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'locked\n'
+    result = subprocess.run(
+        [sys.executable, '-c', PROBE, '--config=configs/digits_mlp.py:smoke',
+         f'--model_dir={model_dir}'], capture_output=True, text=True,
+        cwd=runner.REPO, timeout=60, check=False)
+    assert result.stdout.strip() == 'exit 2 False', result.stderr[-2000:]
+    assert runner.error_lines(result.stderr) == [
+        f"error: flag --model_dir='{model_dir}' is in use by another "
+        f'training run (pid {holder.pid}); wait for it to end or stop it, or '
+        'pass another --model_dir']
+    cli.check_model_dir(str(model_dir), 'train', chief=False)
+    cli.check_model_dir(str(model_dir), 'eval')
+  finally:
+    holder.kill()
+    holder.wait()
+  cli.check_model_dir(str(model_dir), 'train')  # Free again.
+  assert os.listdir(model_dir) == []
+
+
 MODULE = '''
 import tensorflow as tf
 from trainer.trainer import Trainer
