@@ -21,14 +21,16 @@ strategies.configure_cpu_devices(NUM_CPU_DEVICES)
 
 @pytest.fixture(name='sigterm_guard')
 def fixture_sigterm_guard():
-  """main.py's SIGTERM guard, installed outside any training loop's watcher
+  """main.py's SIGTERM and SIGINT guard, installed outside any training loop's watcher
   and taken down after the test."""
   # pylint: disable=import-outside-toplevel,protected-access
   from trainer.persistence import preemption
-  old, old_hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+  old = {s: signal.getsignal(s) for s in preemption.SIGNALS}
+  old_hook = sys.unraisablehook
   preemption.install_guard()
   yield
-  signal.signal(signal.SIGTERM, old)
+  for signum, handler in old.items():
+    signal.signal(signum, handler)
   sys.unraisablehook = old_hook
   preemption._pending.clear()
   preemption.set_phase('start-up')

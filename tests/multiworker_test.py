@@ -161,7 +161,14 @@ def test_hand_written_tf_config_matches_one_process(tmp_path):
   assert glob.glob(str(tmp_path / 'mw' / 'continuous_eval' / 'events.*'))
 
 
-def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT],
+                         ids=['sigterm', 'ctrl_c'])
+def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path,
+                                                                signum):
+  """SIGTERM (a preemption) or SIGINT (Ctrl-C in the launcher's terminal)
+  is forwarded to both workers, which save at the same step and exit 42 or
+  130; the launcher exits with that status. (The resume is checked after
+  SIGTERM; after SIGINT it is the same restore.)"""
   long_run = ('--config=configs/digits_mlp.py:smoke', '--deterministic',
               '--config.train.steps=800', '--config.train.steps_per_loop=800',
               '--config.checkpoint.every_steps=0', MWMS)
@@ -188,18 +195,24 @@ def test_sigterm_to_launcher_preempts_every_worker_then_resumes(tmp_path):
     time.sleep(0.2)
   # A second later both are inside the 800-step (~4-6 s) loop.
   time.sleep(1)
-  job.send_signal(signal.SIGTERM)
+  job.send_signal(signum)
   signalled = time.monotonic()
   job.wait(timeout=120)
   stderr = log.read_text()
-  assert job.returncode == 42, stderr[-4000:]
+  message, code = {signal.SIGTERM: ('preempted by SIGTERM', 42),
+                   signal.SIGINT: ('interrupted by SIGINT (Ctrl-C)', 130)}[
+                       signum]
+  assert job.returncode == code, stderr[-4000:]
   assert time.monotonic() - signalled < 30
-  assert stderr.count('preempted by SIGTERM') == 2, '\n'.join(
+  assert stderr.count(message) == 2, '\n'.join(
       line for line in stderr.splitlines()
-      if 'SIGTERM' in line or 'rror' in line or 'launch:' in line)
+      if 'SIG' in line or 'rror' in line or 'launch:' in line)
+  assert 'Traceback' not in stderr
   (saved,) = glob.glob(str(model_dir / 'ckpt-*.index'))
   step = int(saved.rsplit('-', 1)[1].split('.')[0])
   assert 0 < step < 800
+  if signum == signal.SIGINT:
+    return
   resumed, reference = run_launchers(
       (*long_run, f'--model_dir={model_dir}'),
       (*long_run, f'--model_dir={tmp_path / "ref"}'))

@@ -270,10 +270,19 @@ def test_kill_9_at_random_points_then_resume_is_bitwise_identical(
   assert len(rng_keys) == (2 if KILL_FLAGS[strategy] else 0)  # 2 Dropouts.
 
 
-@pytest.mark.parametrize('strategy', ['default', 'mirrored2'])
+# What a run stopped by each signal prints and exits with.
+STOPPED_BY = {signal.SIGTERM: ('preempted by SIGTERM', 42),
+              signal.SIGINT: ('interrupted by SIGINT (Ctrl-C)', 130)}
+
+
+@pytest.mark.parametrize('strategy, signum', [
+    ('default', signal.SIGTERM), ('mirrored2', signal.SIGTERM),
+    ('default', signal.SIGINT)], ids=['default', 'mirrored2', 'ctrl_c'])
 def test_sigterm_saves_and_exits_42_then_resume_is_bitwise_identical(
-    tmp_path, strategy, started):
+    tmp_path, strategy, signum, started):
+  """SIGTERM (a preemption) or SIGINT (Ctrl-C) mid inner loop."""
   steps, delay_factor = SIGTERM_RUNS[strategy]
+  stopped_by, exit_code = STOPPED_BY[signum]
   # One inner loop of all the steps and no periodic checkpoint: the only
   # checkpoint before the end is the one SIGTERM makes, mid inner loop.
   args = (FULL, '--deterministic', *STRATEGY_FLAGS[strategy],
@@ -290,17 +299,17 @@ def test_sigterm_saves_and_exits_42_then_resume_is_bitwise_identical(
            what="the 'TensorBoard summaries in' log line")
   time.sleep(delay_factor * (time.monotonic() - start))
   assert run.poll() is None, run.tail()
-  os.kill(run.pid, signal.SIGTERM)
+  os.kill(run.pid, signum)
   sent = time.monotonic()
   saved_after = None  # Seconds to the log line written once the save is done.
   while run.poll() is None:
-    if saved_after is None and 'preempted by SIGTERM' in run.stderr():
+    if saved_after is None and stopped_by in run.stderr():
       saved_after = time.monotonic() - sent
     assert time.monotonic() - sent < TIMEOUT, run.tail()
     time.sleep(0.01)
   exited_after = time.monotonic() - sent
 
-  assert run.poll() == 42, run.tail()
+  assert run.poll() == exit_code, run.tail()
   assert (saved_after or exited_after) < 5, (
       f'checkpoint saved {saved_after or exited_after:.1f} s after SIGTERM')
   assert exited_after < EXIT_SECONDS[strategy], (
@@ -308,10 +317,10 @@ def test_sigterm_saves_and_exits_42_then_resume_is_bitwise_identical(
   (saved,) = checkpoint_steps(model_dir)
   assert 0 < saved < steps, f'saved ckpt-{saved} of a {steps}-step inner loop'
   stderr = run.stderr()
-  assert lines_with(stderr, 'SIGTERM received')
-  assert lines_with(stderr, f'preempted by SIGTERM during training: saved '
-                    f'{model_dir}/ckpt-'
-                    f'{saved} at step {saved}')
+  assert lines_with(stderr, f'{signal.Signals(signum).name} received')
+  assert lines_with(stderr, f'{stopped_by} during training: saved '
+                    f'{model_dir}/ckpt-{saved} at step {saved}')
+  assert 'Traceback' not in stderr
 
   reference = Logged(tmp_path, 'reference', *args,
                      f'--model_dir={reference_dir}')

@@ -142,7 +142,8 @@ class Controller:
     """Trains to total_steps; returns the last inner loop's metrics.
 
     Raises:
-      preemption.Preempted: SIGTERM arrived; a checkpoint has been saved.
+      preemption.Preempted: SIGTERM or SIGINT arrived; a checkpoint has
+        been saved.
       NonFiniteLoss: a non-finite step and no retries left; nothing saved.
     """
     if self.step >= self.total_steps:
@@ -173,13 +174,13 @@ class Controller:
         main_metric=(trainer.metric_names or ('',))[0],
         every_secs=self.options.log_every_secs)
     try:
-      with preemption.SigtermWatcher(self._request_stop) as watcher:
+      with preemption.SignalWatcher(self._request_stop) as watcher:
         logging.info('training from step %d to step %d (from here on, '
-                     'SIGTERM stops after the step in flight)', self.step,
-                     self.total_steps)
+                     'SIGTERM or Ctrl-C stops after the step in flight)',
+                     self.step, self.total_steps)
         while self.step < self.total_steps:
           if status_lib.host_stops(watcher.requested, trainer.strategy):
-            self._preempt()
+            self._preempt(watcher.signum)
           metrics, seconds, untimed = self._train_loop(iterator)
           self.history.append((self.step, metrics))
           status = metrics.pop('status')
@@ -194,7 +195,7 @@ class Controller:
           self._meter.add(metrics, seconds, untimed)
           if (status == status_lib.STOP_REQUESTED or
               status_lib.host_stops(watcher.requested, trainer.strategy)):
-            self._preempt()
+            self._preempt(watcher.signum)
           if not metrics['steps']:
             continue  # All skipped (loss scale overflow): no boundary passed.
           if self._due(self.options.summary_every):
@@ -214,7 +215,7 @@ class Controller:
           with self.ledger.timed('checkpoints'):
             self.checkpointer.wait()  # A SIGTERM meanwhile: preempt below.
         if status_lib.any_worker(watcher.requested, trainer.strategy):
-          self._preempt()  # After the last step: saved, now preempt.
+          self._preempt(watcher.signum)  # After the last step: saved, now preempt.
         self._run_actions('end')
     except BaseException:
       if self.checkpointer:
@@ -335,7 +336,7 @@ class Controller:
     with self.trainer.strategy.scope():
       self.trainer.stop_requested.assign(1.0)
 
-  def _preempt(self):
+  def _preempt(self, signum):
     if self.options.summary_every and self._meter.steps:
       self._write_train_summary()  # At the checkpoint's step: no orphans.
     path = None
@@ -347,7 +348,7 @@ class Controller:
       path = self.checkpointer.job_path(self.step)
     self._run_actions('preemption')
     logging.info('%s', self.ledger.finish())
-    raise preemption.Preempted(self.step, path)
+    raise preemption.Preempted(self.step, path, signum=signum)
 
   def _run_actions(self, event: str, metrics=None):
     writer = self.eval_writer if event == 'eval' else self.train_writer

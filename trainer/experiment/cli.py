@@ -122,9 +122,8 @@ def variants(module) -> tuple[str, ...]:
 
 
 def exit_preempted(error, retryable_exit_code=None):
-  """Logs a Preempted error and exits with the retryable status."""
-  from trainer.persistence import preemption  # pylint: disable=import-outside-toplevel
-  code = retryable_exit_code or preemption.EXIT_CODE
+  """Logs a Preempted error and exits with its status."""
+  code = error.exit_code(retryable_exit_code)
   logging.warning('%s (exit status %d)', error, code)
   logging.flush()
   os._exit(code)  # pylint: disable=protected-access

@@ -50,7 +50,7 @@ MODES = cli.MODES
 def main(request: cli.RunRequest) -> None:
   """Runs the request and exits with its status (see the README's table):
   0 done, 2 a bad flag/config/input (one line), 3 a non-finite loss, 42
-  preempted, 75 a worker of the cluster failed."""
+  preempted, 75 a worker of the cluster failed, 130 Ctrl-C."""
   if request.serves:  # A worker or ps task of a parameter-server cluster.
     try:
       code = parameter_server.serve(request.retryable_exit_code or
@@ -74,7 +74,7 @@ def main(request: cli.RunRequest) -> None:
   except UserError as e:
     errors.fail(str(e))
   except preemption.Preempted as e:
-    code = request.retryable_exit_code or preemption.EXIT_CODE
+    code = e.exit_code(request.retryable_exit_code)
     logging.warning('%s (exit status %d)', e, code)
     _exit(code, request)
   except controller_lib.NonFiniteLoss as e:

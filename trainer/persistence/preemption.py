@@ -7,15 +7,21 @@ imported), makes SIGTERM outside the training loop - start-up, restore, the
 first trace, the final eval, export - raise `Preempted` in the main thread:
 there is no progress since the last checkpoint to save then, so the run
 exits at once with the retryable status. During training the controller's
-`SigtermWatcher` takes over. The training loop runs inside one tf.function of
+`SignalWatcher` takes over. The training loop runs inside one tf.function of
 up to `steps_per_loop` steps, during which Python runs no signal handler in
 the main thread. So Python's signal wake-up fd is pointed at a socket that a
 watcher thread reads: the thread runs while the tf.function does (TensorFlow
 releases the GIL) and sets the trainer's `stop_requested` variable, which the
 replica step reads every step. The step's all-reduce makes every replica and
 worker stop after the same step.
+
+SIGINT (Ctrl-C) is handled the same way, with its own message and exit
+status 130 (the shell's for Ctrl-C): the run saves and stops instead of
+dying with a traceback. A second SIGINT during training exits at once
+without waiting for the save (a job stuck on a lost worker, say).
 """
 
+import os
 import signal
 import socket
 import sys
@@ -29,29 +35,49 @@ from absl import logging
 EXIT_CODE = 42
 
 
+# Ctrl-C: the shell's status for a process ended by SIGINT.
+INTERRUPTED_EXIT_CODE = 130
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class Preempted(Exception):
-  """A SIGTERM ended the run; raised once anything to save is saved.
+  """A SIGTERM (or SIGINT) ended the run; raised once anything to save is
+  saved.
 
   Args:
-    step: the step saved, or None: SIGTERM came outside training, where
+    step: the step saved, or None: the signal came outside training, where
       there was nothing new to save.
     path: the checkpoint written, or None.
     phase: where the run was, for the message.
+    signum: the signal; SIGINT is an interruption by hand (Ctrl-C). None:
+      SIGTERM, or another worker's signal.
   """
 
-  def __init__(self, step=None, path=None, phase: str = 'training'):
+  def __init__(self, step=None, path=None, phase: str = 'training',
+               signum=None):
     if path:
       what = f'saved {path} at step {step}'
     else:
       what = 'nothing new to save since the last checkpoint'
-    super().__init__(f'preempted by SIGTERM during {phase}: {what}; the '
-                     'job is to be restarted and resume from the newest '
-                     'checkpoint')
+    if signum == signal.SIGINT:
+      message = (f'interrupted by SIGINT (Ctrl-C) during {phase}: {what}; '
+                 'run the same command to resume from the newest checkpoint')
+    else:
+      message = (f'preempted by SIGTERM during {phase}: {what}; the job is '
+                 'to be restarted and resume from the newest checkpoint')
+    super().__init__(message)
     self.step, self.path, self.phase = step, path, phase
+    self.signum = signum
+
+  def exit_code(self, retryable_exit_code=None) -> int:
+    """130 for Ctrl-C; else 42, or the job's retryable status."""
+    if self.signum == signal.SIGINT:
+      return INTERRUPTED_EXIT_CODE
+    return retryable_exit_code or EXIT_CODE
 
 
 _phase = ['start-up']
-# The phase of a SIGTERM the guard raised Preempted for. Python runs a
+# (phase, signal) of a signal the guard raised Preempted for. Python runs a
 # signal handler between any two bytecodes, also inside a finalizer or a
 # weakref callback, where an exception is printed and dropped: the next
 # set_phase (or training's start) raises it again.
@@ -72,18 +98,21 @@ def set_phase(phase: str) -> None:
 def raise_pending() -> None:
   """Raises the Preempted of a SIGTERM whose first raise was dropped."""
   if _pending:
-    raise Preempted(phase=_pending[0])
+    raise Preempted(phase=_pending[0][0], signum=_pending[0][1])
 
 
 def install_guard() -> None:
-  """From now on, SIGTERM outside the training loop raises Preempted in
-  the main thread (call in the main thread, as early as possible)."""
+  """From now on, SIGTERM or SIGINT outside the training loop raises
+  Preempted in the main thread (call in the main thread, as early as
+  possible)."""
   def guard(signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received during %s', _phase[0])
-    _pending[:] = [_phase[0]]
-    raise Preempted(phase=_phase[0])
-  signal.signal(signal.SIGTERM, guard)
+    del frame
+    logging.warning('%s received during %s', signal.Signals(signum).name,
+                    _phase[0])
+    _pending[:] = [(_phase[0], signum)]
+    raise Preempted(phase=_phase[0], signum=signum)
+  for signum in SIGNALS:
+    signal.signal(signum, guard)
   if getattr(sys.unraisablehook, 'hides_preempted', False):
     return  # Installed by an earlier call: wrap the hook once only.
   print_unraisable = sys.unraisablehook
@@ -96,18 +125,20 @@ def install_guard() -> None:
   sys.unraisablehook = unraisable
 
 
-class SigtermWatcher:
-  """Context manager: while active, SIGTERM calls `on_sigterm` from a thread.
+class SignalWatcher:
+  """Context manager: while active, SIGTERM or SIGINT calls `on_signal`
+  from a thread (once); a second SIGINT exits the process at once.
 
   Must be entered in the main thread (Python installs signal handlers only
-  there). `requested` is True once a SIGTERM has arrived.
+  there). `requested` is True once either signal has arrived, `signum` is
+  the first one.
   """
 
-  def __init__(self, on_sigterm):
-    self._on_sigterm = on_sigterm
-    self._signalled = False  # Set by the handler, in the main thread.
-    self._triggered = False  # Set by the watcher thread.
-    self._old_handler = None
+  def __init__(self, on_signal):
+    self._on_signal = on_signal
+    self._signalled = None  # Set by the handler, in the main thread.
+    self._triggered = None  # Set by the watcher thread.
+    self._old_handlers = {}
     self._old_fd = None
     self._thread = None
     self._reader = self._writer = None
@@ -118,14 +149,15 @@ class SigtermWatcher:
     self._writer.setblocking(False)
     self._old_fd = signal.set_wakeup_fd(self._writer.fileno(),
                                         warn_on_full_buffer=False)
-    self._old_handler = signal.signal(signal.SIGTERM, self._handler)
+    self._old_handlers = {s: signal.signal(s, self._handler) for s in SIGNALS}
     self._thread = threading.Thread(target=self._watch, daemon=True,
-                                    name='sigterm-watcher')
+                                    name='signal-watcher')
     self._thread.start()
     return self
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._old_handler)
+    for signum, handler in self._old_handlers.items():
+      signal.signal(signum, handler)
     signal.set_wakeup_fd(self._old_fd)
     self._writer.close()  # Ends the watcher's recv.
     self._thread.join(timeout=5)
@@ -134,7 +166,12 @@ class SigtermWatcher:
 
   @property
   def requested(self) -> bool:
-    return self._signalled or self._triggered
+    return bool(self._signalled or self._triggered)
+
+  @property
+  def signum(self):
+    """The first signal received (SIGTERM or SIGINT), or None."""
+    return self._triggered or self._signalled
 
   def _handler(self, signum, frame):
     # Runs in the main thread between any two Python bytecodes, possibly
@@ -142,8 +179,8 @@ class SigtermWatcher:
     # so it only marks the request for the main thread's next check: the
     # same signal wakes the watcher thread through the wakeup fd, and
     # `_trigger` runs there, outside any graph.
-    del signum, frame
-    self._signalled = True
+    del frame
+    self._signalled = self._signalled or signum
 
   def _watch(self):
     while True:
@@ -153,12 +190,22 @@ class SigtermWatcher:
         return
       if not data:
         return
-      if signal.SIGTERM in data:
-        self._trigger()
+      for signum in data:
+        if signum in SIGNALS:
+          self._trigger(signal.Signals(signum))
 
-  def _trigger(self):
-    if not self._triggered:
-      self._triggered = True
-      logging.warning('SIGTERM received: stopping after the step in flight '
-                      'to save a checkpoint')
-      self._on_sigterm()
+  def _trigger(self, signum):
+    if self._triggered:
+      if signum == signal.SIGINT:
+        # "Now": the stop after the step in flight is taking too long.
+        logging.error('second SIGINT: exiting now, without waiting for the '
+                      'save (exit status %d)', INTERRUPTED_EXIT_CODE)
+        logging.flush()
+        os._exit(INTERRUPTED_EXIT_CODE)  # pylint: disable=protected-access
+      return
+    self._triggered = signum
+    logging.warning('%s received: stopping after the step in flight to save '
+                    'a checkpoint%s', signum.name,
+                    ' (Ctrl-C again: exit now without saving)'
+                    if signum == signal.SIGINT else '')
+    self._on_signal()

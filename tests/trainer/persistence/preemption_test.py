@@ -4,12 +4,15 @@ not printed where it was dropped."""
 
 import os
 import signal
+import subprocess
 import sys
+import textwrap
 import time
 import warnings
 
 import pytest
 
+from tests import runner
 from trainer.persistence import preemption
 
 
@@ -46,5 +49,51 @@ def test_a_sigterm_dropped_before_training_stops_it_at_the_start(
   del sigterm_guard
   SigtermWhenCollected()
   with pytest.raises(preemption.Preempted, match='during start-up'):
-    with preemption.SigtermWatcher(lambda: None):
+    with preemption.SignalWatcher(lambda: None):
       pytest.fail('training started after a SIGTERM')
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(sigterm_guard):
+  del sigterm_guard
+  preemption.set_phase('restore')
+  with pytest.raises(preemption.Preempted) as raised:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+  assert str(raised.value) == (
+      'interrupted by SIGINT (Ctrl-C) during restore: nothing new to save '
+      'since the last checkpoint; run the same command to resume from the '
+      'newest checkpoint')
+  assert raised.value.exit_code(retryable_exit_code=143) == 130
+  assert preemption.Preempted().exit_code(retryable_exit_code=143) == 143
+
+
+# A process in a training loop's watcher whose stop request never ends (as
+# when a lost worker blocks the all-reduce).
+STUCK = textwrap.dedent('''
+    import time
+    from trainer.persistence import preemption
+    with preemption.SignalWatcher(lambda: print('stop requested', flush=True)):
+      print('watching', flush=True)
+      while True:
+        time.sleep(1)
+''')
+
+
+def test_a_second_ctrl_c_exits_at_once_without_saving():
+  stuck = subprocess.Popen([sys.executable, '-c', STUCK],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, cwd=runner.REPO)
+  try:
+    assert stuck.stdout.readline() == 'watching\n'
+    stuck.send_signal(signal.SIGINT)
+    assert stuck.stdout.readline() == 'stop requested\n'
+    assert stuck.poll() is None  # Waits for the stop after the step.
+    stuck.send_signal(signal.SIGINT)
+    _, stderr = stuck.communicate(timeout=60)
+  finally:
+    stuck.kill()
+  assert stuck.returncode == 130, stderr
+  assert 'SIGINT received: stopping after the step in flight' in stderr
+  assert ('second SIGINT: exiting now, without waiting for the save (exit '
+          'status 130)') in stderr
+  assert 'Traceback' not in stderr
