@@ -98,7 +98,8 @@ def one_batch_gradients(trainer, batch):
     loss, weight = contracts.per_example(
         autograph.user(trainer.compute_loss)(batch, outputs), where=where,
         size=size)
-    scaled = _global_batch_share(loss, weight, trainer.global_batch_size)
+    scaled = data_loss = _global_batch_share(loss, weight,
+                                             trainer.global_batch_size)
     # Read after the forward pass: weight regularizers, and the activity
     # regularizers and add_loss() of this call.
     model_losses = trainer.model.losses
@@ -113,6 +114,9 @@ def one_batch_gradients(trainer, batch):
       if weight is None:
         scaled += regularization
     objective = scaled if scaling is None else scaling.scale_loss(scaled)
+  if regularized and weight is None:
+    # The penalty has gradients whatever the loss: check the loss alone.
+    _check_has_gradient(tape, data_loss, outputs, variables, where)
   summed = {'grads': _gradients(tape, objective, variables, scaling,
                                where=where),
             'loss': scaled}
@@ -157,14 +161,30 @@ def _global_batch_share(loss, weight, global_batch_size: int):
 def _gradients(tape, target, variables, scaling, where=None):
   grads = tape.gradient(target, variables)
   if where and variables and all(g is None for g in grads):
-    raise contracts.ContractError(
-        f'{where} returned a loss that no trainable weight has a gradient '
-        'of, so training would change nothing: compute it from the outputs '
-        'of forward with differentiable ops (not argmax, a cast to int or '
-        'the labels alone)')
+    raise _no_gradient(where)
   grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
            for g, v in zip(grads, variables)]
   return grads if scaling is None else scaling.unscale(grads)
+
+
+def _check_has_gradient(tape, loss, outputs, variables, where):
+  """Raises unless `loss` has a gradient: through the model's outputs
+  (a backward pass through the loss function only), else through the
+  variables. At trace time; the step never runs these ops."""
+  def connected(sources):
+    return any(g is not None for g in tf.nest.flatten(
+        tape.gradient(loss, sources)))
+  floats = [t for t in tf.nest.flatten(outputs) if t.dtype.is_floating]
+  if variables and not (connected(floats) or connected(variables)):
+    raise _no_gradient(where)
+
+
+def _no_gradient(where):
+  return contracts.ContractError(
+      f'{where} returned a loss that no trainable weight has a gradient '
+      'of, so training would change nothing: compute it from the outputs '
+      'of forward with differentiable ops (not argmax, a cast to int or '
+      'the labels alone)')
 
 
 @autograph.framework

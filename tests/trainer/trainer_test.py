@@ -241,11 +241,6 @@ class ArgmaxLossTrainer(ClassifierTrainer):
     return tf.cast(wrong, tf.float32)
 
 
-def test_a_loss_without_gradients_is_rejected():
-  with pytest.raises(UserError, match='ArgmaxLossTrainer.compute_loss '
-                     'returned a loss that no trainable weight has a gradient '
-                     'of, so training would change nothing'):
-    train(make_config(), 1, trainer_cls=ArgmaxLossTrainer, loops=(1,))
 
 
 class UndeclaredMetricTrainer(ClassifierTrainer):
@@ -315,6 +310,20 @@ def test_regularization_loss_is_scaled_once_across_replicas():
   free, _ = train(config, 1, initial=initial, trainer_cls=UnregularizedTrainer)
   assert (np.linalg.norm(one.model.get_weights()[0]) <
           np.linalg.norm(free.model.get_weights()[0]))
+
+
+class RegularizedArgmaxLossTrainer(ArgmaxLossTrainer, RegularizedTrainer):
+  """The same slip in a model with an L2 penalty, which has gradients of its
+  own."""
+
+
+@pytest.mark.parametrize('trainer_cls', [ArgmaxLossTrainer,
+                                         RegularizedArgmaxLossTrainer])
+def test_a_loss_without_gradients_is_rejected(trainer_cls):
+  with pytest.raises(UserError, match=f'{trainer_cls.__name__}.compute_loss '
+                     'returned a loss that no trainable weight has a gradient '
+                     'of, so training would change nothing'):
+    train(make_config(), 1, trainer_cls=trainer_cls, loops=(1,))
 
 
 class ActivityRegularizedTrainer(UnregularizedTrainer):
