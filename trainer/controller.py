@@ -380,8 +380,8 @@ class Controller:
       raise NonFiniteLoss(f'non-finite loss at step {failed_step} and no '
                           'checkpoint to recover from')
     self.ledger.lose(computed - self.step)  # Computed again from here.
-    # Continue with the data after the batch that failed: replaying it would
-    # fail the same way.
+    streaming.clear(self.trainer.streaming['train'], self.trainer.strategy)
+    # On after the failed batch (replaying it would fail the same way).
     self.trainer.data_position.assign(position)
     logging.warning('non-finite step %d: restored %s (step %d) and skipped '
                     'to data position %d (retry %d of %d)', failed_step, path,

@@ -18,6 +18,7 @@ from trainer.persistence import best as best_lib
 from trainer.persistence import checkpointing
 from trainer.experiment import continuous_eval
 from trainer.persistence import preemption
+from trainer.monitoring import summaries
 from trainer.controller import Controller, ControllerOptions, NonFiniteLoss
 
 NAN_AT = 13  # 1-based step whose batch is poisoned.
@@ -208,6 +209,35 @@ def test_a_tutorial_step_with_a_finite_loss_and_nan_weights_stops(
                      r'norm at step 7; no checkpoint was written after it'):
     controller.train()
   assert controller.step == 6
+
+
+class PoisonedCountingTrainer(PoisonedTrainer):
+  """Counts its training examples in a streaming metric."""
+
+  def build_streaming_metrics(self):
+    return {'examples_seen': tf.keras.metrics.Sum()}
+
+  def update_streaming_metrics(self, metrics, batch, outputs):
+    metrics['examples_seen'].update_state(
+        tf.cast(tf.shape(batch[1])[0], tf.float32))
+
+
+def test_nan_recovery_drops_the_rolled_back_steps_from_streaming_metrics(
+    tmp_path):
+  trainer = build(make_config(), PoisonedCountingTrainer)
+  writer = summaries.MemoryWriter()
+  controller = Controller(
+      trainer=trainer, checkpointer=checkpointing.Checkpointer(
+          trainer, str(tmp_path)), model_dir=str(tmp_path), total_steps=20,
+      steps_per_loop=5, train_writer=writer, options=ControllerOptions(
+          checkpoint_every=10, summary_every=10, nan_retries=1))
+  controller.train()
+  # Steps 11-13 (13 failed) were rolled back to step 10; the summary at
+  # step 20 covers steps 11-20 as trained again, like the loss beside it.
+  assert writer.steps() == [10, 20]
+  batch = trainer.global_batch_size
+  assert [v['metrics/examples_seen'] for _, v in writer.scalars] == [
+      10 * batch, 10 * batch]
 
 
 def test_nan_recovery_restores_and_skips_the_bad_batch(tmp_path):

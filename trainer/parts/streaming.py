@@ -23,10 +23,17 @@ def results(metrics: dict, strategy, *, reset: bool = True) -> dict:
   with strategy.scope():
     values = {name: float(tf.convert_to_tensor(metric.result()))
               for name, metric in metrics.items()}
-    if reset:
-      for metric in metrics.values():
-        metric.reset_state()
+  if reset:
+    clear(metrics, strategy)
   return values
+
+
+def clear(metrics: dict, strategy) -> None:
+  """Empties the metrics' state on every replica (e.g. of steps that were
+  rolled back)."""
+  with strategy.scope():
+    for metric in metrics.values():
+      metric.reset_state()
 
 
 def build(metrics: dict, strategy, update) -> None:
