@@ -33,4 +33,5 @@ def fixture_sigterm_guard():
     signal.signal(signum, handler)
   sys.unraisablehook = old_hook
   preemption._pending.clear()
+  preemption._guarded.clear()
   preemption.set_phase('start-up')

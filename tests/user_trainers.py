@@ -255,6 +255,25 @@ class RaisesInBuildModel(SequenceTrainer):
     raise ValueError('width must be even, got 5')
 
 
+class SigtermInBuildModel(SequenceTrainer):
+  """Gets SIGTERM while its model is being built (a preemption at
+  start-up), inside the code whose errors become one-line UserErrors."""
+
+  def build_model(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # The guard raises here.
+    return super().build_model()
+
+
+class SigtermInDataset(SequenceTrainer):
+  """Gets SIGTERM in dataset(), which validation calls before training."""
+
+  def dataset(self, split, input_context, batch_size):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    return super().dataset(split, input_context, batch_size)
+
+
 class ReadsMissingKey(SequenceTrainer):
   """Reads a model key its config does not have (tests/user_config.py's
   model section is empty)."""

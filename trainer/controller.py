@@ -348,7 +348,7 @@ class Controller:
       path = self.checkpointer.job_path(self.step)
     self._run_actions('preemption')
     logging.info('%s', self.ledger.finish())
-    raise preemption.Preempted(self.step, path, signum=signum)
+    raise preemption.Preempted(self.step, path, signum=signum or 0)
 
   def _run_actions(self, event: str, metrics=None):
     writer = self.eval_writer if event == 'eval' else self.train_writer

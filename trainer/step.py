@@ -168,15 +168,39 @@ def _gradients(tape, target, variables, scaling, where=None):
 
 
 def _check_has_gradient(tape, loss, outputs, variables, where):
-  """Raises unless `loss` has a gradient: through the model's outputs
-  (a backward pass through the loss function only), else through the
-  variables. At trace time; the step never runs these ops."""
-  def connected(sources):
-    return any(g is not None for g in tf.nest.flatten(
-        tape.gradient(loss, sources)))
-  floats = [t for t in tf.nest.flatten(outputs) if t.dtype.is_floating]
-  if variables and not (connected(floats) or connected(variables)):
+  """Raises unless `loss` has a gradient. At trace time, by walking the
+  graph back from it to the model's outputs, which makes no op; only a
+  loss that does not reach them is differentiated, by the tape, whose ops
+  the step then carries (a collective among them would run)."""
+  floats = [t for t in tf.nest.flatten(outputs)
+            if tf.is_tensor(t) and t.dtype.is_floating]
+  if not variables or _reaches(loss, floats):
+    return
+  if all(g is None for g in tape.gradient(loss, variables)):
     raise _no_gradient(where)
+
+
+def _reaches(loss, sources) -> bool:
+  """Whether `loss` depends on one of `sources` through differentiable ops
+  and float tensors (graph tensors only; False when it cannot tell)."""
+  from tensorflow.python.framework import ops  # pylint: disable=g-direct-tensorflow-import,import-outside-toplevel
+  targets = {t.ref() for t in sources if hasattr(t, 'op')}
+  seen, pending = set(), [loss]
+  while pending:
+    tensor = pending.pop()
+    if tensor.ref() in targets:
+      return True
+    if (tensor.ref() in seen or not hasattr(tensor, 'op') or
+        not tensor.dtype.is_floating):
+      continue
+    seen.add(tensor.ref())
+    try:
+      differentiable = ops.get_gradient_function(tensor.op) is not None
+    except LookupError:  # No gradient registered.
+      differentiable = False
+    if differentiable:
+      pending.extend(tensor.op.inputs)
+  return False
 
 
 def _no_gradient(where):

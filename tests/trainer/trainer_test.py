@@ -241,8 +241,6 @@ class ArgmaxLossTrainer(ClassifierTrainer):
     return tf.cast(wrong, tf.float32)
 
 
-
-
 class UndeclaredMetricTrainer(ClassifierTrainer):
   metric_names = ()
 

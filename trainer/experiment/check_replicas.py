@@ -160,20 +160,37 @@ def biases_before_norm(model) -> dict[str, str]:
   found = {}
   for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
     bias = getattr(layer, 'bias', None)
-    if bias is None:
+    consumers = getattr(layer, '_outbound_nodes', ())
+    activation = getattr(layer, 'activation', None)
+    # Only a bias added last (no activation after it) whose one consumer is
+    # a trainable batch norm over the bias's own axis.
+    if (bias is None or len(consumers) != 1 or
+        getattr(activation, '__name__', 'linear') != 'linear'):
       continue
-    for node in getattr(layer, '_outbound_nodes', ()):
-      norm = getattr(node, 'operation', None)
-      if isinstance(norm, tf.keras.layers.BatchNormalization):
-        found[bias.path] = (
-            f'{layer.name!r} feeds BatchNormalization {norm.name!r}, which '
-            'subtracts the batch mean: this bias changes no output and its '
-            'gradient is 0 up to rounding, which optimizers like Adam scale '
-            f'up to full-size steps; not counted, but build {layer.name!r} '
-            'with use_bias=False')
-        found[norm.moving_mean.path] = (
-            f'it includes the bias of {layer.name!r}, above; not counted')
+    norm = getattr(consumers[0], 'operation', None)
+    if not (isinstance(norm, tf.keras.layers.BatchNormalization) and
+            norm.trainable and _normalises_bias_axis(layer, norm)):
+      continue
+    found[bias.path] = (
+        f'{layer.name!r} feeds BatchNormalization {norm.name!r}, which '
+        'subtracts the batch mean: this bias changes no output and its '
+        'gradient is 0 up to rounding, which optimizers like Adam scale up '
+        f'to full-size steps; not counted, but build {layer.name!r} with '
+        'use_bias=False')
+    found[norm.moving_mean.path] = (
+        f'it includes the bias of {layer.name!r}, above; not counted')
   return found
+
+
+def _normalises_bias_axis(layer, norm) -> bool:
+  try:
+    rank = len(layer.output.shape)
+  except (AttributeError, ValueError):
+    return False
+  bias_axis = (1 if getattr(layer, 'data_format', None) == 'channels_first'
+               else rank - 1)
+  axes = norm.axis if isinstance(norm.axis, (list, tuple)) else [norm.axis]
+  return [a % rank for a in axes] == [bias_axis]
 
 
 def diverged_variables(trainer) -> list[str]:

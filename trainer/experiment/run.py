@@ -99,12 +99,10 @@ def _exit(code: int, request: cli.RunRequest) -> None:
   """Exits once everything is on disk and printed, without waiting for
   interpreter shutdown.
 
-  By now checkpoints are written (the controller waits for async saves),
-  summary writers are closed and the output is flushed. Left to itself,
-  shutdown can then take from one to tens of seconds: destroying a
-  tf.data iterator of a multi-device (mirrored) pipeline waits for its
-  background threads, which matters after a SIGTERM, when the cluster
-  manager's grace period is running. Multi-worker processes do exit
+  By now checkpoints are written and summary writers closed. Left to
+  itself, shutdown can take from one to tens of seconds (destroying a
+  multi-device tf.data iterator waits for its threads), which matters
+  after a SIGTERM, when the cluster manager's grace period is running. Multi-worker processes do exit
   normally: TensorFlow's coordination service expects every task to pass its
   shutdown barrier. Before that they wait for each other (`_leave_together`).
   """
@@ -231,7 +229,7 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
     # worker's own working directory): every worker of the run reads one job.
     options = dataclasses.replace(options, data_service_job='distloop-' + (
         hashlib.sha1(model_dir.rstrip('/').encode()).hexdigest()[:12]))
-  if mode != 'train_and_eval':  # Only train_and_eval evaluates periodically.
+  if mode != 'train_and_eval':  # Only it evaluates periodically.
     options = dataclasses.replace(options, eval_every=0)
   logging.info('%s on %d replica(s) (%s), global batch %d, mode %s',
                type(trainer).__name__, trainer.num_replicas,
@@ -307,6 +305,7 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
                      for path, rows in record['pieces'].items()))
 
   if mode == 'continuous_eval':
+    preemption.set_phase('continuous evaluation')
     validation.check(trainer, train=False, eval_split=options.eval_split)
     with _writers([os.path.join(model_dir, 'continuous_eval')],
                   enabled=is_chief) as (eval_writer,):
@@ -323,6 +322,7 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
       raise UserError(f'--mode={mode} needs a trained run in --model_dir, '
                       f'but {model_dir!r} does not exist')
     run_record.check_or_write(model_dir, record, write=False)
+    preemption.set_phase('evaluation' if mode == 'eval' else 'export')
     validation.check(trainer, train=False, serving=mode == 'export',
                      eval_split=options.eval_split if mode == 'eval' else None)
     if checkpointer.restore_latest(model_only=True) is None:

@@ -11,7 +11,8 @@ Between inner loops the host's own stop decisions are agreed the same way
 import tensorflow as tf
 
 OK = 0
-# The host asked to stop (a SIGTERM): the step was applied, the loop ends.
+# The host asked to stop (SIGTERM, Ctrl-C): the step was applied, the loop
+# ends.
 STOP_REQUESTED = 1
 # The loss or gradient norm was NaN/Inf: the update was skipped everywhere.
 NONFINITE = 2

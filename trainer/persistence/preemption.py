@@ -40,9 +40,13 @@ INTERRUPTED_EXIT_CODE = 130
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Preempted(Exception):
+class Preempted(BaseException):
   """A SIGTERM (or SIGINT) ended the run; raised once anything to save is
   saved.
+
+  A BaseException, like KeyboardInterrupt: the handlers that turn any error
+  of a user's code into a one-line `UserError` (exit 2, never retried) must
+  let a preemption through.
 
   Args:
     step: the step saved, or None: the signal came outside training, where
@@ -50,7 +54,7 @@ class Preempted(Exception):
     path: the checkpoint written, or None.
     phase: where the run was, for the message.
     signum: the signal; SIGINT is an interruption by hand (Ctrl-C). None:
-      SIGTERM, or another worker's signal.
+      SIGTERM; 0: no signal here, another worker's.
   """
 
   def __init__(self, step=None, path=None, phase: str = 'training',
@@ -60,8 +64,13 @@ class Preempted(Exception):
     else:
       what = 'nothing new to save since the last checkpoint'
     if signum == signal.SIGINT:
-      message = (f'interrupted by SIGINT (Ctrl-C) during {phase}: {what}; '
-                 'run the same command to resume from the newest checkpoint')
+      message = (f'interrupted by SIGINT (Ctrl-C) during {phase}: ' + (
+          f'saved {path} at step {step}; run the same command to resume '
+          'from it' if path else 'no training progress was lost'))
+    elif signum == 0:  # Stopped by the signal of another worker.
+      message = (f'stopped during {phase} with the other workers, one of '
+                 f'which got SIGTERM or Ctrl-C: {what}; the job resumes '
+                 'from the newest checkpoint when started again')
     else:
       message = (f'preempted by SIGTERM during {phase}: {what}; the job is '
                  'to be restarted and resume from the newest checkpoint')
@@ -101,10 +110,16 @@ def raise_pending() -> None:
     raise Preempted(phase=_pending[0][0], signum=_pending[0][1])
 
 
+# Whether install_guard ran: this process is main.py's, whose Ctrl-C is
+# ours. In any other (a notebook, pytest), SIGINT is left to Python.
+_guarded = []
+
+
 def install_guard() -> None:
   """From now on, SIGTERM or SIGINT outside the training loop raises
-  Preempted in the main thread (call in the main thread, as early as
-  possible)."""
+  Preempted in the main thread, and SignalWatcher handles SIGINT too (call
+  in the main thread, as early as possible)."""
+  _guarded[:] = [True]
   def guard(signum, frame):
     del frame
     logging.warning('%s received during %s', signal.Signals(signum).name,
@@ -126,8 +141,9 @@ def install_guard() -> None:
 
 
 class SignalWatcher:
-  """Context manager: while active, SIGTERM or SIGINT calls `on_signal`
-  from a thread (once); a second SIGINT exits the process at once.
+  """Context manager: while active, SIGTERM (and in main.py's process,
+  SIGINT) calls `on_signal` from a thread (once); a SIGINT after that exits
+  the process at once.
 
   Must be entered in the main thread (Python installs signal handlers only
   there). `requested` is True once either signal has arrived, `signum` is
@@ -149,7 +165,8 @@ class SignalWatcher:
     self._writer.setblocking(False)
     self._old_fd = signal.set_wakeup_fd(self._writer.fileno(),
                                         warn_on_full_buffer=False)
-    self._old_handlers = {s: signal.signal(s, self._handler) for s in SIGNALS}
+    signals = SIGNALS if _guarded else (signal.SIGTERM,)
+    self._old_handlers = {s: signal.signal(s, self._handler) for s in signals}
     self._thread = threading.Thread(target=self._watch, daemon=True,
                                     name='signal-watcher')
     self._thread.start()
@@ -191,15 +208,16 @@ class SignalWatcher:
       if not data:
         return
       for signum in data:
-        if signum in SIGNALS:
+        if signum in self._old_handlers:
           self._trigger(signal.Signals(signum))
 
   def _trigger(self, signum):
     if self._triggered:
       if signum == signal.SIGINT:
         # "Now": the stop after the step in flight is taking too long.
-        logging.error('second SIGINT: exiting now, without waiting for the '
-                      'save (exit status %d)', INTERRUPTED_EXIT_CODE)
+        logging.error('SIGINT while stopping after %s: exiting now, without '
+                      'waiting for the save (exit status %d)',
+                      self._triggered.name, INTERRUPTED_EXIT_CODE)
         logging.flush()
         os._exit(INTERRUPTED_EXIT_CODE)  # pylint: disable=protected-access
       return

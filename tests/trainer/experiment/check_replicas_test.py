@@ -93,6 +93,26 @@ def test_a_bias_before_batch_norm_is_noted_not_failed():
              for line in report), report
 
 
+def test_only_a_bias_that_batch_norm_cancels_is_excused():
+  def model(*layers):
+    return tf.keras.Sequential([tf.keras.Input((8,)), *layers])
+  layers = tf.keras.layers
+  excused = check_replicas.biases_before_norm(model(
+      layers.Dense(4, name='h'), layers.BatchNormalization(name='n')))
+  assert [path.split('/', 1)[1] for path in excused] == ['h/bias',
+                                                         'n/moving_mean']
+  frozen = layers.BatchNormalization()
+  frozen.trainable = False  # Inference mode: the bias shifts the output.
+  inputs = tf.keras.Input((8,))
+  hidden = layers.Dense(8)(inputs)
+  residual = tf.keras.Model(inputs, layers.Add()(
+      [layers.BatchNormalization()(hidden), hidden]))
+  for kept in (model(layers.Dense(4, activation='relu'),
+                     layers.BatchNormalization()),
+               model(layers.Dense(4), frozen), residual):
+    assert not check_replicas.biases_before_norm(kept)
+
+
 def test_command_reports_pass():
   result = subprocess.run(
       [sys.executable, '-m', 'trainer.experiment.check_replicas',

@@ -11,6 +11,7 @@ from tests import user_config
 from configs import digits_mlp
 from trainer.errors import UserError
 from trainer.experiment import run as experiment
+from trainer.persistence import preemption
 
 
 def config(trainer='SequenceTrainer', **eval_keys):
@@ -71,6 +72,20 @@ def test_mistakes_stop_the_run_before_model_dir_exists(tmp_path, trainer,
     experiment.run(config(trainer), model_dir=str(model_dir),
                    strategy_name='default')
   assert '\n' not in str(error.value)
+  assert not model_dir.exists()
+
+
+@pytest.mark.parametrize('trainer', ['SigtermInBuildModel',
+                                     'SigtermInDataset'])
+def test_a_sigterm_in_user_code_is_a_preemption_not_a_mistake(
+    tmp_path, trainer, sigterm_guard):
+  """Raised inside code whose errors become one-line UserErrors (exit 2,
+  never retried), the preemption still comes out as one (exit 42)."""
+  del sigterm_guard
+  model_dir = tmp_path / 'run'
+  with pytest.raises(preemption.Preempted, match='^preempted by SIGTERM'):
+    experiment.run(config(trainer), model_dir=str(model_dir),
+                   strategy_name='default')
   assert not model_dir.exists()
 
 

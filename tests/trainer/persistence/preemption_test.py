@@ -59,10 +59,8 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(sigterm_guard):
   with pytest.raises(preemption.Preempted) as raised:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(5)
-  assert str(raised.value) == (
-      'interrupted by SIGINT (Ctrl-C) during restore: nothing new to save '
-      'since the last checkpoint; run the same command to resume from the '
-      'newest checkpoint')
+  assert str(raised.value) == ('interrupted by SIGINT (Ctrl-C) during '
+                                'restore: no training progress was lost')
   assert raised.value.exit_code(retryable_exit_code=143) == 130
   assert preemption.Preempted().exit_code(retryable_exit_code=143) == 143
 
@@ -72,6 +70,7 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(sigterm_guard):
 STUCK = textwrap.dedent('''
     import time
     from trainer.persistence import preemption
+    preemption.install_guard()  # As main.py does.
     with preemption.SignalWatcher(lambda: print('stop requested', flush=True)):
       print('watching', flush=True)
       while True:
@@ -94,6 +93,17 @@ def test_a_second_ctrl_c_exits_at_once_without_saving():
     stuck.kill()
   assert stuck.returncode == 130, stderr
   assert 'SIGINT received: stopping after the step in flight' in stderr
-  assert ('second SIGINT: exiting now, without waiting for the save (exit '
-          'status 130)') in stderr
+  assert ('SIGINT while stopping after SIGINT: exiting now, without waiting '
+          'for the save (exit status 130)') in stderr
   assert 'Traceback' not in stderr
+
+
+def test_outside_main_py_ctrl_c_stays_a_keyboard_interrupt():
+  """A notebook or a test calling Controller.train: its Ctrl-C is not
+  taken over (no install_guard)."""
+  requested = []
+  with pytest.raises(KeyboardInterrupt):
+    with preemption.SignalWatcher(lambda: requested.append(True)):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5)
+  assert not requested
