@@ -12,8 +12,7 @@ Sections `model` and `data` belong to the Trainer: any key goes there
 framework's). Every other section is the framework's: a key it does not
 know is a typo, and an error.
 
-Pure Python (no TensorFlow): main.py checks flags and config with it before
-TensorFlow is imported, so a bad key costs well under a second.
+Pure Python: main.py checks the config with it before importing TensorFlow.
 """
 
 import dataclasses
@@ -146,10 +145,11 @@ SCHEMA = {
                            'once, at the end', minimum=0),
         'timeout_secs': Key(600.0, 'continuous_eval: give up after this long '
                             'without a new checkpoint', minimum=0),
-        'best_metric': Key('', 'eval metric whose best checkpoint is kept in '
-                           'model_dir/best; "": none'),
-        'best_mode': Key('max', 'max or min, for best_metric',
-                         choices=('max', 'min')),
+        'best_metric': Key('', 'eval metric whose best checkpoint is kept '
+                           'in model_dir/best; "": none'),
+        'best_mode': Key('auto', 'max or min, for best_metric; auto: min for '
+                         'loss and names ending in loss or error, else max',
+                         choices=('auto', 'max', 'min')),
         'patience': Key(0, 'stop after N evals without a new best (across '
                         'restarts); 0: never', minimum=0),
     },

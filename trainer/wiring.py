@@ -27,6 +27,10 @@ from trainer.parts import retrace
 from trainer.parts import sharding
 
 ONLY_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
+# Keys of the results next to the metrics (loops.train, Trainer.evaluate).
+RESERVED_NAMES = frozenset({'loss', 'examples', 'weights', 'steps', 'status',
+                            'grad_norm', 'input_wait_secs', 'loop_secs',
+                            'export'})
 
 
 def build_state(trainer) -> None:
@@ -76,6 +80,12 @@ def build_state(trainer) -> None:
           'tuple of names, e.g. ' +
           (f'({t.metric_names!r},)' if isinstance(t.metric_names, str) else
            "('accuracy',)"))
+    reserved = sorted(set(t.metric_names) & RESERVED_NAMES)
+    if reserved:
+      raise UserError(
+          f'{type(t).__name__}.metric_names has {reserved[0]!r}, a name the '
+          'framework reports itself (reserved: '
+          f'{", ".join(sorted(RESERVED_NAMES))}); rename the metric')
     names = ('loss', *t.metric_names)
     t.train_sums = metric_sums.MetricSums(names, extras=('grad_norm',),
                                           name='train_sums')

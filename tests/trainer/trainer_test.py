@@ -8,8 +8,10 @@ import tensorflow as tf
 
 from models.classifier import ClassifierTrainer
 from trainer import optimization
+from trainer import schema
 from trainer.cluster import strategies
 from trainer.errors import UserError
+from trainer.persistence import best as best_lib
 
 CPUS = [d.name for d in tf.config.list_logical_devices('CPU')]
 STEPS = 24
@@ -248,6 +250,45 @@ class UndeclaredMetricTrainer(ClassifierTrainer):
 def test_undeclared_metric_is_rejected():
   with pytest.raises(UserError, match='metric_names'):
     train(make_config(), 1, trainer_cls=UndeclaredMetricTrainer, loops=(1,))
+
+
+class ReservedMetricTrainer(ClassifierTrainer):
+  """A metric named like a result the framework reports itself."""
+  metric_names = ('accuracy', 'steps')
+
+  def compute_metrics(self, batch, outputs):
+    metrics = super().compute_metrics(batch, outputs)
+    return dict(metrics, steps=metrics['accuracy'])
+
+
+def test_a_metric_named_like_a_framework_result_is_rejected():
+  with pytest.raises(UserError, match=r"^ReservedMetricTrainer.metric_names "
+                     r"has 'steps', a name the framework reports itself "
+                     r'\(reserved: .*\); rename the metric$'):
+    ReservedMetricTrainer(config=make_config(), strategy=strategy_for(1))
+
+
+@pytest.mark.parametrize('metric, mode', [('loss', 'min'), ('abs_error', 'min'),
+                                          ('val_loss', 'min'),
+                                          ('accuracy', 'max'), ('', 'max')])
+def test_best_mode_auto_is_min_for_a_loss_or_an_error(metric, mode):
+  config = schema.resolve(make_config())
+  config.eval.best_metric = metric
+  assert best_lib.checked_eval_keys(
+      config.eval, ('loss', 'accuracy', 'abs_error', 'val_loss'),
+      'T') == (metric, mode)
+  config.eval.best_mode = 'max'
+  assert best_lib.checked_eval_keys(
+      config.eval, ('loss', 'accuracy', 'abs_error', 'val_loss'),
+      'T') == (metric, 'max')
+
+
+def test_an_empty_eval_split_is_refused():
+  config = schema.resolve(make_config())
+  config.eval.split = ''
+  with pytest.raises(UserError, match=r"^config key eval.split='' names no "
+                     'split'):
+    best_lib.checked_eval_keys(config.eval, ('loss',), 'T')
 
 
 class LazyModelTrainer(ClassifierTrainer):

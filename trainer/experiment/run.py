@@ -39,6 +39,7 @@ from trainer.monitoring import goodput
 from trainer.monitoring import progress
 from trainer.monitoring import summaries
 from trainer.parts import sharding
+from trainer.persistence import best as best_lib
 from trainer.persistence import checkpointing
 from trainer.persistence import run_lock
 from trainer.persistence import run_record
@@ -150,17 +151,14 @@ def prepare_model_dir(model_dir: str) -> None:
 
 def controller_options(config, trainer) -> controller_lib.ControllerOptions:
   """The controller's cadences and policies from a resolved config."""
-  metrics = ('loss', *trainer.metric_names)
-  if config.eval.best_metric and config.eval.best_metric not in metrics:
-    raise UserError(f'config key eval.best_metric={config.eval.best_metric!r} '
-                    f'is not a metric of {type(trainer).__name__}; valid: '
-                    f'{", ".join(metrics)} or "" to keep no best checkpoint')
+  best_metric, best_mode = best_lib.checked_eval_keys(
+      config.eval, ('loss', *trainer.metric_names), type(trainer).__name__)
   return controller_lib.ControllerOptions(
       checkpoint_every=config.checkpoint.every_steps,
       eval_every=config.eval.every_steps,
       eval_split=config.eval.split,
-      best_metric=config.eval.best_metric,
-      best_mode=config.eval.best_mode,
+      best_metric=best_metric,
+      best_mode=best_mode,
       patience=config.eval.patience,
       nan_retries=config.train.nan_retries,
       summary_every=config.summary.every_steps,

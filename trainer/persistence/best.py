@@ -11,8 +11,30 @@ import os
 
 from absl import logging
 
+from trainer.errors import UserError
 from trainer.persistence import checkpointing
 from trainer.persistence import run_record
+
+
+def checked_eval_keys(config_eval, metrics, trainer_name: str):
+  """(best_metric, best_mode) of a resolved eval section, best_mode 'auto'
+  made 'min' for a loss or an error and 'max' otherwise.
+
+  Raises:
+    UserError: no eval.split, or a best_metric the Trainer does not report.
+  """
+  if not config_eval.split:
+    raise UserError(f'config key eval.split={config_eval.split!r} names no '
+                    'split; every mode evaluates one at its end: name one of '
+                    f"{trainer_name}'s splits, e.g. eval.split='test'")
+  metric, mode = config_eval.best_metric, config_eval.best_mode
+  if metric and metric not in metrics:
+    raise UserError(f'config key eval.best_metric={metric!r} is not a '
+                    f'metric of {trainer_name}; valid: {", ".join(metrics)} '
+                    'or "" to keep no best checkpoint')
+  if mode == 'auto':
+    mode = 'min' if metric.endswith(('loss', 'error')) else 'max'
+  return metric, mode
 
 
 class BestCheckpoint:
