@@ -243,6 +243,14 @@ class EmptyEvalSplit(SequenceTrainer):
     return dataset if split == 'train' else dataset.take(0)
 
 
+class RepeatedEvalSplit(SequenceTrainer):
+  """Every split repeated, as a train pipeline is: an evaluation would
+  never end."""
+
+  def dataset(self, split, input_context, batch_size):
+    return super().dataset(split, input_context, batch_size).repeat()
+
+
 class RaisesInComputeLoss(SequenceTrainer):
 
   def compute_loss(self, batch, outputs):

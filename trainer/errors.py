@@ -111,3 +111,24 @@ def _path(root, target) -> tuple[str, ...] | None:
                  node.items(preserve_field_references=True)
                  if isinstance(value, config_dict.ConfigDict))
   return None
+
+
+def hide_reported_user_errors() -> None:
+  """Keeps TensorFlow's coordinator from logging a UserError with its stack.
+
+  Under MirroredStrategy each replica's step runs in a thread whose
+  exception TensorFlow's Coordinator logs ('Error reported to Coordinator',
+  ~60 lines of traceback) before it reaches the caller, which reports a
+  UserError in one line. Other errors keep their log.
+  """
+  import logging  # pylint: disable=import-outside-toplevel
+
+  def keep(record) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(error, UserError) and
+                record.getMessage().startswith('Error reported to '
+                                               'Coordinator'))
+  tf_logger = logging.getLogger('tensorflow')
+  if not getattr(tf_logger, 'hides_user_errors', False):
+    tf_logger.addFilter(keep)
+    tf_logger.hides_user_errors = True

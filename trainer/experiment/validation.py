@@ -137,6 +137,11 @@ def _check_split(trainer, split: str, *, training: bool) -> None:
   if cardinality == 0:
     raise UserError(f'{where} is empty: it yields no batch; check the data '
                     f'keys of the config and the files behind {split!r}')
+  if not training and cardinality == tf.data.INFINITE_CARDINALITY:
+    raise UserError(
+        f'{where} repeats forever, but an evaluation reads its split to the '
+        'end (each example once): drop .repeat() for splits other than '
+        "'train'")
   if training and cardinality > 0:
     raise UserError(
         f"{where} ends after {cardinality} batches, but the training stream "

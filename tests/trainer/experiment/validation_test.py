@@ -35,6 +35,8 @@ def config(trainer='SequenceTrainer', **eval_keys):
      r'batches, but the training stream must never end .*: add '
      r'.repeat\(\)'),
     ('EmptyEvalSplit', r"EmptyEvalSplit.dataset\('test'\) is empty"),
+    ('RepeatedEvalSplit', r"^RepeatedEvalSplit.dataset\('test'\) repeats "
+     'forever, but an evaluation reads its split to the end'),
     ('IgnoresBatchSize', r"IgnoresBatchSize.dataset\('train'\) gave a first "
      r'batch of 64 examples for batch_size=32 \(train.global_batch_size over '
      r'1 replica\(s\)\): batch by the batch_size argument'),
@@ -113,11 +115,16 @@ def test_an_unknown_eval_split_stops_a_resumed_run_untouched(tmp_path):
   assert resume_test.snapshot(model_dir) == before
 
 
-def test_main_reports_a_mistake_in_one_line_with_exit_2(tmp_path):
+@pytest.mark.parametrize('strategy', [(), ('--strategy=mirrored',
+                                             '--num_cpu_devices=2')],
+                         ids=['default', 'mirrored'])
+def test_main_reports_a_mistake_in_one_line_with_exit_2(tmp_path, strategy):
+  """Under MirroredStrategy too, where TensorFlow's coordinator would log
+  the error of a replica's thread with its stack first."""
   model_dir = tmp_path / 'run'
   result = runner.run_main('--config=tests/user_config.py',
                            '--config.trainer=tests.user_trainers:ScalarLoss',
-                           f'--model_dir={model_dir}')
+                           f'--model_dir={model_dir}', *strategy)
   assert result.returncode == 2, result.stderr[-2000:]
   errors = runner.error_lines(result.stderr)
   assert len(errors) == 1 and 'ScalarLoss.compute_loss returned' in errors[0]
