@@ -106,8 +106,8 @@ SCHEMA = {
     },
     'optimizer': {
         'name': Key('adam', 'sgd, adam, adamw or lamb', choices=OPTIMIZERS),
-        'learning_rate': Key(1e-3, 'peak learning rate (after warmup)',
-                             minimum=0),
+        'learning_rate': Key(1e-3, 'peak learning rate (after warmup); '
+                             '> 0'),
         'momentum': Key(0.0, 'sgd only', minimum=0),
         'nesterov': Key(False, 'sgd only'),
         'beta_1': Key(0.9, 'adam, adamw, lamb', minimum=0, below=1),

@@ -29,6 +29,8 @@ PROBE = textwrap.dedent('''
 @pytest.mark.parametrize('args, message', [
     (('--config.train.stepz=5',), "config has no key 'train.stepz'"),
     (('--config.train.clip_norm=-1',), 'train.clip_norm=-1.0 must be >= 0'),
+    (('--config.optimizer.learning_rate=-1',),
+     'optimizer.learning_rate=-1.0 must be > 0'),
     (('--config.train.steps=abc',), 'error: flag --config.train.steps=abc: '
      'not an int; e.g. --config.train.steps=3000'),
     (('--config.train.jit_compile=maybe',), 'error: flag --config.train.'
@@ -51,7 +53,7 @@ PROBE = textwrap.dedent('''
      "'/nonexistent/never-trained' does not exist"),
     (('--model_dir=gs://bucket/run1',), "flag --model_dir='gs://bucket/run1' "
      'is a URL; distloop writes model_dir through the local file system'),
-], ids=['key', 'value', 'int', 'bool', 'variant', 'mode', 'tpu', 'tpu_address',
+], ids=['key', 'value', 'learning_rate', 'int', 'bool', 'variant', 'mode', 'tpu', 'tpu_address',
         'worker_hosts',
         'profile', 'model_dir', 'export_without_run', 'model_dir_url'])
 def test_a_bad_flag_or_key_exits_2_without_importing_tensorflow(args,
