@@ -32,6 +32,6 @@ def fixture_sigterm_guard():
   for signum, handler in old.items():
     signal.signal(signum, handler)
   sys.unraisablehook = old_hook
+  preemption.uninstall_guard()
   preemption._pending.clear()
-  preemption._guarded.clear()
   preemption.set_phase('start-up')

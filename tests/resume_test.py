@@ -336,6 +336,38 @@ def test_sigterm_saves_and_exits_42_then_resume_is_bitwise_identical(
           runner.final_eval(reference.stdout()))
 
 
+def test_a_sigterm_during_a_long_evaluation_exits_within_seconds(
+    tmp_path, started):
+  """An evaluation is one tf.function call, during which Python runs no
+  signal handler: the guard's thread exits with the preemption's status
+  once the main thread has not acted for a few seconds (there is nothing
+  to save outside training)."""
+  model_dir = tmp_path / 'run'
+  args = ('--config=tests/user_config.py',
+          '--config.trainer=tests.user_trainers:LongEvalSplit',
+          '--config.train.steps=4', '--config.train.steps_per_loop=2',
+          f'--model_dir={model_dir}')
+  trained = runner.run_main(*args, timeout=TIMEOUT)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  # Minutes of evaluation: 100,000 passes over the test split.
+  evaluating = Logged(tmp_path, 'eval', *args, '--mode=eval',
+                      env={'DISTLOOP_TEST_EVAL_REPEATS': '100000'})
+  started(evaluating)
+  wait_for(lambda: '] restored ' in evaluating.stderr(), run=evaluating,
+           what='the restore log line')
+  time.sleep(2)  # Into the evaluation's tf.function call.
+  assert evaluating.poll() is None, evaluating.tail()
+  evaluating.process.send_signal(signal.SIGTERM)
+  # Not minutes: GRACE_SECS (3 s) and the exit.
+  assert evaluating.wait(timeout=30) == 42, evaluating.tail()
+  stderr = evaluating.stderr()
+  assert lines_with(stderr, 'SIGTERM received during evaluation, which '
+                    'TensorFlow does not interrupt: exiting now')
+  assert lines_with(stderr, 'preempted by SIGTERM during evaluation: nothing '
+                    'new to save since the last checkpoint')
+  assert 'final eval' not in evaluating.stdout()
+
+
 def test_a_second_run_into_a_model_dir_in_training_is_refused(tmp_path,
                                                               started):
   """One command started twice: the second stops in one line naming the

@@ -251,6 +251,18 @@ class RepeatedEvalSplit(SequenceTrainer):
     return super().dataset(split, input_context, batch_size).repeat()
 
 
+class LongEvalSplit(SequenceTrainer):
+  """Its eval split is read $DISTLOOP_TEST_EVAL_REPEATS times over (a long
+  evaluation: one tf.function call, which no signal handler interrupts)."""
+
+  def dataset(self, split, input_context, batch_size):
+    dataset = super().dataset(split, input_context, batch_size)
+    if split == 'train':
+      return dataset
+    return dataset.repeat(int(os.environ.get('DISTLOOP_TEST_EVAL_REPEATS',
+                                             '1')))
+
+
 class RaisesInComputeLoss(SequenceTrainer):
 
   def compute_loss(self, batch, outputs):

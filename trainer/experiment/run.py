@@ -59,6 +59,7 @@ def main(request: cli.RunRequest) -> None:
     except UserError as e:
       errors.fail(str(e))
     _exit(code, request)
+  preemption.set_retryable_exit_code(request.retryable_exit_code)
   try:
     strategies.configure_cpu_devices(request.num_cpu_devices)
     metrics = run(

@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 from absl import logging
 
@@ -115,19 +116,44 @@ def raise_pending() -> None:
 _guarded = []
 
 
+# Seconds the main thread has to act on a signal outside training before
+# the guard's thread exits the process: TensorFlow runs no Python signal
+# handler while a tf.function runs (a whole evaluation is one call).
+GRACE_SECS = 3.0
+_state = {'handled': 0, 'retryable_exit_code': None, 'thread': None}
+
+
+def set_retryable_exit_code(code) -> None:
+  """The status a SIGTERM exits with when the guard's thread exits."""
+  _state['retryable_exit_code'] = code
+
+
 def install_guard() -> None:
   """From now on, SIGTERM or SIGINT outside the training loop raises
   Preempted in the main thread, and SignalWatcher handles SIGINT too (call
-  in the main thread, as early as possible)."""
+  in the main thread, as early as possible). If the main thread does not
+  get to it within GRACE_SECS (it is inside a long tf.function call, e.g.
+  an evaluation), a thread exits the process with the same status: there
+  is nothing to save outside training."""
   _guarded[:] = [True]
   def guard(signum, frame):
     del frame
+    _state['handled'] += 1
     logging.warning('%s received during %s', signal.Signals(signum).name,
                     _phase[0])
     _pending[:] = [(_phase[0], signum)]
     raise Preempted(phase=_phase[0], signum=signum)
   for signum in SIGNALS:
     signal.signal(signum, guard)
+  if _state['thread'] is None:
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    _state['thread'] = threading.Thread(
+        target=_exit_if_stuck, args=(reader, writer), daemon=True,
+        name='signal-guard')
+    _state['sockets'] = (reader, writer)
+    _state['thread'].start()
   if getattr(sys.unraisablehook, 'hides_preempted', False):
     return  # Installed by an earlier call: wrap the hook once only.
   print_unraisable = sys.unraisablehook
@@ -138,6 +164,48 @@ def install_guard() -> None:
       print_unraisable(dropped)
   unraisable.hides_preempted = True
   sys.unraisablehook = unraisable
+
+
+def uninstall_guard() -> None:
+  """Undoes install_guard's thread and flags (for tests; the caller puts
+  back its own signal handlers)."""
+  _guarded.clear()
+  if _state['thread'] is not None:
+    signal.set_wakeup_fd(-1)
+    reader, writer = _state.pop('sockets')
+    writer.close()
+    reader.shutdown(socket.SHUT_RDWR)
+    _state['thread'].join(timeout=5)
+    reader.close()
+    _state['thread'] = None
+
+
+def _exit_if_stuck(reader, writer):
+  del writer  # Kept open (referenced) for as long as the guard is.
+  received = 0
+  while True:
+    try:
+      data = reader.recv(64)
+    except OSError:
+      return
+    if not data:
+      return
+    for signum in data:
+      if signum not in SIGNALS:
+        continue
+      received += 1
+      deadline = time.monotonic() + GRACE_SECS
+      while _state['handled'] < received and time.monotonic() < deadline:
+        time.sleep(0.05)
+      if _guarded and _state['handled'] < received:
+        error = Preempted(phase=_phase[0], signum=signum)
+        code = error.exit_code(_state['retryable_exit_code'])
+        logging.warning('%s received during %s, which TensorFlow does not '
+                        'interrupt: exiting now', signal.Signals(signum).name,
+                        _phase[0])
+        logging.warning('%s (exit status %d)', error, code)
+        logging.flush()
+        os._exit(code)  # pylint: disable=protected-access
 
 
 class SignalWatcher:
