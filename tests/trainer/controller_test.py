@@ -177,17 +177,6 @@ class PoisonedTutorialTrainer(user_trainers.TutorialStep, PoisonedTrainer):
   nan_at = 14
 
 
-def test_a_tutorial_step_stops_every_replica_at_the_nan_step(tmp_path):
-  # Judged by the first replica alone, step 7 looked fine; the NaN weights
-  # it made were only seen at step 8.
-  trainer = build(make_config(), PoisonedTutorialTrainer, replicas=2)
-  controller = controller_for(trainer, tmp_path, total_steps=30)
-  with pytest.raises(NonFiniteLoss, match=r'^non-finite loss or gradient '
-                     r'norm at step 7; no checkpoint was written after it'):
-    controller.train()
-  assert controller.step == 6
-
-
 class MaskedLossTutorialTrainer(PoisonedTutorialTrainer):
   """Masks non-finite per-example losses to 0, as users do: the loss stays
   finite while the gradient (through tf.where) is NaN."""
@@ -197,13 +186,16 @@ class MaskedLossTutorialTrainer(PoisonedTutorialTrainer):
     return tf.where(tf.math.is_finite(loss), loss, 0.0)
 
 
-@pytest.mark.parametrize('replicas', [1, 2])
-def test_a_tutorial_step_with_a_finite_loss_and_nan_weights_stops(
-    tmp_path, replicas):
-  # The loss says nothing: the weights the step's own update left are
-  # checked (after the update, or it would be seen a step late).
-  trainer = build(make_config(), MaskedLossTutorialTrainer, replicas=replicas)
-  trainer.nan_at = 7 * replicas
+@pytest.mark.parametrize('trainer_cls, replicas', [
+    (PoisonedTutorialTrainer, 2), (MaskedLossTutorialTrainer, 1),
+    (MaskedLossTutorialTrainer, 2)], ids=['nan_loss', 'masked_1', 'masked_2'])
+def test_a_tutorial_step_stops_every_replica_at_the_nan_step(
+    tmp_path, trainer_cls, replicas):
+  """Judged by the first replica alone, or by a (masked) finite loss
+  alone, step 7 looked fine, and the NaN weights it made were only seen at
+  step 8: the weights the step's own update left are checked too."""
+  trainer = build(make_config(), trainer_cls, replicas=replicas)
+  trainer.nan_at = 7 * replicas  # Step 7, the last replica's batch.
   controller = controller_for(trainer, tmp_path, total_steps=30)
   with pytest.raises(NonFiniteLoss, match=r'^non-finite loss or gradient '
                      r'norm at step 7; no checkpoint was written after it'):
