@@ -137,10 +137,14 @@ def test_print_config_prints_and_writes_nothing(tmp_path):
       '--config.export.at_end=True'),
      'error: SubclassedModel keeps the default serving_input_signature, which '
      "reads the model's inputs, but its Net has none"),
+    (('--config.optimizer.weight_decay_exclude=bias,norm',),
+     "config key optimizer.weight_decay_exclude=('bias,norm',) must be a "
+     'tuple of strings; e.g. --config.optimizer.weight_decay_exclude='
+     '"(\'bias\','),
 ], ids=['strategy', 'tpu_without_strategy', 'tpu_strategy_without_tpu',
         'config_key', 'variant', 'config_file', 'batch_not_divisible',
         'config_type', 'optimizer', 'steps', 'eval_split', 'cpu_devices',
-        'serving'])
+        'serving', 'tuple_as_one_string'])
 def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, args,
                                                         message):
   model_dir = tmp_path / 'run'

@@ -45,6 +45,7 @@ class Key:
     choices: the values allowed, if a fixed set.
     minimum: the smallest value allowed (numbers).
     below: values must be below this (numbers).
+    of: the type of each element (tuples).
   """
   default: Any
   meaning: str
@@ -52,6 +53,7 @@ class Key:
   choices: tuple = ()
   minimum: float | None = None
   below: float | None = None
+  of: type | None = None
 
   @property
   def type(self):
@@ -117,7 +119,7 @@ SCHEMA = {
                             'any optimizer; 0: none', minimum=0),
         'weight_decay_exclude': Key(('bias', 'norm', 'gamma', 'beta'),
                                     'substrings of variable paths never '
-                                    'decayed'),
+                                    'decayed', of=str),
         'schedule': Key('constant', 'constant, cosine, linear or step',
                         choices=SCHEDULES),
         'warmup_steps': Key(0, 'linear warmup from 0 to learning_rate',
@@ -127,7 +129,8 @@ SCHEMA = {
         'end_learning_rate_factor': Key(0.0, 'cosine/linear end value, as a '
                                         'fraction of the peak', minimum=0),
         'step_boundaries': Key((), 'schedule=step: multiply by step_factor at '
-                               'each of these steps, e.g. (30000, 60000)'),
+                               'each of these steps, e.g. (30000, 60000)',
+                               of=int),
         'step_factor': Key(0.1, 'schedule=step: the factor', minimum=0),
     },
     'checkpoint': {
@@ -299,8 +302,7 @@ def check_optimizer(optimizer, *, total_steps: int = 0) -> None:
     raise UserError(f'config key optimizer.warmup_steps={warmup} leaves no '
                     f'steps to decay in train.steps={total_steps}; lower it')
   steps = tuple(optimizer.step_boundaries)
-  if schedule == 'step' and not (steps and all(type(b) is int for b in steps)
-                                 and list(steps) == sorted(steps)):
+  if schedule == 'step' and not (steps and list(steps) == sorted(steps)):
     raise UserError('config key optimizer.step_boundaries='
                     f'{steps!r} must be a non-empty increasing tuple of '
                     'steps for schedule=step, e.g. (30000, 60000)')
@@ -323,15 +325,15 @@ def _check_section(config, spec, *, path):
 
 
 def _check_value(full: str, key: Key, value) -> None:
-  kind = key.type
-  ok = (isinstance(value, bool) if kind is bool else
-        isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind is float else
-        isinstance(value, int) and not isinstance(value, bool)
-        if kind is int else isinstance(value, kind))
-  if not ok:
+  kind, of = key.type, key.of
+  # An element with a comma or brackets is a tuple typed as one string
+  # (--config.KEY=a,b): no variable path or name holds one.
+  if not (_is(kind, value) and (not of or all(
+      _is(of, e) and not (of is str and set(',()[]\'"') & set(e))
+      for e in value))):
+    of = f' of {_describe(of).split()[-1]}s' if of else ''
     raise UserError(f'config key {full}={value!r} must be {_describe(kind)}'
-                    f'; e.g. --config.{full}={_example(key)}')
+                    f'{of}; e.g. --config.{full}={_example(key)}')
   if key.choices and value not in key.choices:
     raise UserError(f'config key {full}={value!r} is unknown; valid: '
                     f'{", ".join(key.choices)}')
@@ -345,6 +347,13 @@ def _check_value(full: str, key: Key, value) -> None:
                     f'[{key.minimum or 0:g}, {key.below:g}) ({key.meaning})')
 
 
+def _is(kind, value) -> bool:
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  return (isinstance(value, bool) if kind is bool else number if kind is float
+          else number and isinstance(value, int) if kind is int
+          else isinstance(value, kind))
+
+
 def _describe(kind) -> str:
   return {bool: 'True or False', int: 'an integer', float: 'a number',
           str: 'a string', tuple: 'a tuple'}.get(kind, kind.__name__)
@@ -353,6 +362,9 @@ def _describe(kind) -> str:
 def _example(key: Key) -> str:
   if key.choices:
     return key.choices[0]
+  if key.type is tuple:  # Quoted for the shell.
+    return '"%s"' % repr(key.default or {int: (1000, 2000)}.get(
+        key.of, ('a', 'b'))).replace(' ', '')
   if key.default not in (REQUIRED, None):
     return repr(key.default).replace(' ', '')
   return {int: '1', float: '1.0', bool: 'True', str: 'NAME'}.get(key.type, '')
@@ -378,29 +390,12 @@ def resolve_section(name: str, user, *, total_steps: int = 0):
   return config
 
 
-def is_resolved(config) -> bool:
-  """Whether `config` already holds every framework key (a resolved one)."""
-  try:
-    return all(_has(config, path) for path in _leaf_paths(SCHEMA))
-  except (AttributeError, KeyError, TypeError):
-    return False
-
-
 def _leaf_paths(spec, prefix=''):
   for name, key in spec.items():
     if isinstance(key, dict):
       yield from _leaf_paths(key, f'{prefix}{name}.')
     else:
       yield f'{prefix}{name}'
-
-
-def _has(config, path):
-  node = config
-  for part in path.split('.'):
-    if part not in node:
-      return False
-    node = node[part]
-  return True
 
 
 def describe() -> str:

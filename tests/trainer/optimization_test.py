@@ -144,7 +144,8 @@ def test_shared_step_scalars_update_bitwise_as_keras(name, extra,
     (dict(schedule='step'), 'step_boundaries=() must be a non-empty '
      'increasing tuple'),
     (dict(schedule='step', step_boundaries=('abc',)),
-     "step_boundaries=('abc',) must be a non-empty increasing tuple of steps"),
+     "step_boundaries=('abc',) must be a tuple of integers; e.g. "
+     '--config.optimizer.step_boundaries="(1000,2000)"'),
     (dict(weight_decay=-1.0), 'weight_decay=-1.0 must be >= 0'),
     (dict(learning_rate=0.0), 'learning_rate=0.0 must be > 0'),
 ], ids=['name', 'momentum_adam', 'schedule', 'warmup', 'step', 'step_text',

@@ -18,7 +18,9 @@ def minimal(**sections):
 
 def test_a_minimal_config_gets_every_framework_key():
   config = schema.resolve(minimal())
-  assert schema.is_resolved(config)
+  for path in schema._leaf_paths(schema.SCHEMA):  # pylint: disable=protected-access
+    section, _, key = path.rpartition('.')
+    assert key in (config[section] if section else config), path
   assert config.checkpoint.every_steps == 1000
   assert config.eval.split == 'test'
   # Derived defaults.
@@ -77,9 +79,22 @@ def test_any_framework_key_takes_an_override_type_from_the_schema():
      'train.variable_shard_bytes=-1 must be >= 0'),
     (minimal(train=dict(variable_shard_bytes='4k')),
      "train.variable_shard_bytes='4k' must be an integer"),
+    # A tuple key's elements have a type too (a traceback at start-up).
+    (minimal(optimizer=dict(weight_decay_exclude=(1, 2))),
+     'optimizer.weight_decay_exclude=(1, 2) must be a tuple of strings; e.g. '
+     '--config.optimizer.weight_decay_exclude="(\'bias\',\'norm\','),
+    (minimal(optimizer=dict(step_boundaries=(10, 20.5))),
+     'optimizer.step_boundaries=(10, 20.5) must be a tuple of integers'),
+    (minimal(optimizer=dict(step_boundaries=[True])),
+     'optimizer.step_boundaries=(True,) must be a tuple of integers'),
+    # What --config.KEY=bias,norm gives: one pattern that matches nothing.
+    (minimal(optimizer=dict(weight_decay_exclude=('bias,norm',))),
+     "optimizer.weight_decay_exclude=('bias,norm',) must be a tuple of "
+     'strings'),
 ], ids=['typo', 'section_typo', 'negative', 'choice', 'bool', 'range',
         'accum', 'eval_train', 'momentum', 'required', 'section',
-        'shard_bytes_negative', 'shard_bytes_not_int'])
+        'shard_bytes_negative', 'shard_bytes_not_int', 'tuple_of_ints',
+        'tuple_of_floats', 'tuple_of_bools', 'tuple_as_one_string'])
 def test_mistakes_are_one_line_errors(user, message):
   with pytest.raises(UserError) as error:
     schema.resolve(user, source='configs/mine.py')
