@@ -207,12 +207,10 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
   tf.keras.utils.set_random_seed(config.seed)
   if deterministic:
     tf.config.experimental.enable_op_determinism()
-  strategy = strategies.build_strategy(strategy_name, tpu=tpu,
-                                       tpu_timeout=tpu_timeout,
-                                       num_cpu_devices=num_cpu_devices,
-                                       cluster_timeout=cluster_timeout,
-                                       variable_shard_bytes=(
-                                           config.train.variable_shard_bytes))
+  strategy = strategies.build_strategy(
+      strategy_name, tpu=tpu, tpu_timeout=tpu_timeout,
+      num_cpu_devices=num_cpu_devices, cluster_timeout=cluster_timeout,
+      variable_shard_bytes=config.train.variable_shard_bytes)
   layout = run_record.layout(strategy, config)
   if mode in ('train', 'train_and_eval'):
     run_record.check_layout(model_dir, layout, config.train.global_batch_size)
@@ -371,7 +369,8 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
     on_trained()
     preemption.set_phase('the final evaluation')
     if mode == 'train_and_eval':
-      controller.evaluate_and_track()
+      if not controller.evals or controller.evals[-1][0] != controller.step:
+        controller.evaluate_and_track()  # Not again after an early stop.
       metrics = controller.evals[-1][1]
     else:
       metrics = controller.evaluate()
