@@ -186,9 +186,17 @@ def test_eval_and_export_modes_read_the_trained_run(tmp_path):
   # Side by side: none changes the checkpoints the others read (eval
   # appends to eval/metrics.jsonl, export writes model_dir/export,
   # continuous_eval writes model_dir/continuous_eval).
+  # Evaluation may use another batch size, seed or optimizer: it reads the
+  # model only (a changed model is refused, run_record.MODEL_KEYS).
   evaluating, exporting, watching = (
-      runner.start_main(SMOKE, f'--mode={mode}', f'--model_dir={model_dir}')
-      for mode in ('eval', 'export', 'continuous_eval'))
+      runner.start_main(SMOKE, f'--mode={mode}', f'--model_dir={model_dir}',
+                        *changed)
+      for mode, changed in (('eval', ('--config.train.global_batch_size=32',
+                                      '--config.eval.global_batch_size=50',
+                                      '--config.seed=7',
+                                      '--config.optimizer.name=sgd')),
+                            ('export', ('--config.seed=7',)),
+                            ('continuous_eval', ())))
   try:
     (evaluated, eval_err), (exported, export_err), (watched, watch_err) = (
         p.communicate(timeout=300) for p in (evaluating, exporting, watching))

@@ -319,7 +319,7 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
     if not os.path.isdir(model_dir):  # main.py refused it before TensorFlow.
       raise UserError(f'--mode={mode} needs a trained run in --model_dir, '
                       f'but {model_dir!r} does not exist')
-    run_record.check_or_write(model_dir, record, write=False)
+    run_record.check_or_write(model_dir, record, write=False, reading=mode)
     preemption.set_phase('evaluation' if mode == 'eval' else 'export')
     validation.check(trainer, train=False, serving=mode == 'export',
                      eval_split=options.eval_split if mode == 'eval' else None)

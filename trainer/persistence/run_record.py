@@ -27,14 +27,21 @@ def build(config, trainer) -> dict:
   }
 
 
-def check_or_write(model_dir: str, record: dict, *,
-                   write: bool = True) -> None:
+# What the checkpoint's model depends on: all that evaluation and export,
+# which read the model and nothing else of the run, must keep.
+MODEL_KEYS = ('trainer', 'model weights', 'train.ema')
+
+
+def check_or_write(model_dir: str, record: dict, *, write: bool = True,
+                   reading: str = '') -> None:
   """Refuses to resume a run whose record differs; writes it for a new run.
 
   Changing the model, global batch, data, seed, optimizer or trainer would
   mix two different runs in one model_dir (the data position, for one, counts
   global batches). Everything else (train.steps, learning rate, cadences) may
-  change between restarts.
+  change between restarts. A mode that only reads the model (`reading`:
+  'eval' or 'export') checks MODEL_KEYS only: it may evaluate with another
+  batch size, on other data, under another seed.
 
   Raises:
     UserError: naming the first setting that changed, old and new values.
@@ -50,7 +57,8 @@ def check_or_write(model_dir: str, record: dict, *,
     with open(path) as f:
       old = json.load(f)
     for key in record:
-      if key not in old or _jsonable(record[key]) == old[key]:
+      if (key not in old or _jsonable(record[key]) == old[key] or
+          reading and key not in MODEL_KEYS):
         continue
       if isinstance(old[key], dict) and isinstance(record[key], dict):
         keys = sorted(set(old[key]) | set(record[key]))
@@ -61,7 +69,7 @@ def check_or_write(model_dir: str, record: dict, *,
           what += ' (a model.* config key changed)'
       else:
         what = f'{key}: {old[key]!r} -> {record[key]!r}'
-      raise _changed(model_dir, what)
+      raise _changed(model_dir, what, reading)
     if write and layout and old.get('layout') != layout:
       write_json_atomically(path, dict(old, layout=layout))
     return
@@ -105,7 +113,12 @@ def check_pieces(model_dir: str, pieces: dict, made_by: str) -> None:
       '(--mode=eval and export read it either way)')
 
 
-def _changed(model_dir: str, what: str) -> UserError:
+def _changed(model_dir: str, what: str, reading: str = '') -> UserError:
+  if reading:
+    return UserError(
+        f'--mode={reading} cannot read --model_dir={model_dir}: {what} '
+        f'since the run was trained ({RECORD}); restore the old value: the '
+        'checkpoint holds the model it trained')
   return UserError(
       f'cannot resume --model_dir={model_dir}: {what} since the run '
       f'started ({RECORD}); restore the old value or use a new --model_dir')

@@ -277,6 +277,18 @@ def test_run_record_refuses_a_changed_setting(tmp_path):
   changed = dict(record, data=dict(record['data'], name='digits'))
   with pytest.raises(UserError, match="data 'name': 'synthetic' -> 'digits'"):
     run_record.check_or_write(str(tmp_path), changed)
+  # Evaluation and export read the model only: its weights must match.
+  run_record.check_or_write(str(tmp_path), changed, write=False,
+                            reading='eval')
+  weights = dict(record['model weights'])
+  weights[next(iter(weights))] = [1, 2]
+  with pytest.raises(UserError) as error:
+    run_record.check_or_write(
+        str(tmp_path), dict(changed, **{'model weights': weights}),
+        write=False, reading='export')
+  assert str(error.value).startswith(
+      f'--mode=export cannot read --model_dir={tmp_path}: model weights ')
+  assert 'a model.* config key changed' in str(error.value)
   assert (tmp_path / 'run.json').read_text() == written
 
 
