@@ -164,13 +164,18 @@ def _explain(argv, error: Exception) -> str:
   if spec is None:
     return errors.one_line(error)
   override = re.match(r'flag --config\.([^=]+)=', str(error))
-  none = re.search(r"NoneType'> of field config\.(\S+) is not supported",
-                   str(error))
-  if none:
-    key = none.group(1)
-    return (f'flag --config.{key}: config key {key} is None in {spec}, which '
-            'no override can set; give it a default there, or declare it '
-            'ml_collections.config_dict.placeholder(TYPE)')
+  unset = re.search(r"'(NoneType|list)'> of field config\.(\S+) is not "
+                    'supported', str(error))
+  if unset:  # ml_collections cannot override a None or a list.
+    kind, key = unset.groups()
+    fix = ('give it a default there, or declare it '
+           'ml_collections.config_dict.placeholder(TYPE)')
+    if kind == 'list':
+      fix = (f'make it a tuple there, e.g. {key.rpartition(".")[2]}='
+             f'{tuple(load_config(spec)[key])}')
+    return (f'flag --config.{key}: config key {key} is '
+            f'{"a list" if kind == "list" else "None"} in {spec}, which no '
+            f'override can set; {fix}')
   if isinstance(error, flags.IllegalFlagValueError) and override:
     return _bad_value(argv, spec, override.group(1), error)
   if isinstance(error, (KeyError, AttributeError)):

@@ -184,18 +184,25 @@ def test_a_placeholder_key_of_a_config_is_overridden(tmp_path):
   assert '  width: 24\n' in result.stdout
 
 
-def test_a_none_key_of_a_config_names_the_key_and_the_fix(tmp_path):
-  path = tmp_path / 'none_config.py'
+@pytest.mark.parametrize('value, fix', [
+    ('None', 'is None in {path}, which no override can set; give it a '
+     'default there, or declare it '
+     'ml_collections.config_dict.placeholder(TYPE)'),
+    ('[64, 32]', 'is a list in {path}, which no override can set; make it a '
+     'tuple there, e.g. width=(64, 32)'),
+], ids=['none', 'list'])
+def test_a_key_no_override_can_set_names_the_key_and_the_fix(tmp_path, value,
+                                                              fix):
+  path = tmp_path / 'unset_config.py'
   path.write_text(
       'from configs import digits_mlp\n\n'
       'def get_config():\n'
       "  config = digits_mlp.get_config('smoke')\n"
-      '  config.model.width = None\n'
+      f'  config.model.width = {value}\n'
       '  return config\n')
   result = runner.run_main(f'--config={path}', '--config.model.width=24',
                            '--print_config')
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-      f'error: flag --config.model.width: config key model.width is None in '
-      f'{path}, which no override can set; give it a default there, or '
-      'declare it ml_collections.config_dict.placeholder(TYPE)')
+      'error: flag --config.model.width: config key model.width '
+      + fix.format(path=path))
