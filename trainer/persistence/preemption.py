@@ -111,21 +111,21 @@ def raise_pending() -> None:
     raise Preempted(phase=_pending[0][0], signum=_pending[0][1])
 
 
-# Whether install_guard ran: this process is main.py's, whose Ctrl-C is
-# ours. In any other (a notebook, pytest), SIGINT is left to Python.
-_guarded = []
-
-
 # Seconds the main thread has to act on a signal outside training before
 # the guard's thread exits the process: TensorFlow runs no Python signal
 # handler while a tf.function runs (a whole evaluation is one call).
 GRACE_SECS = 3.0
-_state = {'handled': 0, 'retryable_exit_code': None, 'thread': None}
+# installed: whether install_guard ran: this process is main.py's, whose
+# Ctrl-C is ours (in any other, a notebook or pytest, SIGINT is left to
+# Python); handled: signals the main thread has acted on; thread: the one
+# that exits the process when it does not.
+_guard = {'installed': False, 'handled': 0, 'retryable_exit_code': None,
+          'thread': None}
 
 
 def set_retryable_exit_code(code) -> None:
   """The status a SIGTERM exits with when the guard's thread exits."""
-  _state['retryable_exit_code'] = code
+  _guard['retryable_exit_code'] = code
 
 
 def install_guard() -> None:
@@ -135,25 +135,25 @@ def install_guard() -> None:
   get to it within GRACE_SECS (it is inside a long tf.function call, e.g.
   an evaluation), a thread exits the process with the same status: there
   is nothing to save outside training."""
-  _guarded[:] = [True]
+  _guard['installed'] = True
   def guard(signum, frame):
     del frame
-    _state['handled'] += 1
+    _guard['handled'] += 1
     logging.warning('%s received during %s', signal.Signals(signum).name,
                     _phase[0])
     _pending[:] = [(_phase[0], signum)]
     raise Preempted(phase=_phase[0], signum=signum)
   for signum in SIGNALS:
     signal.signal(signum, guard)
-  if _state['thread'] is None:
+  if _guard['thread'] is None:
     reader, writer = socket.socketpair()
     writer.setblocking(False)
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-    _state['thread'] = threading.Thread(
+    _guard['thread'] = threading.Thread(
         target=_exit_if_stuck, args=(reader, writer), daemon=True,
         name='signal-guard')
-    _state['sockets'] = (reader, writer)
-    _state['thread'].start()
+    _guard['sockets'] = (reader, writer)
+    _guard['thread'].start()
   if getattr(sys.unraisablehook, 'hides_preempted', False):
     return  # Installed by an earlier call: wrap the hook once only.
   print_unraisable = sys.unraisablehook
@@ -169,15 +169,15 @@ def install_guard() -> None:
 def uninstall_guard() -> None:
   """Undoes install_guard's thread and flags (for tests; the caller puts
   back its own signal handlers)."""
-  _guarded.clear()
-  if _state['thread'] is not None:
+  _guard['installed'] = False
+  if _guard['thread'] is not None:
     signal.set_wakeup_fd(-1)
-    reader, writer = _state.pop('sockets')
+    reader, writer = _guard.pop('sockets')
     writer.close()
     reader.shutdown(socket.SHUT_RDWR)
-    _state['thread'].join(timeout=5)
+    _guard['thread'].join(timeout=5)
     reader.close()
-    _state['thread'] = None
+    _guard['thread'] = None
 
 
 def _exit_if_stuck(reader, writer):
@@ -195,11 +195,11 @@ def _exit_if_stuck(reader, writer):
         continue
       received += 1
       deadline = time.monotonic() + GRACE_SECS
-      while _state['handled'] < received and time.monotonic() < deadline:
+      while _guard['handled'] < received and time.monotonic() < deadline:
         time.sleep(0.05)
-      if _guarded and _state['handled'] < received:
+      if _guard['installed'] and _guard['handled'] < received:
         error = Preempted(phase=_phase[0], signum=signum)
-        code = error.exit_code(_state['retryable_exit_code'])
+        code = error.exit_code(_guard['retryable_exit_code'])
         logging.warning('%s received during %s, which TensorFlow does not '
                         'interrupt: exiting now', signal.Signals(signum).name,
                         _phase[0])
@@ -233,7 +233,7 @@ class SignalWatcher:
     self._writer.setblocking(False)
     self._old_fd = signal.set_wakeup_fd(self._writer.fileno(),
                                         warn_on_full_buffer=False)
-    signals = SIGNALS if _guarded else (signal.SIGTERM,)
+    signals = SIGNALS if _guard['installed'] else (signal.SIGTERM,)
     self._old_handlers = {s: signal.signal(s, self._handler) for s in signals}
     self._thread = threading.Thread(target=self._watch, daemon=True,
                                     name='signal-watcher')
