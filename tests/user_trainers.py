@@ -167,6 +167,20 @@ class TwoOptimizerTrainer(SequenceTrainer):
     return items
 
 
+class SecondOptimizerOutsideScope(TwoOptimizerTrainer):
+  """The second optimizer made and built outside the strategy's scope."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.second = optimization.build_optimizer(
+        self.config.optimizer, total_steps=self.config.train.steps)
+    self.second.build(self.model.get_layer('logits').trainable_variables)
+
+
+class SecondOptimizerNotCheckpointed(TwoOptimizerTrainer):
+  checkpoint_items = SequenceTrainer.checkpoint_items  # Not extended.
+
+
 class SecondOptimizerApplyTrainer(TwoOptimizerTrainer):
   """Both optimizers through self.apply_gradients (two explicit all-reduces)."""
 
@@ -424,6 +438,18 @@ class SubclassedModel(classifier.ClassifierTrainer):
 
 # What a Trainer returns wrong, each refused in one line before the run
 # (tests/trainer/experiment/validation_test.py).
+
+
+class ScalarEvalOutput(SequenceTrainer):
+
+  def eval_outputs(self, batch, outputs):
+    return {'mean_logit': tf.reduce_mean(outputs)}  # A batch mean.
+
+
+class EvalOutputNotDict(SequenceTrainer):
+
+  def eval_outputs(self, batch, outputs):
+    return outputs
 
 
 class LossWithoutReturn(SequenceTrainer):

@@ -47,6 +47,10 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
     with step_lib.recording() as record, randomness.per_replica():
       values = autograph.user(step_fn)(batch)
     gathered = values.pop(EVAL_OUTPUTS, None) if not train else None
+    if gathered is not None:
+      gathered = contracts.gathered_outputs(
+          gathered, where=f'{type(trainer).__name__}.eval_outputs',
+          size=contracts.batch_size(batch))
     values = contracts.step_outputs(values, where=name,
                                     names=trainer.metric_names,
                                     size=contracts.batch_size(batch))

@@ -71,6 +71,7 @@ def check(trainer, *, train: bool, eval_split: str | None,
         skip_batches=data_position, service_job=''))
     _trace(trainer, f'{name} train step', lambda: loops.trace_train(
         trainer, iterator))
+    _check_optimizers(trainer)  # Built by now: none is made in the step.
   if eval_split:
     dataset = trainer.distribute_dataset(
         eval_split, batch_size=trainer.eval_global_batch_size)
@@ -194,6 +195,42 @@ def _trace(trainer, what: str, fn) -> None:
         f'{type(trainer).__name__}.{method} raised {type(e).__name__} while '
         f'the {what.split(" ", 1)[1]} was traced: {errors.one_line(e)}{hint}'
         ) from e
+
+
+def _check_optimizers(trainer) -> None:
+  """Every Keras optimizer a training Trainer keeps (an attribute, or in a
+  list, tuple or dict attribute) was built under its strategy's scope, and
+  is in its checkpoint."""
+  name = type(trainer).__name__
+  root = tf.train.Checkpoint(**trainer.checkpoint_items())
+  kept = {id(o) for o in tf.train.TrackableView(root).descendants()}
+  mirrored = _distributed(trainer.model.trainable_variables)
+  for attr, value in vars(trainer).items():
+    values = (value.values() if isinstance(value, dict) else
+              value if isinstance(value, (list, tuple)) else [value])
+    for optimizer in values:
+      if not isinstance(optimizer, tf.keras.optimizers.Optimizer):
+        continue
+      if mirrored and optimizer.built and not _distributed(
+          optimizer.variables):
+        raise UserError(
+            f'{name}.{attr} is an optimizer built outside '
+            'self.strategy.scope(): one copy of its state would serve every '
+            "replica and the replicas' weights would drift apart; make and "
+            'build it in __init__ under `with self.strategy.scope():`')
+      if id(optimizer) not in kept:
+        raise UserError(
+            f'{name}.{attr} is an optimizer that checkpoint_items() does not '
+            'return, so a resumed run would restart its state (moments, step '
+            f'count); add it there: items = super().checkpoint_items('
+            f"model_only), then items['{attr}'] = self.{attr} unless "
+            'model_only')
+
+
+def _distributed(variables) -> bool:
+  return bool(variables) and all(
+      isinstance(getattr(v, 'value', v), tf.distribute.DistributedValues)
+      for v in variables)
 
 
 # Trainer's own versions that run the user's model or data: an error in

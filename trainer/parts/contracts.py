@@ -100,6 +100,25 @@ def _shape_hint(shape, size) -> str:
           'in a per-example mean with its token count as weight')
 
 
+def gathered_outputs(outputs, *, where: str, size) -> dict:
+  """Checks eval_outputs' {name: [B, ...]}: each value is gathered along its
+  first axis, one row per example (only a static mismatch is caught)."""
+  if not isinstance(outputs, dict):
+    raise ContractError(
+        f'{where} returned {type(outputs).__name__}, not a dict; return '
+        '{name: per-example values [B, ...]}, or None to gather nothing')
+  for name, value in outputs.items():
+    shape = tf.convert_to_tensor(value).shape
+    if shape.rank == 0 or (isinstance(size, int) and shape.rank and
+                           shape[0] not in (None, size)):
+      raise ContractError(
+          f'{where} returned shape {shape.as_list()} for {name!r}, expected '
+          f'[{size if isinstance(size, int) else "B"}, ...]: values are '
+          'gathered along their first axis, one row per example of the '
+          'batch; reduce over the split in aggregate, not per batch')
+  return outputs
+
+
 def metrics_dict(metrics, *, where: str) -> dict:
   """Checks that compute_metrics returned {name: value}."""
   if not isinstance(metrics, dict):

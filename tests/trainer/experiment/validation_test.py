@@ -66,6 +66,12 @@ def config(trainer='SequenceTrainer', **eval_keys):
      r"be a tuple of names, e.g. \('accuracy',\)$"),
     ('NoComputeLoss', r'^NoComputeLoss does not define compute_loss, which '
      'every Trainer must'),
+    # Found at the end of training before: a traceback from the gather.
+    ('ScalarEvalOutput', r"^ScalarEvalOutput.eval_outputs returned shape \[\] "
+     r"for 'mean_logit', expected \[B, \.\.\.\]: values are gathered along "
+     'their first axis'),
+    ('EvalOutputNotDict', r'^EvalOutputNotDict.eval_outputs returned .*Tensor, '
+     r'not a dict; return \{name: per-example values \[B, \.\.\.\]\}'),
 ])
 def test_mistakes_stop_the_run_before_model_dir_exists(tmp_path, trainer,
                                                       message):
@@ -74,6 +80,26 @@ def test_mistakes_stop_the_run_before_model_dir_exists(tmp_path, trainer,
     experiment.run(config(trainer), model_dir=str(model_dir),
                    strategy_name='default')
   assert '\n' not in str(error.value)
+  assert not model_dir.exists()
+
+
+@pytest.mark.parametrize('trainer, replicas, message', [
+    ('SecondOptimizerOutsideScope', 2, r'^SecondOptimizerOutsideScope.second '
+     r'is an optimizer built outside self.strategy.scope\(\): one copy of its '
+     r"state would serve every replica and the replicas' weights would drift "
+     'apart'),
+    ('SecondOptimizerNotCheckpointed', 1, r'^SecondOptimizerNotCheckpointed.'
+     r'second is an optimizer that checkpoint_items\(\) does not return, so '
+     'a resumed run would restart its state'),
+], ids=['outside_scope', 'not_checkpointed'])
+def test_a_second_optimizer_must_be_mirrored_and_checkpointed(
+    tmp_path, trainer, replicas, message):
+  """Either trains without an error: weights that differ between replicas
+  (check_replicas finds them), a resume that is not exact."""
+  model_dir = tmp_path / 'run'
+  with pytest.raises(UserError, match=message):
+    experiment.run(config(trainer), model_dir=str(model_dir),
+                   strategy_name='mirrored', num_cpu_devices=replicas)
   assert not model_dir.exists()
 
 
