@@ -452,6 +452,27 @@ class EvalOutputNotDict(SequenceTrainer):
     return outputs
 
 
+class AggregateReturnsArray(SequenceTrainer):
+
+  def eval_outputs(self, batch, outputs):
+    return {'predicted': tf.argmax(outputs, -1)}  # [B, T]
+
+  def aggregate(self, outputs):
+    return {'predicted_all': outputs['predicted']}  # Not one number.
+
+
+class AggregateRaises(AggregateReturnsArray):
+
+  def aggregate(self, outputs):
+    return {'count': outputs['prediction'].size}  # A misspelt key.
+
+
+class DerivedMetricRaises(SequenceTrainer):
+
+  def derived_metrics(self, metrics):
+    return {'error': 1 - metrics['acuracy']}
+
+
 class LossWithoutReturn(SequenceTrainer):
 
   def compute_loss(self, batch, outputs):

@@ -24,6 +24,7 @@ from trainer.monitoring import profiling
 from trainer.monitoring import progress
 from trainer.monitoring import summaries
 from trainer.errors import UserError
+from trainer.parts import contracts
 from trainer.parts import status as status_lib
 from trainer.parts import streaming
 
@@ -273,34 +274,32 @@ class Controller:
   def _write_train_summary(self):
     """Writes the training scalars of the steps since the last summary."""
     with self.ledger.timed('summaries'):
-      self._write_train_scalars()
-
-  def _write_train_scalars(self):
-    values = self._meter.result()
-    self._meter.reset()
-    if not values:
-      return
-    trainer = self.trainer
-    scalars = {f'metrics/{name}': values[name]
-               for name in ('loss', *trainer.metric_names) if name in values}
-    train_metrics = {n[len('metrics/'):]: v for n, v in scalars.items()}
-    train_metrics.update(streaming.results(trainer.streaming['train'],
-                                           trainer.strategy))
-    train_metrics.update(trainer.derived_metrics(train_metrics))
-    scalars.update({f'metrics/{n}': v for n, v in train_metrics.items()})
-    scalars['optimizer/learning_rate'] = trainer.learning_rate()
-    if 'grad_norm' in values:
-      scalars['optimizer/grad_norm'] = values['grad_norm']
-    scalars['optimizer/weight_norm'] = trainer.weight_norm()
-    if trainer.loss_scale is not None:  # mixed_float16
-      scalars['optimizer/loss_scale'] = float(trainer.loss_scale.numpy())
-    for name in ('steps_per_sec', 'examples_per_sec', 'input_wait_share'):
-      if name in values:
-        scalars[f'throughput/{name}'] = values[name]
-    self.ledger.write()  # goodput.json too, at the summaries' cadence.
-    scalars.update(self.ledger.scalars(self.ledger.last_totals))
-    self.train_writer.write_scalars(self.step, scalars)
-    self.train_writer.flush()
+      values = self._meter.result()
+      self._meter.reset()
+      if not values:
+        return
+      trainer = self.trainer
+      scalars = {f'metrics/{name}': values[name]
+                 for name in ('loss', *trainer.metric_names) if name in values}
+      train_metrics = {n[len('metrics/'):]: v for n, v in scalars.items()}
+      train_metrics.update(streaming.results(trainer.streaming['train'],
+                                             trainer.strategy))
+      train_metrics.update(contracts.host_metrics(trainer, 'derived_metrics',
+                                                  train_metrics))
+      scalars.update({f'metrics/{n}': v for n, v in train_metrics.items()})
+      scalars['optimizer/learning_rate'] = trainer.learning_rate()
+      if 'grad_norm' in values:
+        scalars['optimizer/grad_norm'] = values['grad_norm']
+      scalars['optimizer/weight_norm'] = trainer.weight_norm()
+      if trainer.loss_scale is not None:  # mixed_float16
+        scalars['optimizer/loss_scale'] = float(trainer.loss_scale.numpy())
+      for name in ('steps_per_sec', 'examples_per_sec', 'input_wait_share'):
+        if name in values:
+          scalars[f'throughput/{name}'] = values[name]
+      self.ledger.write()  # goodput.json too, at the summaries' cadence.
+      scalars.update(self.ledger.scalars(self.ledger.last_totals))
+      self.train_writer.write_scalars(self.step, scalars)
+      self.train_writer.flush()
 
   def _iterator(self):
     trainer = self.trainer

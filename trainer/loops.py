@@ -265,14 +265,14 @@ def evaluate(trainer, split: str) -> dict[str, float]:
       sums = trainer._eval_sums()
       outputs = {name: np.concatenate([p[name] for p in parts])
                  for name in (parts[0] if parts else {})}
-      aggregated = trainer.aggregate(outputs)
+      aggregated = contracts.host_metrics(trainer, 'aggregate', outputs)
     else:
       sums = trainer._eval_loop(iter(dataset))
     metrics = trainer.eval_sums.means(sums.numpy())
     metrics.update(streaming.results(trainer.streaming['eval'],
                                      trainer.strategy))
   metrics.update(aggregated)
-  metrics.update(trainer.derived_metrics(metrics))
+  metrics.update(contracts.host_metrics(trainer, 'derived_metrics', metrics))
   return metrics
 
 

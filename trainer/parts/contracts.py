@@ -13,8 +13,10 @@ broadcasting slip) would report nonsense, and neither raises anything in
 TensorFlow by itself.
 """
 
+import numpy as np
 import tensorflow as tf
 
+from trainer import errors
 from trainer.errors import UserError
 
 
@@ -145,3 +147,27 @@ def step_outputs(values, *, where: str, names, size):
   return {name: per_example(values[name], where=f'{where} [{name!r}]',
                             size=size)
           for name in ('loss', *names)}
+
+
+def host_metrics(trainer, method: str, argument) -> dict:
+  """trainer.aggregate(outputs) or trainer.derived_metrics(metrics) (host),
+  checked: {name: one number}. A mistake in it is one line naming it."""
+  where = f'{type(trainer).__name__}.{method}'
+  try:
+    result = getattr(trainer, method)(argument)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ContractError(f'{where} raised {type(e).__name__}: '
+                        f'{errors.one_line(e)}') from e
+  if not isinstance(result, dict):
+    raise ContractError(f'{where} returned {type(result).__name__}, not a '
+                        'dict {name: number}')
+  for name, value in result.items():
+    if np.ndim(value) or not np.issubdtype(np.asarray(value).dtype,
+                                           np.number):
+      raise ContractError(
+          f'{where} returned {name!r} of shape {list(np.shape(value))} and '
+          f'dtype {np.asarray(value).dtype}: each value must be one number '
+          '(a metric); compute it from the arrays')
+  return {name: float(value) for name, value in result.items()}

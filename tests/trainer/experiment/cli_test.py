@@ -155,7 +155,7 @@ def test_a_trainer_from_the_working_directory_trains(tmp_path):
 @pytest.mark.parametrize('name, message', [
     ('no_such_module:Trainer', "no module 'no_such_module' on the path"),
     ('tests.user_trainers:Nope', "module 'tests.user_trainers' has no 'Nope'; "
-     'Trainer subclasses there: BatchesByContext'),
+     'Trainer subclasses there: AggregateRaises'),
     ('tests.user_trainers:sequence_arrays', 'sequence_arrays is not a '
      'subclass of trainer.trainer.Trainer'),
     ('clasifier', "trainer='clasifier' names no registered trainer; valid: "),

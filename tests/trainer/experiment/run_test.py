@@ -4,7 +4,11 @@ leaves in model_dir and returns."""
 import json
 import logging
 
+import pytest
+
 from configs import digits_mlp
+from tests import user_config
+from trainer.errors import UserError
 from trainer.experiment import run as experiment
 
 
@@ -26,3 +30,27 @@ def test_an_early_stop_is_evaluated_once(tmp_path, caplog):
   assert caplog.text.count('early stop at step 20') == 1, caplog.text
   best = json.loads((tmp_path / 'best' / 'record.json').read_text())
   assert (best['step'], best['evals_since']) == (10, [20])
+
+
+@pytest.mark.parametrize('trainer, message, trained', [
+    ('AggregateReturnsArray', r"^AggregateReturnsArray.aggregate returned "
+     r"'predicted_all' of shape \[\d+, \d+\] and dtype int64: each value must "
+     'be one number', True),
+    ('AggregateRaises', r"^AggregateRaises.aggregate raised KeyError: "
+     r"'prediction'$", True),
+    # At the first training summary (step 2 here, steps_per_loop).
+    ('DerivedMetricRaises', r'^DerivedMetricRaises.derived_metrics raised '
+     r"KeyError: 'acuracy'$", False),
+])
+def test_a_mistake_in_a_host_metric_method_is_one_line(tmp_path, trainer,
+                                                       message, trained):
+  """aggregate and derived_metrics run on the host, after the final eval or
+  at a training summary: their mistakes name them in one line (main.py:
+  exit 2), not a traceback; the final checkpoint stays."""
+  config = user_config.get_config()
+  config.trainer = f'tests.user_trainers:{trainer}'
+  config.train.update(steps=4, steps_per_loop=2)
+  with pytest.raises(UserError, match=message) as error:
+    experiment.run(config, model_dir=str(tmp_path), strategy_name='default')
+  assert '\n' not in str(error.value)
+  assert (tmp_path / 'checkpoint').exists() == trained
