@@ -473,6 +473,14 @@ class DerivedMetricRaises(SequenceTrainer):
     return {'error': 1 - metrics['acuracy']}
 
 
+class NanLoss(SequenceTrainer):
+  """Non-finite from the first step: the run stops before its first save."""
+
+  def compute_loss(self, batch, outputs):
+    loss, tokens = super().compute_loss(batch, outputs)
+    return loss * float('nan'), tokens
+
+
 class LossWithoutReturn(SequenceTrainer):
 
   def compute_loss(self, batch, outputs):

@@ -51,13 +51,10 @@ class ControllerOptions:
     summary_every: write training scalars every this many steps (need not
       divide steps_per_loop: loops are cut to end on it), at the end and
       before a preemption exit.
-    log_every_secs: at most one progress line per this many seconds; 0 logs
-      every inner loop.
-    profile_steps: (START, END): trace steps START..END into
-      model_dir/train/plugins/profile (see trainer/monitoring/profiling.py); None: off.
-    input_wait_every: measure the input wait on one inner loop in this many
-      (the 2nd, then every this many): timing every step costs a few percent
-      of step time on small models. 1: every loop; 0: never.
+    log_every_secs: at most one progress line per N seconds (0: each loop).
+    profile_steps: (START, END): steps profiled (monitoring/profiling.py).
+    input_wait_every: time the input wait on one inner loop in this many
+      (a few % of a small model's step time); 1: every loop; 0: never.
     data_service_job: with data.service, the run's job name (the same on
       every worker; the data position is appended).
   """
@@ -366,11 +363,15 @@ class Controller:
       # A train_step of its own that bypassed apply_gradients applied it.
       skipped = ('the update was not applied and '
                  if self.trainer.reports_grad_norm else '')
+      fix = ('lower the learning rate or enable train.clip_norm' if
+             failed_step > 1 else 'the weights are the initial ones: look for '
+             'NaN or Inf in the inputs or the loss (a NaN masked out of the '
+             'loss with tf.where still gives a NaN gradient)')
       raise NonFiniteLoss(
           f'non-finite loss or gradient norm at step {failed_step}{tried}; '
           f'{skipped}no checkpoint was written after it '
-          f'(train.nan_retries={n}); lower the learning rate or enable '
-          'train.clip_norm' + ('' if n else ' (or set train.nan_retries)'))
+          f'(train.nan_retries={n}); {fix}' +
+          ('' if n or failed_step == 1 else ' (or set train.nan_retries)'))
     computed, position = self.step, int(self.trainer.data_position.numpy())
     with self.ledger.timed('checkpoints'):
       self.checkpointer.wait()

@@ -1,6 +1,7 @@
 """The run record: what must not change when a run is resumed (run.json),
 and atomic writes of the small files beside the checkpoints."""
 
+import glob
 import json
 import os
 
@@ -34,7 +35,8 @@ MODEL_KEYS = ('trainer', 'model weights', 'train.ema')
 
 def check_or_write(model_dir: str, record: dict, *, write: bool = True,
                    reading: str = '') -> None:
-  """Refuses to resume a run whose record differs; writes it for a new run.
+  """Refuses to resume a run whose record differs; writes it for a new run
+  (also over the record of one that saved no checkpoint: nothing to resume).
 
   Changing the model, global batch, data, seed, optimizer or trainer would
   mix two different runs in one model_dir (the data position, for one, counts
@@ -53,9 +55,8 @@ def check_or_write(model_dir: str, record: dict, *, write: bool = True,
   # a checkpoint's model with any pieces.
   pieces = record.pop('pieces', None)
   made_by = record.pop('pieces_made_by', None)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  old = _resumable(model_dir)
+  if old is not None:
     for key in record:
       if (key not in old or _jsonable(record[key]) == old[key] or
           reading and key not in MODEL_KEYS):
@@ -91,11 +92,9 @@ def check_pieces(model_dir: str, pieces: dict, made_by: str) -> None:
   Raises:
     UserError: naming the first weight whose pieces changed.
   """
-  path = os.path.join(model_dir, RECORD)
-  if not os.path.exists(path):
+  record = _resumable(model_dir)
+  if record is None:
     return
-  with open(path) as f:
-    record = json.load(f)
   old = record.get('pieces') or {}
   if old == _jsonable(pieces):
     return
@@ -111,6 +110,19 @@ def check_pieces(model_dir: str, pieces: dict, made_by: str) -> None:
       f'{describe(pieces.get(name), made_by)}, and the optimizer keeps its '
       'slots per piece; resume as it was, or start a new --model_dir '
       '(--mode=eval and export read it either way)')
+
+
+def _resumable(model_dir: str):
+  """model_dir's run record when it has something to resume (a checkpoint
+  or a best one), else None: a run that ended before its first save (a
+  mistake, a NaN at the first steps) leaves nothing a new start must match."""
+  path = os.path.join(model_dir, RECORD)
+  if not os.path.exists(path) or not any(
+      glob.glob(os.path.join(model_dir, *where, 'ckpt-*.index'))
+      for where in ((), ('best',))):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def _changed(model_dir: str, what: str, reading: str = '') -> UserError:
@@ -168,11 +180,9 @@ def check_layout(model_dir: str, new: dict, global_batch_size: int) -> None:
       global batch, if it changed (checked first: the divisibility message
       names the batch the run had).
   """
-  path = os.path.join(model_dir, RECORD)
-  if not os.path.exists(path):
+  record = _resumable(model_dir)
+  if record is None:
     return
-  with open(path) as f:
-    record = json.load(f)
   key, batch = 'train.global_batch_size', record.get('train.global_batch_size')
   if batch is not None and batch != global_batch_size:
     raise _changed(model_dir, f'{key}: {batch!r} -> {global_batch_size!r}')

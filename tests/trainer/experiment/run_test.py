@@ -8,6 +8,7 @@ import pytest
 
 from configs import digits_mlp
 from tests import user_config
+from trainer.controller import NonFiniteLoss
 from trainer.errors import UserError
 from trainer.experiment import run as experiment
 
@@ -54,3 +55,29 @@ def test_a_mistake_in_a_host_metric_method_is_one_line(tmp_path, trainer,
     experiment.run(config, model_dir=str(tmp_path), strategy_name='default')
   assert '\n' not in str(error.value)
   assert (tmp_path / 'checkpoint').exists() == trained
+
+
+def test_a_run_that_saved_nothing_leaves_nothing_to_match(tmp_path):
+  """A first run that stopped before its first checkpoint (a NaN at step 1)
+  wrote run.json; a new start with another Trainer (the fixed one, renamed)
+  or other settings is not refused as a changed resume."""
+  config = user_config.get_config()
+  config.trainer = 'tests.user_trainers:NanLoss'
+  config.train.update(steps=4, steps_per_loop=2)
+  # Not 'lower the learning rate': no update has been made at step 1.
+  with pytest.raises(NonFiniteLoss, match=r'non-finite loss or gradient norm '
+                     r'at step 1; .*\(train.nan_retries=0\); the weights are '
+                     'the initial ones: look for NaN or Inf in the inputs or '
+                     r'the loss \(a NaN masked out of the loss with tf.where '
+                     r'still gives a NaN gradient\)$'):
+    experiment.run(config, model_dir=str(tmp_path), strategy_name='default')
+  assert (tmp_path / 'run.json').exists()
+  assert not list(tmp_path.glob('ckpt-*'))
+  config.trainer = 'tests.user_trainers:SequenceTrainer'
+  config.train.global_batch_size *= 2
+  metrics = experiment.run(config, model_dir=str(tmp_path),
+                           strategy_name='default')
+  assert metrics['examples'] > 0
+  record = json.loads((tmp_path / 'run.json').read_text())
+  assert record['trainer'] == 'tests.user_trainers:SequenceTrainer'
+  assert record['train.global_batch_size'] == config.train.global_batch_size
