@@ -141,10 +141,14 @@ def test_print_config_prints_and_writes_nothing(tmp_path):
      "config key optimizer.weight_decay_exclude=('bias,norm',) must be a "
      'tuple of strings; e.g. --config.optimizer.weight_decay_exclude='
      '"(\'bias\','),
+    (('--config=configs/digits_mlp.py:smoke', '--config=configs/digits_mlp.py'),
+     'flag --config is given 2 times (--config=configs/digits_mlp.py:smoke, '
+     '--config=configs/digits_mlp.py); give one config file and change its '
+     'keys with --config.KEY=VALUE'),
 ], ids=['strategy', 'tpu_without_strategy', 'tpu_strategy_without_tpu',
         'config_key', 'variant', 'config_file', 'batch_not_divisible',
         'config_type', 'optimizer', 'steps', 'eval_split', 'cpu_devices',
-        'serving', 'tuple_as_one_string'])
+        'serving', 'tuple_as_one_string', 'two_configs'])
 def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, args,
                                                         message):
   model_dir = tmp_path / 'run'

@@ -48,8 +48,14 @@ def use_default_config(argv, default_path: str) -> None:
   ml_collections parses a default config file, with the --config.KEY
   overrides, while the flag is being *defined*, outside any error handling.
   Naming the file on the command line moves that parse into `parse_flags`.
+  Two --config flags: one line, exit 2 (ml_collections: "defined twice").
   """
-  if not any(re.match(r'^--?config(=|$)', a) for a in argv[1:]):
+  given = [a for a in argv[1:] if re.match(r'^--?config(=|$)', a)]
+  if len(given) > 1:
+    errors.fail(f'flag --config is given {len(given)} times '
+                f'({", ".join(given)}); give one config file and change its '
+                'keys with --config.KEY=VALUE')
+  if not given:
     argv.insert(1, f'--config={default_path}')
 
 
@@ -409,10 +415,6 @@ def parse_profile_steps(value: str) -> tuple[int, int] | None:
 
 def _retryable_code(argv):
   """--retryable_exit_code from raw argv (flags may not be parsed yet)."""
-  for arg in argv:
-    if arg.startswith('--retryable_exit_code='):
-      try:
-        return int(arg.split('=', 1)[1])
-      except ValueError:
-        return None
-  return None
+  value = next((arg.split('=', 1)[1] for arg in argv
+                if arg.startswith('--retryable_exit_code=')), '')
+  return int(value) if value.isdigit() else None
