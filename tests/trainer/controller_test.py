@@ -1,6 +1,7 @@
 """Controller: loop boundaries, NaN guard and recovery, best checkpoint, SIGTERM."""
 
 import json
+import logging
 import os
 import re
 import signal
@@ -440,15 +441,21 @@ def test_continuous_eval_says_which_checkpoint_was_deleted_unseen(
           'it could be evaluated; skipping it') in caplog.text
 
 
-def test_continuous_eval_stops_after_timeout_without_final(tmp_path):
+def test_continuous_eval_stops_after_timeout_without_final(tmp_path, caplog):
   trainer = build(make_config(data='digits'))
   controller_for(trainer, tmp_path, total_steps=10, checkpoint_every=5).train()
   evaluator = build(make_config(data='digits'))
   eval_controller = controller_for(evaluator, tmp_path, total_steps=100)
   now = [0.0]
-  results = continuous_eval.run(
-      eval_controller, eval_controller.checkpointer, timeout_secs=30,
-      poll_secs=10, clock=lambda: now[0],
-      sleep=lambda s: now.__setitem__(0, now[0] + s))
+  with caplog.at_level(logging.INFO):
+    results = continuous_eval.run(
+        eval_controller, eval_controller.checkpointer, timeout_secs=30,
+        poll_secs=10, clock=lambda: now[0],
+        sleep=lambda s: now.__setitem__(0, now[0] + s))
   assert [step for step, _ in results] == [5, 10]
   assert now[0] > 30
+  # Said at once: a watcher of a directory with no checkpoint yet is quiet
+  # until the timeout otherwise.
+  assert caplog.records[0].getMessage() == (
+      f'watching {tmp_path} for checkpoints (stopping after 30s without a '
+      'new one, eval.timeout_secs)')

@@ -24,6 +24,9 @@ def run(controller, checkpointer, *, timeout_secs: float,
   """
   done, seen, results = set(), set(), []
   last_new = clock()
+  logging.info('watching %s for checkpoints (stopping after %.0fs without a '
+               'new one, eval.timeout_secs)', checkpointer.restore_directory,
+               timeout_secs)
   while True:
     listed = checkpointing.checkpoint_paths(checkpointer.restore_directory)
     gone = seen - done - set(listed)
