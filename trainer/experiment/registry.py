@@ -49,6 +49,12 @@ def get(name: str):
 def _from_path(name: str):
   from trainer.trainer import Trainer  # pylint: disable=import-outside-toplevel
   module_name, _, class_name = name.partition(':')
+  if module_name.endswith('.py') or '/' in module_name:
+    directory, file = os.path.split(module_name.removesuffix('.py'))
+    raise UserError(
+        f'config key trainer={name!r} is a file path; name its module as '
+        f'Python imports it: trainer="{file}:{class_name}" with '
+        f'PYTHONPATH={directory or "."}')
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError as e:

@@ -159,6 +159,9 @@ def test_a_trainer_from_the_working_directory_trains(tmp_path):
     ('tests.user_trainers:sequence_arrays', 'sequence_arrays is not a '
      'subclass of trainer.trainer.Trainer'),
     ('clasifier', "trainer='clasifier' names no registered trainer; valid: "),
+    ('/home/me/my_trainers.py:MyTrainer', "trainer='/home/me/my_trainers.py:"
+     "MyTrainer' is a file path; name its module as Python imports it: "
+     'trainer="my_trainers:MyTrainer" with PYTHONPATH=/home/me'),
 ])
 def test_a_wrong_trainer_is_one_line(name, message):
   with pytest.raises(UserError, match=None) as error:
