@@ -4,7 +4,7 @@
                                   end on those steps, as for summaries)
   Action(fn, after_eval=True)     after each evaluation, with its metrics
   Action(fn, at_end=True)         when training ends
-  Action(fn, on_preemption=True)  before a preemption exit (after the save)
+  Action(fn, on_preemption=True)  before a SIGTERM or Ctrl-C exit (after the save)
 
 `fn(context)` runs on the host, eagerly, never inside a tf.function; the
 context holds the step, the Trainer, the eval metrics (after an eval) and a

@@ -371,7 +371,7 @@ class Controller:
           f'non-finite loss or gradient norm at step {failed_step}{tried}; '
           f'{skipped}no checkpoint was written after it '
           f'(train.nan_retries={n}); {fix}' +
-          ('' if n or failed_step == 1 else ' (or set train.nan_retries)'))
+          ('' if n else ' (or set train.nan_retries)'))
     computed, position = self.step, int(self.trainer.data_position.numpy())
     with self.ledger.timed('checkpoints'):
       self.checkpointer.wait()

@@ -41,6 +41,13 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
   returns the step status, an int32 scalar equal on every replica.
   """
   name = f'{type(trainer).__name__}.{step_fn.__name__}'
+  owner = next((c for c in type(trainer).__mro__
+                if vars(c).get(step_fn.__name__) is getattr(
+                    step_fn, '__func__', step_fn)), None)
+  # The default step's keys are 'loss' and those of compute_metrics.
+  keys_from = (f'{type(trainer).__name__}.compute_metrics'
+               if getattr(owner, '__module__', '') == 'trainer.trainer' else
+               name)
 
   @autograph.framework
   def step(batch):
@@ -51,7 +58,7 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
       gathered = contracts.gathered_outputs(
           gathered, where=f'{type(trainer).__name__}.eval_outputs',
           size=contracts.batch_size(batch))
-    values = contracts.step_outputs(values, where=name,
+    values = contracts.step_outputs(values, where=name, keys_from=keys_from,
                                     names=trainer.metric_names,
                                     size=contracts.batch_size(batch))
     loss = values['loss'][0]

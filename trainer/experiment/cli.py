@@ -417,4 +417,4 @@ def _retryable_code(argv):
   """--retryable_exit_code from raw argv (flags may not be parsed yet)."""
   value = next((arg.split('=', 1)[1] for arg in argv
                 if arg.startswith('--retryable_exit_code=')), '')
-  return int(value) if value.isdigit() else None
+  return int(value) if value.isascii() and value.isdigit() else None

@@ -110,7 +110,9 @@ def gathered_outputs(outputs, *, where: str, size) -> dict:
         f'{where} returned {type(outputs).__name__}, not a dict; return '
         '{name: per-example values [B, ...]}, or None to gather nothing')
   for name, value in outputs.items():
-    shape = tf.convert_to_tensor(value).shape
+    # Ragged or sparse values (variable-length outputs) have a shape too.
+    shape = (value if hasattr(value, 'shape') else
+             tf.convert_to_tensor(value)).shape
     if shape.rank == 0 or (isinstance(size, int) and shape.rank and
                            shape[0] not in (None, size)):
       raise ContractError(
@@ -131,17 +133,18 @@ def metrics_dict(metrics, *, where: str) -> dict:
   return metrics
 
 
-def step_outputs(values, *, where: str, names, size):
+def step_outputs(values, *, where: str, names, size, keys_from=None):
   """Checks a step's {'loss': ..., metric: ...}; returns {name: (v, w)}.
 
   Raises:
-    ContractError: keys other than 'loss' and `names`, or a bad shape.
+    ContractError: keys other than 'loss' and `names` (named as returned by
+      `keys_from`, default `where`), or a bad shape.
   """
   expected = {'loss', *names}
   if not isinstance(values, dict) or set(values) != expected:
     got = sorted(values) if isinstance(values, dict) else type(values).__name__
     raise ContractError(
-        f'{where} returned keys {got} but the Trainer declares '
+        f'{keys_from or where} returned keys {got} but the Trainer declares '
         f'metric_names={tuple(names)} (plus \'loss\'); make compute_metrics '
         'return exactly metric_names')
   return {name: per_example(values[name], where=f'{where} [{name!r}]',
@@ -164,8 +167,9 @@ def host_metrics(trainer, method: str, argument) -> dict:
     raise ContractError(f'{where} returned {type(result).__name__}, not a '
                         'dict {name: number}')
   for name, value in result.items():
-    if np.ndim(value) or not np.issubdtype(np.asarray(value).dtype,
-                                           np.number):
+    dtype = np.asarray(value).dtype
+    if np.ndim(value) or not (np.issubdtype(dtype, np.number) or
+                              dtype == bool):
       raise ContractError(
           f'{where} returned {name!r} of shape {list(np.shape(value))} and '
           f'dtype {np.asarray(value).dtype}: each value must be one number '

@@ -35,8 +35,7 @@ MODEL_KEYS = ('trainer', 'model weights', 'train.ema')
 
 def check_or_write(model_dir: str, record: dict, *, write: bool = True,
                    reading: str = '') -> None:
-  """Refuses to resume a run whose record differs; writes it for a new run
-  (also over the record of one that saved no checkpoint: nothing to resume).
+  """Refuses to resume a run whose record differs; writes it for a new run.
 
   Changing the model, global batch, data, seed, optimizer or trainer would
   mix two different runs in one model_dir (the data position, for one, counts
@@ -55,8 +54,9 @@ def check_or_write(model_dir: str, record: dict, *, write: bool = True,
   # a checkpoint's model with any pieces.
   pieces = record.pop('pieces', None)
   made_by = record.pop('pieces_made_by', None)
-  old = _resumable(model_dir)
-  if old is not None:
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
     for key in record:
       if (key not in old or _jsonable(record[key]) == old[key] or
           reading and key not in MODEL_KEYS):
@@ -92,9 +92,11 @@ def check_pieces(model_dir: str, pieces: dict, made_by: str) -> None:
   Raises:
     UserError: naming the first weight whose pieces changed.
   """
-  record = _resumable(model_dir)
-  if record is None:
+  path = os.path.join(model_dir, RECORD)
+  if not os.path.exists(path):
     return
+  with open(path) as f:
+    record = json.load(f)
   old = record.get('pieces') or {}
   if old == _jsonable(pieces):
     return
@@ -112,28 +114,22 @@ def check_pieces(model_dir: str, pieces: dict, made_by: str) -> None:
       '(--mode=eval and export read it either way)')
 
 
-def _resumable(model_dir: str):
-  """model_dir's run record when it has something to resume (a checkpoint
-  or a best one), else None: a run that ended before its first save (a
-  mistake, a NaN at the first steps) leaves nothing a new start must match."""
-  path = os.path.join(model_dir, RECORD)
-  if not os.path.exists(path) or not any(
-      glob.glob(os.path.join(model_dir, *where, 'ckpt-*.index'))
-      for where in ((), ('best',))):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def _changed(model_dir: str, what: str, reading: str = '') -> UserError:
   if reading:
     return UserError(
         f'--mode={reading} cannot read --model_dir={model_dir}: {what} '
         f'since the run was trained ({RECORD}); restore the old value: the '
         'checkpoint holds the model it trained')
-  return UserError(
-      f'cannot resume --model_dir={model_dir}: {what} since the run '
-      f'started ({RECORD}); restore the old value or use a new --model_dir')
+  # A run that saved nothing (a mistake or a NaN at its first steps) still
+  # wrote its TensorBoard config, hparams and goodput: a changed start there
+  # would mix two runs in them, but a new one loses nothing.
+  fix = ('restore the old value or use a new --model_dir' if any(
+      glob.glob(os.path.join(model_dir, *where, 'ckpt-*.index'))
+      for where in ((), ('best',))) else 'it saved no checkpoint, so '
+         'nothing is lost by starting over: use a new --model_dir, or remove '
+         'this one')
+  return UserError(f'cannot resume --model_dir={model_dir}: {what} since the '
+                   f'run started ({RECORD}); {fix}')
 
 
 def write_json_atomically(path: str, value) -> None:
@@ -180,9 +176,11 @@ def check_layout(model_dir: str, new: dict, global_batch_size: int) -> None:
       global batch, if it changed (checked first: the divisibility message
       names the batch the run had).
   """
-  record = _resumable(model_dir)
-  if record is None:
+  path = os.path.join(model_dir, RECORD)
+  if not os.path.exists(path):
     return
+  with open(path) as f:
+    record = json.load(f)
   key, batch = 'train.global_batch_size', record.get('train.global_batch_size')
   if batch is not None and batch != global_batch_size:
     raise _changed(model_dir, f'{key}: {batch!r} -> {global_batch_size!r}')

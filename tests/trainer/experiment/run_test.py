@@ -57,10 +57,11 @@ def test_a_mistake_in_a_host_metric_method_is_one_line(tmp_path, trainer,
   assert (tmp_path / 'checkpoint').exists() == trained
 
 
-def test_a_run_that_saved_nothing_leaves_nothing_to_match(tmp_path):
+def test_a_changed_start_after_a_run_that_saved_nothing(tmp_path):
   """A first run that stopped before its first checkpoint (a NaN at step 1)
-  wrote run.json; a new start with another Trainer (the fixed one, renamed)
-  or other settings is not refused as a changed resume."""
+  wrote run.json, TensorBoard's config and hparams and goodput.json: a new
+  start there with another Trainer (the fixed one, renamed) is refused, as
+  it would mix the two runs in them, with the fix that loses nothing."""
   config = user_config.get_config()
   config.trainer = 'tests.user_trainers:NanLoss'
   config.train.update(steps=4, steps_per_loop=2)
@@ -69,15 +70,27 @@ def test_a_run_that_saved_nothing_leaves_nothing_to_match(tmp_path):
                      r'at step 1; .*\(train.nan_retries=0\); the weights are '
                      'the initial ones: look for NaN or Inf in the inputs or '
                      r'the loss \(a NaN masked out of the loss with tf.where '
-                     r'still gives a NaN gradient\)$'):
+                     r'still gives a NaN gradient\) \(or set '
+                     r'train.nan_retries\)$'):
     experiment.run(config, model_dir=str(tmp_path), strategy_name='default')
-  assert (tmp_path / 'run.json').exists()
   assert not list(tmp_path.glob('ckpt-*'))
   config.trainer = 'tests.user_trainers:SequenceTrainer'
-  config.train.global_batch_size *= 2
+  with pytest.raises(UserError) as error:
+    experiment.run(config, model_dir=str(tmp_path), strategy_name='default')
+  assert str(error.value) == (
+      f'cannot resume --model_dir={tmp_path}: trainer: '
+      "'tests.user_trainers:NanLoss' -> 'tests.user_trainers:SequenceTrainer' "
+      'since the run started (run.json); it saved no checkpoint, so nothing '
+      'is lost by starting over: use a new --model_dir, or remove this one')
+  metrics = experiment.run(config, model_dir=str(tmp_path / 'new'),
+                           strategy_name='default')
+  assert metrics['examples'] > 0
+
+
+def test_a_decorated_train_step_trains(tmp_path):
+  config = user_config.get_config()
+  config.trainer = 'tests.user_trainers:DecoratedTrainStep'
+  config.train.update(steps=4, steps_per_loop=2)
   metrics = experiment.run(config, model_dir=str(tmp_path),
                            strategy_name='default')
   assert metrics['examples'] > 0
-  record = json.loads((tmp_path / 'run.json').read_text())
-  assert record['trainer'] == 'tests.user_trainers:SequenceTrainer'
-  assert record['train.global_batch_size'] == config.train.global_batch_size

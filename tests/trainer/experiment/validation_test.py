@@ -26,7 +26,7 @@ def config(trainer='SequenceTrainer', **eval_keys):
 @pytest.mark.parametrize('trainer, message', [
     ('ScalarLoss', r'ScalarLoss.compute_loss returned shape \[\], expected '
      r'\[32\]: one value per example'),
-    ('MisnamedMetric', r"MisnamedMetric.train_step returned keys \['accuracy',"
+    ('MisnamedMetric', r"MisnamedMetric.compute_metrics returned keys \['accuracy',"
      r" 'loss'\] but the Trainer declares metric_names=\('acc',\)"),
     ('DefaultForward', r"DefaultForward.dataset\('train'\) yields dict "
      r'batches \(keys labels, mask, tokens\) but DefaultForward keeps the '

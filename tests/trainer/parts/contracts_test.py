@@ -2,6 +2,7 @@
 naming the method, the shape returned and the shape expected."""
 
 import ml_collections
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -98,3 +99,39 @@ def test_a_wrong_shape_names_its_likely_cause(shape, hint):
                      match=rf'f returned shape .*, expected \[4\]: one value '
                      rf'per example of the batch \(.*{hint}'):
     contracts.per_example(tf.ones(shape), where='f', size=4)
+
+
+def test_gathered_outputs_take_any_per_example_value():
+  """Ragged (variable-length) and sparse values are gathered row by row as
+  well; a batch-level scalar or a row count other than B is refused."""
+  outputs = {'tokens': tf.ragged.constant([[1], [2, 3]]),
+             'sparse': tf.sparse.from_dense([[0, 1], [2, 0]]),
+             'score': tf.ones([2, 3])}
+  assert contracts.gathered_outputs(outputs, where='f', size=2) is outputs
+  with pytest.raises(contracts.ContractError, match=r"shape \[\] for 'mean'"):
+    contracts.gathered_outputs({'mean': tf.ones([])}, where='f', size=2)
+  with pytest.raises(contracts.ContractError, match=r"shape \[3\] for 'x'"):
+    contracts.gathered_outputs({'x': tf.ones([3])}, where='f', size=2)
+
+
+class HostMetrics:
+
+  def __init__(self, result):
+    self.result = result
+
+  def derived_metrics(self, metrics):
+    del metrics
+    return self.result
+
+
+def test_host_metrics_take_any_one_number():
+  result = contracts.host_metrics(HostMetrics({
+      'python': 3, 'flag': True, 'numpy': np.float32(0.5),
+      'zero_d': np.array(2.0), 'tensor': tf.constant(1.5)}),
+                                  'derived_metrics', {})
+  assert result == {'python': 3.0, 'flag': 1.0, 'numpy': 0.5, 'zero_d': 2.0,
+                    'tensor': 1.5}
+  with pytest.raises(contracts.ContractError, match=r"^HostMetrics."
+                     r"derived_metrics returned 'name' of shape \[\] and "
+                     'dtype <U'):
+    contracts.host_metrics(HostMetrics({'name': 'a'}), 'derived_metrics', {})

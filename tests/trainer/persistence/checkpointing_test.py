@@ -270,12 +270,8 @@ def test_run_record_refuses_a_changed_setting(tmp_path):
   run_record.check_or_write(str(tmp_path), record)
   written = (tmp_path / 'run.json').read_text()
   assert json.loads(written)['train.global_batch_size'] == 32
-  changed = dict(record, **{'train.global_batch_size': 64})
-  # No checkpoint yet (the run stopped before its first save): nothing to
-  # resume, so a new start with other settings is not refused.
-  run_record.check_or_write(str(tmp_path), changed, write=False)
-  save_at(trainer, checkpointing.Checkpointer(trainer, str(tmp_path)), [5])
   run_record.check_or_write(str(tmp_path), record)  # Same: ok.
+  changed = dict(record, **{'train.global_batch_size': 64})
   with pytest.raises(UserError, match='train.global_batch_size: 32 -> 64'):
     run_record.check_or_write(str(tmp_path), changed)
   changed = dict(record, data=dict(record['data'], name='digits'))

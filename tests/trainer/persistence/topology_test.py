@@ -47,12 +47,6 @@ def test_a_resumed_run_on_another_layout_continues_the_stream(
 def write_layout(tmp_path, **layout):
   (tmp_path / 'run.json').write_text(json.dumps({'layout': dict(
       {'replicas': 4, 'workers': 1, 'pipeline': 'per_host'}, **layout)}))
-  saved_a_checkpoint(tmp_path)
-
-
-def saved_a_checkpoint(tmp_path):
-  """What makes a model_dir resumable (run_record._resumable)."""
-  (tmp_path / 'ckpt-10.index').touch()
 
 
 def test_a_layout_that_cannot_keep_the_stream_is_one_line(tmp_path):
@@ -77,7 +71,7 @@ def test_a_changed_batch_is_refused_as_changed_on_any_layout(tmp_path):
   (tmp_path / 'run.json').write_text(json.dumps({
       'train.global_batch_size': 64, 'layout': {
           'replicas': 4, 'workers': 1, 'pipeline': 'per_host'}}))
-  saved_a_checkpoint(tmp_path)
+  (tmp_path / 'ckpt-10.index').touch()  # It saved (the message says so).
   for replicas in (2, 4):
     with pytest.raises(UserError) as e:
       run_record.check_layout(str(tmp_path), {
@@ -99,7 +93,6 @@ def test_the_pieces_of_sharded_variables_are_kept_for_training_only(tmp_path):
   record = {'trainer': 'classifier', 'layout': {'replicas': 1},
             'pieces': pieces, 'pieces_made_by': by}
   run_record.check_or_write(str(tmp_path), record)
-  saved_a_checkpoint(tmp_path)
   with open(tmp_path / run_record.RECORD) as f:
     written = json.load(f)
   assert (written['pieces'], written['pieces_made_by']) == (pieces, by)
@@ -131,7 +124,6 @@ def test_a_run_with_no_pieces_in_its_record_resumes_whole(tmp_path):
   run_record.check_or_write(str(tmp_path), {
       'trainer': 'classifier', 'pieces': {},
       'pieces_made_by': 'train.variable_shard_bytes=0 with --strategy=default'})
-  saved_a_checkpoint(tmp_path)
   with open(tmp_path / run_record.RECORD) as f:
     written = json.load(f)
   assert 'pieces' not in written and 'pieces_made_by' not in written
