@@ -172,6 +172,6 @@ def host_metrics(trainer, method: str, argument) -> dict:
                               dtype == bool):
       raise ContractError(
           f'{where} returned {name!r} of shape {list(np.shape(value))} and '
-          f'dtype {np.asarray(value).dtype}: each value must be one number '
+          f'dtype {dtype}: each value must be one number '
           '(a metric); compute it from the arrays')
   return {name: float(value) for name, value in result.items()}
