@@ -481,6 +481,15 @@ class NanLoss(SequenceTrainer):
     return loss * float('nan'), tokens
 
 
+class NanGradient(SequenceTrainer):
+  """A finite loss whose gradient is NaN from the first step: sqrt at 0."""
+
+  def compute_loss(self, batch, outputs):
+    loss, tokens = super().compute_loss(batch, outputs)
+    weight = self.model.trainable_variables[0]
+    return loss + tf.sqrt(0.0 * tf.reduce_sum(weight)), tokens
+
+
 def _logged(step):  # A decorator without functools.wraps: __name__ changes.
   def wrapper(self, batch):
     return step(self, batch)

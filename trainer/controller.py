@@ -188,7 +188,7 @@ class Controller:
           if status == status_lib.NONFINITE:
             self._meter.reset()  # Those steps are being rolled back.
             retries += 1
-            iterator = self._recover(retries)
+            iterator = self._recover(retries, metrics.get('loss'))
             continue
           self._meter.add(metrics, seconds, untimed)
           if (status == status_lib.STOP_REQUESTED or
@@ -354,24 +354,14 @@ class Controller:
           metrics=metrics, model_dir=self.model_dir))
       writer.flush()
 
-  def _recover(self, retries: int):
-    """Restores the last checkpoint after a non-finite step, or gives up."""
+  def _recover(self, retries: int, loss: float | None):
+    """Restores the last checkpoint after a non-finite step, or gives up.
+    `loss`: the failed loop's mean loss (finite: the gradient was not)."""
     failed_step, n = self.step + 1, self.options.nan_retries
     if retries > n or not self.checkpointer:
-      tried = (f' after {n} retr{"y" if n == 1 else "ies"}' if retries > n > 0
-               else ' with no checkpoint to restore' if n else '')
-      # A train_step of its own that bypassed apply_gradients applied it.
-      skipped = ('the update was not applied and '
-                 if self.trainer.reports_grad_norm else '')
-      fix = ('lower the learning rate or enable train.clip_norm' if
-             failed_step > 1 else 'the weights are the initial ones: look for '
-             'NaN or Inf in the inputs or the loss (a NaN masked out of the '
-             'loss with tf.where still gives a NaN gradient)')
-      raise NonFiniteLoss(
-          f'non-finite loss or gradient norm at step {failed_step}{tried}; '
-          f'{skipped}no checkpoint was written after it '
-          f'(train.nan_retries={n}); {fix}' +
-          ('' if n else ' (or set train.nan_retries)'))
+      raise NonFiniteLoss(status_lib.nonfinite_message(
+          failed_step, loss, nan_retries=n, used_up=retries > n > 0,
+          guarded=self.trainer.reports_grad_norm))
     computed, position = self.step, int(self.trainer.data_position.numpy())
     with self.ledger.timed('checkpoints'):
       self.checkpointer.wait()

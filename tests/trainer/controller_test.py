@@ -187,19 +187,23 @@ class MaskedLossTutorialTrainer(PoisonedTutorialTrainer):
     return tf.where(tf.math.is_finite(loss), loss, 0.0)
 
 
-@pytest.mark.parametrize('trainer_cls, replicas', [
-    (PoisonedTutorialTrainer, 2), (MaskedLossTutorialTrainer, 1),
-    (MaskedLossTutorialTrainer, 2)], ids=['nan_loss', 'masked_1', 'masked_2'])
+@pytest.mark.parametrize('trainer_cls, replicas, what', [
+    # A NaN input can give a finite loss: oneDNN's fused MatMul+BiasAdd+Relu
+    # turns it into 0 on some CPUs (trainer/parts/status.py).
+    (PoisonedTutorialTrainer, 2, r'(loss|weights \(the loss was finite\))'),
+    (MaskedLossTutorialTrainer, 1, r'weights \(the loss was finite\)'),
+    (MaskedLossTutorialTrainer, 2, r'weights \(the loss was finite\)')],
+                         ids=['nan_loss', 'masked_1', 'masked_2'])
 def test_a_tutorial_step_stops_every_replica_at_the_nan_step(
-    tmp_path, trainer_cls, replicas):
+    tmp_path, trainer_cls, replicas, what):
   """Judged by the first replica alone, or by a (masked) finite loss
   alone, step 7 looked fine, and the NaN weights it made were only seen at
   step 8: the weights the step's own update left are checked too."""
   trainer = build(make_config(), trainer_cls, replicas=replicas)
   trainer.nan_at = 7 * replicas  # Step 7, the last replica's batch.
   controller = controller_for(trainer, tmp_path, total_steps=30)
-  with pytest.raises(NonFiniteLoss, match=r'^non-finite loss or gradient '
-                     r'norm at step 7; no checkpoint was written after it'):
+  with pytest.raises(NonFiniteLoss, match=rf'^non-finite {what} at step 7; '
+                     r'no checkpoint was written after it'):
     controller.train()
   assert controller.step == 6
 
@@ -255,7 +259,8 @@ def test_nan_recovery_gives_up_after_retries(tmp_path):
     controller.train()
   # The retries were used up: no advice to set the key the user has set.
   assert re.fullmatch(
-      r'non-finite loss or gradient norm at step \d+ after 2 retries; the '
+      r'non-finite (loss|gradient norm \(the loss was finite\)) at step \d+ '
+      r'after 2 retries; the '
       r'update was not applied and no checkpoint was written after it '
       r'\(train.nan_retries=2\); lower the learning rate or enable '
       r'train.clip_norm', str(e.value)), str(e.value)

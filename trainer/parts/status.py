@@ -8,6 +8,8 @@ Between inner loops the host's own stop decisions are agreed the same way
 (`host_stops`, `any_worker`).
 """
 
+import math
+
 import tensorflow as tf
 
 OK = 0
@@ -111,3 +113,35 @@ def any_worker(flag: bool, strategy) -> bool:
     flags = strategy.run(tf.identity, args=(value,))
     return strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None)
   return float(count(tf.constant(float(flag)))) > 0
+
+
+def nonfinite_message(step: int, loss: float | None, *, nan_retries: int,
+                      used_up: bool, guarded: bool) -> str:
+  """The one line a run stops with after a NONFINITE step it cannot retry.
+
+  Args:
+    step: the step that failed.
+    loss: the failed inner loop's mean loss (None: unknown). Finite, it was
+      the gradient (or, without the guard, the weights) that was not.
+    nan_retries: train.nan_retries.
+    used_up: the retries were used up (else there were none, or no
+      checkpoint to restore).
+    guarded: the step went through apply_gradients, whose guard skipped it
+      (a train_step of its own that bypassed it applied it).
+  """
+  n = nan_retries
+  tried = (f' after {n} retr{"y" if n == 1 else "ies"}' if used_up else
+           ' with no checkpoint to restore' if n else '')
+  what = ('loss or gradient norm' if loss is None else 'loss' if
+          not math.isfinite(loss) else 'gradient norm (the loss was finite)'
+          if guarded else 'weights (the loss was finite)')
+  fix = ('lower the learning rate or enable train.clip_norm' if step > 1 else
+         'the weights are the initial ones: look for NaN or Inf in the '
+         'inputs' + (' or the loss' if what == 'loss' else ', or an op whose '
+                     'gradient is infinite where its value is not (sqrt or '
+                     'log at 0; a NaN masked out of the loss with tf.where '
+                     'still gives a NaN gradient)'))
+  return (f'non-finite {what} at step {step}{tried}; '
+          f'{"the update was not applied and " if guarded else ""}no '
+          f'checkpoint was written after it (train.nan_retries={n}); {fix}' +
+          ('' if n else ' (or set train.nan_retries)'))
