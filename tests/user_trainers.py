@@ -539,3 +539,43 @@ class SignatureNotAList(classifier.ClassifierTrainer):
 
   def serving_input_signature(self):
     return tf.TensorSpec([None, 64], tf.float32)
+
+
+class ServeReturnsTuple(classifier.ClassifierTrainer):
+  """Exported as output_0, output_1 by TensorFlow, were it let through."""
+
+  def serve(self, features):
+    logits = self.model(features, training=False)
+    return logits, tf.nn.softmax(logits)
+
+
+class ServeReturnsNestedDict(classifier.ClassifierTrainer):
+  """TensorFlow refuses it, but only when the export saves it."""
+
+  def serve(self, features):
+    logits = self.model(features, training=False)
+    return {'outputs': {'logits': logits}}
+
+
+class ServeReturnsRagged(classifier.ClassifierTrainer):
+  """A ragged output: a SavedModel signature may return one."""
+
+  def serve(self, features):
+    logits = self.model(features, training=False)
+    return {'top': tf.RaggedTensor.from_tensor(logits, padding=0.0)}
+
+
+class TwoHeadsDefaultServe(classifier.ClassifierTrainer):
+  """A model with two outputs (a dict) and the default serve, which would
+  nest it under 'outputs'."""
+
+  def build_model(self):
+    inputs = tf.keras.Input([64])
+    hidden = tf.keras.layers.Dense(16, activation='relu')(inputs)
+    return tf.keras.Model(inputs, {
+        'logits': tf.keras.layers.Dense(10)(hidden),
+        'score': tf.keras.layers.Dense(1)(hidden)})
+
+  def forward(self, batch, training):
+    features, _ = batch
+    return self.model(features, training=training)['logits']

@@ -101,8 +101,26 @@ def _check_serving(trainer) -> None:
         f'{name}.serving_input_signature returned {signature!r}; return a '
         "list of tf.TensorSpec, one per input of serve, e.g. "
         "[tf.TensorSpec([None, 64], tf.float32, name='features')]")
-  _trace(trainer, f'{name} serving function', lambda: tf.function(
-      trainer.serve, input_signature=signature).get_concrete_function())
+  traced = []
+  _trace(trainer, f'{name} serving function', lambda: traced.append(
+      tf.function(trainer.serve, input_signature=signature
+                  ).get_concrete_function()))
+  outputs = traced[0].structured_outputs
+  if (not isinstance(outputs, dict) or not outputs or
+      not all(isinstance(k, str) and tf.is_tensor(v)
+              for k, v in outputs.items())):  # Ragged, sparse save too.
+    kind = ('one tensor' if tf.is_tensor(outputs) else
+            'a dict that is empty or not {str: tensor}'
+            if isinstance(outputs, dict) else
+            f'a {type(outputs).__name__}' if outputs is not None else 'None')
+    default = type(trainer).serve is Trainer.serve
+    raise UserError(
+        f'{name}.serve' + (" (the default: {'outputs': the model's outputs})"
+                           if default else '') +
+        f' returned {kind}; {"override serve to " if default else ""}return '
+        "a dict of tensors, e.g. {'prediction': self.model(features, "
+        "training=False)}: its keys name the outputs of the exported "
+        'signature')
 
 
 def _check_split(trainer, split: str, *, training: bool) -> None:

@@ -4,6 +4,7 @@ naming the method, before anything lands in model_dir."""
 import os
 
 import pytest
+import tensorflow as tf
 
 from tests import resume_test
 from tests import runner
@@ -229,6 +230,17 @@ def test_evaluating_needs_only_the_eval_batch_to_divide(tmp_path):
      r'with shape \(64, 64\)$'),
     ('SignatureNotAList', r'^SignatureNotAList.serving_input_signature '
      r'returned TensorSpec\(.*\); return a list of tf.TensorSpec'),
+    # TensorFlow would export it as output_0 and output_1.
+    ('ServeReturnsTuple', r"^ServeReturnsTuple.serve returned a tuple; return "
+     r"a dict of tensors, e.g. \{'prediction': self.model\(features, "
+     r"training=False\)\}: its keys name the outputs of the exported "
+     r'signature$'),
+    # Refused by TensorFlow too, but only when the export saves it.
+    ('ServeReturnsNestedDict', r'^ServeReturnsNestedDict.serve returned a '
+     r'dict that is empty or not \{str: tensor\}; return a dict of tensors'),
+    ('TwoHeadsDefaultServe', r"^TwoHeadsDefaultServe.serve \(the default: "
+     r"\{'outputs': the model's outputs\}\) returned a dict that is empty or "
+     r'not \{str: tensor\}; override serve to return a dict of tensors'),
 ])
 def test_a_model_that_does_not_fit_stops_the_run(tmp_path, trainer, message):
   settings = digits_mlp.get_config('smoke')
@@ -239,3 +251,17 @@ def test_a_model_that_does_not_fit_stops_the_run(tmp_path, trainer, message):
     experiment.run(settings, model_dir=str(model_dir),
                    strategy_name='default')
   assert not model_dir.exists()
+
+
+def test_a_ragged_serving_output_is_exported(tmp_path):
+  """The check of serve's outputs lets through what a SavedModel signature
+  can return: a ragged tensor, exported and served."""
+  settings = digits_mlp.get_config('smoke')
+  settings.trainer = 'tests.user_trainers:ServeReturnsRagged'
+  settings.train.steps = 2
+  settings.export = dict(at_end=True)
+  result = experiment.run(settings, model_dir=str(tmp_path / 'run'),
+                          strategy_name='default')
+  serve = tf.saved_model.load(result['export']).signatures['serving_default']
+  top = serve(input_0=tf.zeros([3, 64]))['top']
+  assert isinstance(top, tf.RaggedTensor) and top.shape[0] == 3
