@@ -9,6 +9,7 @@ features. Replicas therefore hold different numbers of real tokens.
 """
 
 import json
+import math
 import os
 import signal
 import sys
@@ -471,6 +472,14 @@ class DerivedMetricRaises(SequenceTrainer):
 
   def derived_metrics(self, metrics):
     return {'error': 1 - metrics['acuracy']}
+
+
+class DerivedMetricOfValues(SequenceTrainer):
+  """Fails only where the loss is 0.5, as the values validation makes up
+  are: a real run trains."""
+
+  def derived_metrics(self, metrics):
+    return {'log_gap': math.log(abs(metrics['loss'] - 0.5))}
 
 
 class NanLoss(SequenceTrainer):

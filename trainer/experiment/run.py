@@ -341,7 +341,8 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
   preemption.set_phase('validation (tracing the steps)')
   validation.check(trainer, train=True, eval_split=options.eval_split,
                    data_position=int(trainer.data_position.numpy()),
-                   serving=config.export.at_end)
+                   serving=config.export.at_end,
+                   summaries=bool(options.summary_every))
   prepare_model_dir(model_dir)
   if is_chief:  # Alone in model_dir from here; readers never tidy it.
     run_lock.take(model_dir)

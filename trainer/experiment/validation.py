@@ -45,7 +45,8 @@ def built(trainer_cls, config, strategy, *, train: bool = True):
 
 
 def check(trainer, *, train: bool, eval_split: str | None,
-          data_position: int = 0, serving: bool = False) -> None:
+          data_position: int = 0, serving: bool = False,
+          summaries: bool = False) -> None:
   """Builds the splits `trainer` will read, traces its loops.
 
   Args:
@@ -55,6 +56,8 @@ def check(trainer, *, train: bool, eval_split: str | None,
     data_position: global batches the training stream resumes after.
     serving: whether it exports: traces the serving function as the export
       will (serve with serving_input_signature).
+    summaries: whether it writes training summaries, which call
+      derived_metrics: it is tried on their keys.
   Raises:
     UserError: one line naming the method or key and the fix.
   """
@@ -72,6 +75,8 @@ def check(trainer, *, train: bool, eval_split: str | None,
     _trace(trainer, f'{name} train step', lambda: loops.trace_train(
         trainer, iterator))
     _check_optimizers(trainer)  # Built by now: none is made in the step.
+  if train and summaries:
+    _check_derived_metrics(trainer)
   if eval_split:
     dataset = trainer.distribute_dataset(
         eval_split, batch_size=trainer.eval_global_batch_size)
@@ -121,6 +126,21 @@ def _check_serving(trainer) -> None:
         "a dict of tensors, e.g. {'prediction': self.model(features, "
         "training=False)}: its keys name the outputs of the exported "
         'signature')
+
+
+def _check_derived_metrics(trainer) -> None:
+  """derived_metrics on the keys a training summary gives it, with made-up
+  values: a misspelt key or a wrong return fails now, not at the first
+  summary. An arithmetic error may be the made-up values': let through."""
+  if type(trainer).derived_metrics is Trainer.derived_metrics:
+    return
+  keys = ('loss', *trainer.metric_names, *(trainer.streaming['train'] or {}))
+  try:
+    contracts.host_metrics(trainer, 'derived_metrics',
+                           dict.fromkeys(keys, 0.5))
+  except contracts.ContractError as e:
+    if not isinstance(e.__cause__, (ArithmeticError, ValueError)):
+      raise
 
 
 def _check_split(trainer, split: str, *, training: bool) -> None:

@@ -2,6 +2,7 @@
 leaves in model_dir and returns."""
 
 import json
+import math
 import logging
 
 import pytest
@@ -39,7 +40,7 @@ def test_an_early_stop_is_evaluated_once(tmp_path, caplog):
      'be one number', True),
     ('AggregateRaises', r"^AggregateRaises.aggregate raised KeyError: "
      r"'prediction'$", True),
-    # At the first training summary (step 2 here, steps_per_loop).
+    # Tried on a training summary's keys before the run.
     ('DerivedMetricRaises', r'^DerivedMetricRaises.derived_metrics raised '
      r"KeyError: 'acuracy'$", False),
 ])
@@ -47,7 +48,8 @@ def test_a_mistake_in_a_host_metric_method_is_one_line(tmp_path, trainer,
                                                        message, trained):
   """aggregate and derived_metrics run on the host, after the final eval or
   at a training summary: their mistakes name them in one line (main.py:
-  exit 2), not a traceback; the final checkpoint stays."""
+  exit 2), not a traceback; the final checkpoint stays. derived_metrics is
+  tried before the run: nothing is written."""
   config = user_config.get_config()
   config.trainer = f'tests.user_trainers:{trainer}'
   config.train.update(steps=4, steps_per_loop=2)
@@ -55,6 +57,22 @@ def test_a_mistake_in_a_host_metric_method_is_one_line(tmp_path, trainer,
     experiment.run(config, model_dir=str(tmp_path), strategy_name='default')
   assert '\n' not in str(error.value)
   assert (tmp_path / 'checkpoint').exists() == trained
+  if not trained:
+    assert not list(tmp_path.iterdir())
+
+
+def test_derived_metrics_failing_on_made_up_values_still_trains(tmp_path):
+  """The try of derived_metrics before the run uses made-up values (0.5):
+  an arithmetic error there is the values', not a mistake, and the run
+  trains (its summaries, every steps_per_loop by default, call it)."""
+  config = user_config.get_config()
+  config.trainer = 'tests.user_trainers:DerivedMetricOfValues'
+  config.train.update(steps=4, steps_per_loop=2)
+  metrics = experiment.run(config, model_dir=str(tmp_path),
+                           strategy_name='default')
+  assert (tmp_path / 'checkpoint').exists()
+  assert metrics['log_gap'] == pytest.approx(
+      math.log(abs(metrics['loss'] - 0.5)))
 
 
 def test_a_nan_gradient_of_a_finite_loss_is_told_apart(tmp_path):
