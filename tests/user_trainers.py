@@ -453,6 +453,20 @@ class EvalOutputNotDict(SequenceTrainer):
     return outputs
 
 
+class EvalOutputsOptional(SequenceTrainer):
+  """Gathers its predictions only when asked to; None (the documented
+  "none") otherwise."""
+  gather = False
+
+  def eval_outputs(self, batch, outputs):
+    if not self.gather:
+      return None
+    return {'predicted': tf.argmax(outputs, -1)}
+
+  def aggregate(self, outputs):
+    return {'gathered_rows': sum(len(v) for v in outputs.values())}
+
+
 class AggregateReturnsArray(SequenceTrainer):
 
   def eval_outputs(self, batch, outputs):

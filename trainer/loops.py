@@ -54,6 +54,7 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
     with step_lib.recording() as record, randomness.per_replica():
       values = autograph.user(step_fn)(batch)
     gathered = values.pop(EVAL_OUTPUTS, None) if not train else None
+    gathering = not train and gathers_eval_outputs(trainer)
     if gathered is not None:
       gathered = contracts.gathered_outputs(
           gathered, where=f'{type(trainer).__name__}.eval_outputs',
@@ -88,7 +89,8 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
                  status_lib.applied(status))
       extras['grad_norm'] = tf.where(applied, norm, 0.0)
     sums.add(values, examples=tf.shape(loss)[0], **extras)
-    return status if gathered is None else (status, gathered)
+    # eval_outputs may return None: nothing gathered from this batch.
+    return (status, gathered or {}) if gathering else status
   if train or not skips_empty_eval_batches(trainer):
     return step
 

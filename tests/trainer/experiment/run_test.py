@@ -75,6 +75,20 @@ def test_derived_metrics_failing_on_made_up_values_still_trains(tmp_path):
       math.log(abs(metrics['loss'] - 0.5)))
 
 
+@pytest.mark.parametrize('replicas', [1, 2])
+def test_eval_outputs_may_return_none(tmp_path, replicas):
+  """eval_outputs returning None (its documented "none") gathers nothing:
+  aggregate gets {}, the eval's other metrics are as usual."""
+  config = user_config.get_config()
+  config.trainer = 'tests.user_trainers:EvalOutputsOptional'
+  config.train.update(steps=2, steps_per_loop=2)
+  metrics = experiment.run(
+      config, model_dir=str(tmp_path), num_cpu_devices=replicas,
+      strategy_name='mirrored' if replicas > 1 else 'default')
+  assert metrics['gathered_rows'] == 0
+  assert metrics['examples'] > 0 and math.isfinite(metrics['loss'])
+
+
 def test_a_nan_gradient_of_a_finite_loss_is_told_apart(tmp_path):
   """A NaN gradient of a finite loss at step 1 (sqrt at 0): the message says
   the loss was finite and where such a gradient comes from."""
