@@ -351,8 +351,9 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
     run_record.write_text_atomically(
         os.path.join(model_dir, 'config.json'),
         config.to_json_best_effort(indent=2, sort_keys=True))
-  if mode == 'train_and_eval' and not options.eval_every:
-    logging.info('train_and_eval with eval.every_steps=0: one eval at the end')
+  if not options.eval_every:  # train, or train_and_eval with every_steps=0.
+    logging.info('one eval, at the end (periodic evals, eval.best_metric and '
+                 'eval.patience: --mode=train_and_eval, eval.every_steps>0)')
   step = int(trainer.global_step.numpy())
   with _writers([model_dir, os.path.join(model_dir, 'train'),
                  os.path.join(model_dir, 'eval')], enabled=is_chief,
