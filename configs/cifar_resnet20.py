@@ -1,7 +1,7 @@
 """ResNet-20 (He et al. 2016, CIFAR net) on 32x32 images from TFRecords.
 
 The default is the paper's CIFAR-10 recipe on your own TFRecords, made from
-image folders with input.make_tfrecords (README, "Image classification"):
+image folders with input.make_tfrecords (docs/models.md, "Image classification"):
 e.g. CIFAR-10 exported as cifar10/{train,test}/<class>/*.png.
 
 Command:   python -m input.make_tfrecords --images=cifar10/train \

@@ -1,9 +1,9 @@
 """Seed MLP (64-64-10) on the UCI handwritten digits, the default experiment.
 
 Command:   python main.py --config=configs/digits_mlp.py
-Runtime:   ~30 s on 2 CPU cores (3,000 steps of batch 64, Adam).
-Expected:  final eval accuracy ~0.97 on the 360 held-out images (>= 0.95).
-Watch:     tensorboard --logdir runs (README, "Monitoring"): loss, accuracy,
+Runtime:   ~5-10 s on 2 CPU cores (3,000 steps of batch 64, Adam).
+Expected:  final eval accuracy 0.9861 on the 360 held-out images (>= 0.95).
+Watch:     tensorboard --logdir runs (docs/monitoring.md): loss, accuracy,
            gradient and weight norms, throughput, input wait, every 100 steps.
 
 Variants (after ':'):

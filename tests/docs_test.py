@@ -141,3 +141,37 @@ def test_the_extras_example_runs_as_printed(tmp_path):
   evals = runner.summary_values(str(tmp_path / 'extras' / 'eval'))
   assert [step for step, _ in evals['note']] == [40]
   assert 'metrics/auc' in train and 'metrics/median_loss' in evals
+
+
+def _anchors(path: str) -> set[str]:
+  """GitHub's anchors of a markdown file's headings (outside code blocks)."""
+  anchors, fenced = set(), False
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      if line.startswith('```'):
+        fenced = not fenced
+      elif not fenced and line.startswith('#'):
+        title = line.lstrip('#').strip().lower()
+        anchors.add(re.sub(r'[^\w\- ]', '', title).replace(' ', '-'))
+  return anchors
+
+
+@pytest.mark.parametrize('page', docs.pages())
+def test_every_relative_link_and_anchor_resolves(page):
+  """Links and images to files of the repository, and #anchors of their
+  headings: a page moved or a heading renamed breaks none silently."""
+  source = os.path.join(runner.REPO, page)
+  with open(source, encoding='utf-8') as f:
+    text = re.sub(r'```.*?```', '', f.read(), flags=re.S)
+  broken = []
+  for target in re.findall(r'\]\(([^)\s]+)\)', text):
+    if re.match(r'[a-z]+:', target):
+      continue  # http(s), mailto: outside the repository.
+    path, _, anchor = target.partition('#')
+    path = (os.path.normpath(os.path.join(os.path.dirname(source), path))
+            if path else source)
+    if not os.path.exists(path):
+      broken.append(f'{target} (no such file)')
+    elif anchor and anchor not in _anchors(path):
+      broken.append(f'{target} (no such heading)')
+  assert not broken, f'{page}: {broken}'
