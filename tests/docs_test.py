@@ -128,6 +128,9 @@ def test_the_replica_check_of_the_example_passes_as_printed(tmp_path):
   assert result.returncode == 0, result.stdout + result.stderr[-2000:]
   assert result.stdout.startswith('PASS: RegressionTrainer after 10 steps, '
                                   '1 vs 2 replicas')
+  # TensorFlow's Python logger prints through absl's handler alone, as in
+  # main.py: no second copy of each line in its own format.
+  assert 'INFO:tensorflow:' not in result.stderr, result.stderr[-2000:]
 
 
 def test_the_extras_example_runs_as_printed(tmp_path):

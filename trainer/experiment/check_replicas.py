@@ -29,6 +29,10 @@ a bad flag.
 import os
 import sys
 
+# Hide TensorFlow's C++ INFO banner lines, as main.py does.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 import numpy as np
@@ -40,7 +44,6 @@ sys.path.insert(1, os.getcwd())  # config.trainer = 'my_module:MyTrainer'
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer.experiment import cli
-from trainer.cluster import strategies
 from trainer import errors
 from trainer import schema
 from trainer.errors import UserError
@@ -79,6 +82,7 @@ def compare(trainer_cls, config, *, num_replicas: int, steps: int,
     both runs.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from trainer.cluster import strategies  # pylint: disable=import-outside-toplevel
   from trainer.parts import randomness  # pylint: disable=import-outside-toplevel
   from trainer.parts import replica_copies  # pylint: disable=import-outside-toplevel
   devices = [d.name for d in tf.config.list_logical_devices('CPU')]
@@ -223,6 +227,7 @@ def main(argv):
   del argv
   # pylint: disable=import-outside-toplevel
   import models  # noqa: F401  (registers the trainers)
+  from trainer.cluster import strategies
   from trainer.experiment import registry
   try:
     strategies.configure_cpu_devices(FLAGS.num_replicas)
