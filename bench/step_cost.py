@@ -23,7 +23,8 @@ per-step features added:
               then the update. The least an optimizer masking its own
               update (a 0/1 factor on the learning rate and the moments'
               steps) would cost; not a skip by itself (the moments decay)
-  norm        the explicit all-reduce and the global gradient norm, no cond
+  norm        the explicit all-reduce and the global gradient norm (summed
+              for the report, as the Trainer does), no cond
   sums        the metric sums: one assign_add of a stacked vector per step
   accuracy    sums plus the accuracy's argmax/equal/cast
   all         guard + norm + accuracy sums: the Trainer's step by hand
@@ -85,6 +86,9 @@ def variant_method(strategy, guard, norm, sums, accuracy, ours):
     if ours:
       optimizer = optimization.Adam(learning_rate=throughput.LEARNING_RATE)
       optimizer.build(variables)
+    norm_sum = tf.Variable(0.0, trainable=False,
+                           synchronization=tf.VariableSynchronization.ON_READ,
+                           aggregation=tf.VariableAggregation.SUM)
     totals = tf.Variable(tf.zeros([5]), trainable=False,
                          synchronization=tf.VariableSynchronization.ON_READ,
                          aggregation=tf.VariableAggregation.SUM)
@@ -104,7 +108,11 @@ def variant_method(strategy, guard, norm, sums, accuracy, ours):
       grads, total = reduced[:-1], reduced[-1]
       finite = tf.math.is_finite(total)
       if norm:
-        finite &= tf.math.is_finite(tf.linalg.global_norm(grads))
+        grad_norm = tf.linalg.global_norm(grads)
+        finite &= tf.math.is_finite(grad_norm)
+        # Summed for the report, as the Trainer does: a norm nothing reads
+        # would be pruned from the graph and cost nothing.
+        norm_sum.assign_add(tf.where(finite, grad_norm, 0.0))
 
       def apply():
         optimization.apply_reduced(optimizer, zip(grads, variables))
