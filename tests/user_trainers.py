@@ -602,3 +602,34 @@ class TwoHeadsDefaultServe(classifier.ClassifierTrainer):
   def forward(self, batch, training):
     features, _ = batch
     return self.model(features, training=training)['logits']
+
+
+class EmbeddingTrainer(SequenceTrainer):
+  """Token ids through an Embedding, whose gradient TensorFlow gives as
+  tf.IndexedSlices: one row per token, a repeated id's rows apart."""
+
+  def build_model(self):
+    return tf.keras.Sequential([
+        tf.keras.Input((SEQ_LEN,), dtype='int32'),
+        tf.keras.layers.Embedding(FEATURES, 8, name='embedding'),
+        tf.keras.layers.Dense(CLASSES, name='logits')], name='embedding_model')
+
+  def forward(self, batch, training):
+    ids = tf.argmax(batch['tokens'], -1, output_type=tf.int32)
+    return self.model(ids, training=training)
+
+
+class EmbeddingOwnStep(EmbeddingTrainer):
+  """The tape's gradients, IndexedSlices as they come, to
+  self.apply_gradients."""
+
+  def train_step(self, batch):
+    with tf.GradientTape() as tape:
+      outputs = self.forward(batch, training=True)
+      values, weights = self.compute_loss(batch, outputs)
+      total = tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, tf.reduce_sum(weights))
+      loss = tf.math.divide_no_nan(tf.reduce_sum(values * weights), total)
+    grads = tape.gradient(loss, self.trainable_variables)
+    self.apply_gradients(grads, self.trainable_variables, loss=loss)
+    return {'loss': (values, weights), **self.compute_metrics(batch, outputs)}

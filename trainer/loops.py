@@ -70,6 +70,11 @@ def replica_step(trainer, step_fn, sums, *, train: bool):
           "train.precision='mixed_float16' skips the steps whose gradients "
           'overflow float16 and adjusts the loss scale: call it, or set '
           "train.precision='mixed_bfloat16' (no loss scaling needed)")
+    if status is None and train and trainer.clip_norm > 0:
+      raise contracts.ContractError(
+          f'{name} bypasses self.apply_gradients, which clips the gradients '
+          f'to train.clip_norm={trainer.clip_norm:g}: call it, or set '
+          'train.clip_norm=0 and clip in your step')
     if status is None and train and not trainer.coordinated:
       # A train_step that bypassed apply_gradients: one all-reduce of the
       # finiteness of its loss and of the weights it updated, and of the

@@ -228,7 +228,12 @@ def apply_gradients(trainer, grads, variables, *, loss=None, optimizer=None):
     The step status, the same on every replica (parts/status.py).
   """
   optimizer = optimizer or trainer.optimizer
-  grads, variables = list(grads), list(variables)
+  # Dense, as compute_gradients gives them: the global norm (clipping, the
+  # guard, the chart) of an Embedding's tf.IndexedSlices would count a
+  # repeated row's pieces apart.
+  grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+           for g in grads]
+  variables = list(variables)
   if len(grads) != len(variables):
     raise contracts.ContractError(
         f'{type(trainer).__name__}: apply_gradients got {len(grads)} '

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from tests import user_trainers
 from trainer.experiment import check_replicas
+from trainer.experiment import run as experiment
 from trainer.cluster import strategies
 from trainer.errors import UserError
 
@@ -200,3 +201,34 @@ def test_gradients_and_variables_of_different_lengths_are_refused():
       'MismatchedGradients: apply_gradients got 2 gradients for 4 variables; '
       'take the gradients of the list you apply them to '
       '(self.trainable_variables)')
+
+
+@pytest.mark.parametrize('replicas', [1, 2])
+def test_an_embeddings_sparse_gradient_is_clipped_by_its_true_norm(replicas):
+  """IndexedSlices from the tape (an Embedding) given to self.apply_gradients
+  clip and chart by the norm of the dense gradient, as the default step's:
+  the same weights and grad_norm, with clipping that binds."""
+  config = make_config(clip_norm=0.05)
+  default = build(user_trainers.EmbeddingTrainer, config, 1)
+  own = build(user_trainers.EmbeddingOwnStep, config, replicas,
+              default.model.get_weights())
+  results = train(default), train(own)
+  assert_same_weights(default, own)
+  for r1, r2 in zip(*results):
+    assert r1['grad_norm'] > 0.05  # Clipped.
+    assert r2['grad_norm'] == pytest.approx(r1['grad_norm'], rel=1e-5)
+
+
+def test_the_tutorial_pattern_with_clip_norm_is_refused(tmp_path):
+  """self.optimizer.apply_gradients does not clip: with train.clip_norm set,
+  the run would train unclipped while config.json says clipped. Refused in
+  one line before anything is written."""
+  config = make_config(clip_norm=1.0)
+  config.trainer = 'tests.user_trainers:TutorialTrainer'
+  model_dir = tmp_path / 'run'
+  with pytest.raises(UserError, match=(
+      r'^TutorialTrainer.train_step bypasses self.apply_gradients, which '
+      r'clips the gradients to train.clip_norm=1: call it, or set '
+      r'train.clip_norm=0 and clip in your step$')):
+    experiment.run(config, model_dir=str(model_dir), strategy_name='default')
+  assert not model_dir.exists()
