@@ -361,7 +361,8 @@ class Controller:
     if retries > n or not self.checkpointer:
       raise NonFiniteLoss(status_lib.nonfinite_message(
           failed_step, loss, nan_retries=n, used_up=retries > n > 0,
-          guarded=self.trainer.reports_grad_norm))
+          guarded=self.trainer.reports_grad_norm,
+          clip_norm=self.trainer.clip_norm))
     computed, position = self.step, int(self.trainer.data_position.numpy())
     with self.ledger.timed('checkpoints'):
       self.checkpointer.wait()

@@ -74,14 +74,20 @@ def test_loops_end_on_checkpoint_and_eval_boundaries(tmp_path):
   assert int(trainer.data_position.numpy()) == 24
 
 
-def test_nan_step_stops_without_update_and_keeps_checkpoint(tmp_path):
-  config = make_config()
+@pytest.mark.parametrize('clip_norm, advice', [
+    (0.0, ' or enable train.clip_norm'),
+    (1e6, '')])  # Set: not advised again.
+def test_nan_step_stops_without_update_and_keeps_checkpoint(
+    tmp_path, clip_norm, advice):
+  config = make_config(clip_norm=clip_norm)
   trainer = build(config, PoisonedTrainer)
   controller = controller_for(trainer, tmp_path, total_steps=30,
                               checkpoint_every=10)
+  # NaN features: the inputs are named as a cause.
   with pytest.raises(NonFiniteLoss, match=rf'at step {NAN_AT}; .*'
-                     r'\(train.nan_retries=0\); lower the learning rate or '
-                     r'enable train.clip_norm \(or set train.nan_retries\)$'):
+                     r'\(train.nan_retries=0\); look for NaN or Inf in the '
+                     r'inputs of that batch, or lower the learning rate'
+                     rf'{advice} \(or set train.nan_retries\)$'):
     controller.train()
   controller.checkpointer.wait()
   assert saved_steps(tmp_path) == [10]
@@ -262,8 +268,9 @@ def test_nan_recovery_gives_up_after_retries(tmp_path):
       r'non-finite (loss|gradient norm \(the loss was finite\)) at step \d+ '
       r'after 2 retries; the '
       r'update was not applied and no checkpoint was written after it '
-      r'\(train.nan_retries=2\); lower the learning rate or enable '
-      r'train.clip_norm', str(e.value)), str(e.value)
+      r'\(train.nan_retries=2\); look for NaN or Inf in the inputs of that '
+      r'batch, or lower the learning rate or enable train.clip_norm',
+      str(e.value)), str(e.value)
 
 
 def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch):

@@ -116,7 +116,7 @@ def any_worker(flag: bool, strategy) -> bool:
 
 
 def nonfinite_message(step: int, loss: float | None, *, nan_retries: int,
-                      used_up: bool, guarded: bool) -> str:
+                      used_up: bool, guarded: bool, clip_norm: float) -> str:
   """The one line a run stops with after a NONFINITE step it cannot retry.
 
   Args:
@@ -128,6 +128,7 @@ def nonfinite_message(step: int, loss: float | None, *, nan_retries: int,
       checkpoint to restore).
     guarded: the step went through apply_gradients, whose guard skipped it
       (a train_step of its own that bypassed it applied it).
+    clip_norm: train.clip_norm (set: not advised).
   """
   n = nan_retries
   tried = (f' after {n} retr{"y" if n == 1 else "ies"}' if used_up else
@@ -135,7 +136,9 @@ def nonfinite_message(step: int, loss: float | None, *, nan_retries: int,
   what = ('loss or gradient norm' if loss is None else 'loss' if
           not math.isfinite(loss) else 'gradient norm (the loss was finite)'
           if guarded else 'weights (the loss was finite)')
-  fix = ('lower the learning rate or enable train.clip_norm' if step > 1 else
+  fix = ('look for NaN or Inf in the inputs of that batch, or lower the '
+         'learning rate' + ('' if clip_norm else ' or enable train.clip_norm')
+         if step > 1 else
          'the weights are the initial ones: look for NaN or Inf in the '
          'inputs' + (' or the loss' if what == 'loss' else ', or an op whose '
                      'gradient is infinite where its value is not (sqrt or '
