@@ -237,6 +237,19 @@ class MisnamedMetric(SequenceTrainer):
   metric_names = ('acc',)
 
 
+class TrainStepWithoutReturn(SequenceTrainer):
+
+  def train_step(self, batch):
+    grads, loss, _ = self.compute_gradients(batch)
+    self.apply_gradients(grads, self.trainable_variables, loss=loss)
+
+
+class ForwardWithoutReturn(SequenceTrainer):
+
+  def forward(self, batch, training):
+    self.model(batch['tokens'], training=training)
+
+
 class DefaultForward(SequenceTrainer):
   """Dict batches, but the default forward (batch[0])."""
   forward = Trainer.forward

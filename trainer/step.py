@@ -93,8 +93,9 @@ def one_batch_gradients(trainer, batch):
   with tf.GradientTape(persistent=True) as tape:
     # The Trainer's own methods are converted by AutoGraph, this file is
     # not (parts/autograph.py).
-    outputs = precision.float32(autograph.user(trainer.forward)(
-        batch, training=True))
+    outputs = precision.float32(contracts.forward_outputs(
+        autograph.user(trainer.forward)(batch, training=True),
+        where=f'{type(trainer).__name__}.forward'))
     loss, weight = contracts.per_example(
         autograph.user(trainer.compute_loss)(batch, outputs), where=where,
         size=size)

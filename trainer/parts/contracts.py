@@ -123,6 +123,15 @@ def gathered_outputs(outputs, *, where: str, size) -> dict:
   return outputs
 
 
+def forward_outputs(outputs, *, where: str):
+  """Checks that forward returned something (what compute_loss reads)."""
+  if outputs is None:
+    raise ContractError(
+        f"{where} returned None (no return statement?); return the model's "
+        'outputs, e.g. self.model(batch[0], training=training)')
+  return outputs
+
+
 def metrics_dict(metrics, *, where: str) -> dict:
   """Checks that compute_metrics returned {name: value}."""
   if not isinstance(metrics, dict):
@@ -140,13 +149,22 @@ def step_outputs(values, *, where: str, names, size, keys_from=None):
     ContractError: keys other than 'loss' and `names` (named as returned by
       `keys_from`, default `where`), or a bad shape.
   """
-  expected = {'loss', *names}
-  if not isinstance(values, dict) or set(values) != expected:
-    got = sorted(values) if isinstance(values, dict) else type(values).__name__
+  if not isinstance(values, dict):
+    got = ('None (no return statement?)' if values is None else
+           type(values).__name__)
     raise ContractError(
-        f'{keys_from or where} returned keys {got} but the Trainer declares '
-        f'metric_names={tuple(names)} (plus \'loss\'); make compute_metrics '
-        'return exactly metric_names')
+        f"{where} returned {got}; return {{'loss': per-example loss [B], "
+        f'metric: per-example values [B]}} for metric_names={tuple(names)}')
+  if set(values) != {'loss', *names}:
+    if keys_from and keys_from.endswith('.compute_metrics'):
+      raise ContractError(
+          f'{keys_from} returned keys {sorted(set(values) - {"loss"})} but '
+          f'the Trainer declares metric_names={tuple(names)}; make '
+          'compute_metrics return exactly metric_names')
+    raise ContractError(
+        f'{keys_from or where} returned keys {sorted(values)} but the Trainer '
+        f"declares metric_names={tuple(names)} (plus 'loss'); return 'loss' "
+        'and exactly metric_names')
   return {name: per_example(values[name], where=f'{where} [{name!r}]',
                             size=size)
           for name in ('loss', *names)}

@@ -27,8 +27,16 @@ def config(trainer='SequenceTrainer', **eval_keys):
 @pytest.mark.parametrize('trainer, message', [
     ('ScalarLoss', r'ScalarLoss.compute_loss returned shape \[\], expected '
      r'\[32\]: one value per example'),
-    ('MisnamedMetric', r"MisnamedMetric.compute_metrics returned keys \['accuracy',"
-     r" 'loss'\] but the Trainer declares metric_names=\('acc',\)"),
+    # 'loss' is not compute_metrics': not listed as returned by it.
+    ('MisnamedMetric', r"^MisnamedMetric.compute_metrics returned keys "
+     r"\['accuracy'\] but the Trainer declares metric_names=\('acc',\); make "
+     'compute_metrics return exactly metric_names$'),
+    ('TrainStepWithoutReturn', r'^TrainStepWithoutReturn.train_step returned '
+     r"None \(no return statement\?\); return \{'loss': per-example loss "
+     r"\[B\], metric: per-example values \[B\]\} for "
+     r"metric_names=\('accuracy',\)$"),
+    ('ForwardWithoutReturn', r'^ForwardWithoutReturn.forward returned None '
+     r'\(no return statement\?\); return the model.s outputs'),
     ('DefaultForward', r"DefaultForward.dataset\('train'\) yields dict "
      r'batches \(keys labels, mask, tokens\) but DefaultForward keeps the '
      r'default forward'),
