@@ -250,6 +250,18 @@ class ForwardWithoutReturn(SequenceTrainer):
     self.model(batch['tokens'], training=training)
 
 
+class LayerOutsideModel(SequenceTrainer):
+  """A layer kept on the Trainer, outside self.model: built at its first
+  call, inside the traced step; neither trained nor checkpointed."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.extra = tf.keras.layers.Dense(CLASSES, name='extra')
+
+  def forward(self, batch, training):
+    return self.extra(self.model(batch['tokens'], training=training))
+
+
 class DefaultForward(SequenceTrainer):
   """Dict batches, but the default forward (batch[0])."""
   forward = Trainer.forward

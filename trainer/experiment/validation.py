@@ -74,7 +74,7 @@ def check(trainer, *, train: bool, eval_split: str | None,
         skip_batches=data_position, service_job=''))
     _trace(trainer, f'{name} train step', lambda: loops.trace_train(
         trainer, iterator))
-    _check_optimizers(trainer)  # Built by now: none is made in the step.
+    _check_kept_objects(trainer)  # Built by now: none is made in the step.
   if train and summaries:
     _check_derived_metrics(trainer)
   if eval_split:
@@ -235,10 +235,11 @@ def _trace(trainer, what: str, fn) -> None:
         ) from e
 
 
-def _check_optimizers(trainer) -> None:
+def _check_kept_objects(trainer) -> None:
   """Every Keras optimizer a training Trainer keeps (an attribute, or in a
   list, tuple or dict attribute) was built under its strategy's scope, and
-  is in its checkpoint."""
+  is in its checkpoint; so is every layer with weights it keeps (built by
+  now, even one built at its first call in the step)."""
   name = type(trainer).__name__
   root = tf.train.Checkpoint(**trainer.checkpoint_items())
   kept = {id(o) for o in tf.train.TrackableView(root).descendants()}
@@ -246,17 +247,24 @@ def _check_optimizers(trainer) -> None:
   for attr, value in vars(trainer).items():
     values = (value.values() if isinstance(value, dict) else
               value if isinstance(value, (list, tuple)) else [value])
-    for optimizer in values:
-      if not isinstance(optimizer, tf.keras.optimizers.Optimizer):
+    for item in values:
+      if (isinstance(item, tf.keras.layers.Layer) and
+          item.trainable_weights and id(item) not in kept):
+        raise UserError(
+            f'{name}.{attr} is a layer outside self.model that '
+            'checkpoint_items() does not return: its weights would be neither '
+            "saved nor restored, and the default step trains only the model's;"
+            ' make it part of the model build_model returns')
+      if not isinstance(item, tf.keras.optimizers.Optimizer):
         continue
-      if mirrored and optimizer.built and not _distributed(
-          optimizer.variables):
+      if mirrored and item.built and not _distributed(
+          item.variables):
         raise UserError(
             f'{name}.{attr} is an optimizer built outside '
             'self.strategy.scope(): one copy of its state would serve every '
             "replica and the replicas' weights would drift apart; make and "
             'build it in __init__ under `with self.strategy.scope():`')
-      if id(optimizer) not in kept:
+      if id(item) not in kept:
         raise UserError(
             f'{name}.{attr} is an optimizer that checkpoint_items() does not '
             'return, so a resumed run would restart its state (moments, step '

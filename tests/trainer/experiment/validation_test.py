@@ -35,6 +35,10 @@ def config(trainer='SequenceTrainer', **eval_keys):
      r"None \(no return statement\?\); return \{'loss': per-example loss "
      r"\[B\], metric: per-example values \[B\]\} for "
      r"metric_names=\('accuracy',\)$"),
+    # Trained on no step and saved in no checkpoint, silently.
+    ('LayerOutsideModel', r'^LayerOutsideModel.extra is a layer outside '
+     r'self.model that checkpoint_items\(\) does not return: its weights would '
+     'be neither saved nor restored'),
     ('ForwardWithoutReturn', r'^ForwardWithoutReturn.forward returned None '
      r'\(no return statement\?\); return the model.s outputs'),
     ('DefaultForward', r"DefaultForward.dataset\('train'\) yields dict "
