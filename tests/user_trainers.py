@@ -262,6 +262,26 @@ class LayerOutsideModel(SequenceTrainer):
     return self.extra(self.model(batch['tokens'], training=training))
 
 
+class KeepsEncoderView(SequenceTrainer):
+  """Keeps a Model over self.model's own first layer (for serving, say): not
+  in the checkpoint itself, but its weights are."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.encoder = tf.keras.Model(self.model.inputs,
+                                  self.model.get_layer('hidden').output)
+
+
+class FrozenTeacher(SequenceTrainer):
+  """Keeps a frozen layer (a teacher, loaded each run): trains nothing."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.teacher = tf.keras.layers.Dense(CLASSES, name='teacher')
+    self.teacher.build((None, SEQ_LEN, FEATURES))
+    self.teacher.trainable = False
+
+
 class DefaultForward(SequenceTrainer):
   """Dict batches, but the default forward (batch[0])."""
   forward = Trainer.forward

@@ -167,8 +167,8 @@ class Trainer:
     return {}
 
   def derived_metrics(self, metrics: dict) -> dict:
-    """{name: value} computed on the host from reported metrics (each eval
-    and train summary), e.g. perplexity = exp(loss)."""
+    """{name: value} from reported metrics (host: each eval and train
+    summary, and once before the run on made-up values), e.g. exp(loss)."""
     del metrics
     return {}
 

@@ -101,12 +101,11 @@ def _exit(code: int, request: cli.RunRequest) -> None:
   """Exits once everything is on disk and printed, without waiting for
   interpreter shutdown.
 
-  By now checkpoints are written and summary writers closed. Left to
-  itself, shutdown can take from one to tens of seconds (destroying a
-  multi-device tf.data iterator waits for its threads), which matters
-  after a SIGTERM, when the cluster manager's grace period is running. Multi-worker processes do exit
-  normally: TensorFlow's coordination service expects every task to pass its
-  shutdown barrier. Before that they wait for each other (`_leave_together`).
+  By now checkpoints are written and summary writers closed. Left to itself,
+  shutdown can take seconds (destroying a multi-device tf.data iterator waits
+  for its threads), while a cluster's grace period runs after a SIGTERM.
+  Multi-worker processes exit normally: TensorFlow's coordination service
+  expects every task to pass its shutdown barrier, after `_leave_together`.
   """
   sys.stdout.flush()
   sys.stderr.flush()

@@ -248,13 +248,17 @@ def _check_kept_objects(trainer) -> None:
     values = (value.values() if isinstance(value, dict) else
               value if isinstance(value, (list, tuple)) else [value])
     for item in values:
-      if (isinstance(item, tf.keras.layers.Layer) and
-          item.trainable_weights and id(item) not in kept):
+      # By its weights: a view of self.model's layers (an encoder kept for
+      # serving) is saved with them.
+      if isinstance(item, tf.keras.layers.Layer) and any(
+          id(w) not in kept for w in item.trainable_weights):
         raise UserError(
-            f'{name}.{attr} is a layer outside self.model that '
-            'checkpoint_items() does not return: its weights would be neither '
+            f'{name}.{attr} is a layer ({item.name!r}) with trainable weights '
+            'that checkpoint_items() does not return: they would be neither '
             "saved nor restored, and the default step trains only the model's;"
-            ' make it part of the model build_model returns')
+            ' make it part of the model build_model returns, add it to '
+            'checkpoint_items() if a train_step of your own trains it, or set '
+            'its trainable = False if it is frozen')
       if not isinstance(item, tf.keras.optimizers.Optimizer):
         continue
       if mirrored and item.built and not _distributed(

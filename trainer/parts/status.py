@@ -128,18 +128,20 @@ def nonfinite_message(step: int, loss: float | None, *, nan_retries: int,
       checkpoint to restore).
     guarded: the step went through apply_gradients, whose guard skipped it
       (a train_step of its own that bypassed it applied it).
-    clip_norm: train.clip_norm (set: not advised).
+    clip_norm: train.clip_norm (advised when unset and the step goes
+      through apply_gradients, which alone clips).
   """
   n = nan_retries
   tried = (f' after {n} retr{"y" if n == 1 else "ies"}' if used_up else
            ' with no checkpoint to restore' if n else '')
-  what = ('loss or gradient norm' if loss is None else 'loss' if
-          not math.isfinite(loss) else 'gradient norm (the loss was finite)'
-          if guarded else 'weights (the loss was finite)')
+  other = 'gradient norm' if guarded else 'weights'
+  what = (f'loss or {other}' if loss is None else 'loss' if
+          not math.isfinite(loss) else f'{other} (the loss was finite)')
   fix = ('look for NaN or Inf in the inputs of that batch, or lower the '
-         'learning rate' + ('' if clip_norm else ' or enable train.clip_norm')
+         'learning rate' + ('' if clip_norm or not guarded else
+                            ' or enable train.clip_norm')
          if step > 1 else
-         'the weights are the initial ones: look for NaN or Inf in the '
+         'no step was trained before it: look for NaN or Inf in the '
          'inputs' + (' or the loss' if what == 'loss' else ', or an op whose '
                      'gradient is infinite where its value is not (sqrt or '
                      'log at 0; a NaN masked out of the loss with tf.where '

@@ -100,7 +100,7 @@ def test_a_nan_gradient_of_a_finite_loss_is_told_apart(tmp_path):
   assert str(error.value) == (
       'non-finite gradient norm (the loss was finite) at step 1; the update '
       'was not applied and no checkpoint was written after it '
-      '(train.nan_retries=0); the weights are the initial ones: look for NaN '
+      '(train.nan_retries=0); no step was trained before it: look for NaN '
       'or Inf in the inputs, or an op whose gradient is infinite where its '
       'value is not (sqrt or log at 0; a NaN masked out of the loss with '
       'tf.where still gives a NaN gradient) (or set train.nan_retries)')
@@ -116,8 +116,8 @@ def test_a_changed_start_after_a_run_that_saved_nothing(tmp_path):
   config.train.update(steps=4, steps_per_loop=2)
   # Not 'lower the learning rate': no update has been made at step 1.
   with pytest.raises(NonFiniteLoss, match=r'^non-finite loss at step 1; '
-                     r'.*\(train.nan_retries=0\); the weights are '
-                     'the initial ones: look for NaN or Inf in the inputs or '
+                     r'.*\(train.nan_retries=0\); no step was trained '
+                     'before it: look for NaN or Inf in the inputs or '
                      r'the loss \(or set train.nan_retries\)$'):
     experiment.run(config, model_dir=str(tmp_path), strategy_name='default')
   assert not list(tmp_path.glob('ckpt-*'))

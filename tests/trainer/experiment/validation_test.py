@@ -36,9 +36,10 @@ def config(trainer='SequenceTrainer', **eval_keys):
      r"\[B\], metric: per-example values \[B\]\} for "
      r"metric_names=\('accuracy',\)$"),
     # Trained on no step and saved in no checkpoint, silently.
-    ('LayerOutsideModel', r'^LayerOutsideModel.extra is a layer outside '
-     r'self.model that checkpoint_items\(\) does not return: its weights would '
-     'be neither saved nor restored'),
+    ('LayerOutsideModel', r"^LayerOutsideModel.extra is a layer \('extra'\) "
+     r'with trainable weights that checkpoint_items\(\) does not return: they '
+     'would be neither saved nor restored.*, or set its trainable = False if '
+     'it is frozen$'),
     ('ForwardWithoutReturn', r'^ForwardWithoutReturn.forward returned None '
      r'\(no return statement\?\); return the model.s outputs'),
     ('DefaultForward', r"DefaultForward.dataset\('train'\) yields dict "
@@ -277,3 +278,13 @@ def test_a_ragged_serving_output_is_exported(tmp_path):
   serve = tf.saved_model.load(result['export']).signatures['serving_default']
   top = serve(input_0=tf.zeros([3, 64]))['top']
   assert isinstance(top, tf.RaggedTensor) and top.shape[0] == 3
+
+
+@pytest.mark.parametrize('trainer', ['KeepsEncoderView', 'FrozenTeacher'])
+def test_layers_kept_beside_the_model_that_lose_nothing_pass(tmp_path,
+                                                            trainer):
+  """The check of layers kept on the Trainer goes by their trainable
+  weights: a view of the model's own layers and a frozen layer train."""
+  settings = config(trainer)
+  experiment.run(settings, model_dir=str(tmp_path), strategy_name='default')
+  assert (tmp_path / 'checkpoint').exists()

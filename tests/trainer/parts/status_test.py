@@ -41,3 +41,21 @@ def test_without_loss_scaling_only_ok_goes_on():
   goes_on = [bool(status.continues(tf.constant(v), overflow=False))
              for v in values]
   assert goes_on == [True, False, False]
+
+
+def test_a_step_of_its_own_is_not_advised_a_clip_it_cannot_have():
+  """A train_step that bypasses apply_gradients: its update was applied and
+  train.clip_norm would be refused for it (only apply_gradients clips)."""
+  message = status.nonfinite_message(
+      5, None, nan_retries=0, used_up=False, guarded=False, clip_norm=0.0)
+  assert message == (
+      'non-finite loss or weights at step 5; no checkpoint was written after '
+      'it (train.nan_retries=0); look for NaN or Inf in the inputs of that '
+      'batch, or lower the learning rate (or set train.nan_retries)')
+  guarded = status.nonfinite_message(
+      5, 1.5, nan_retries=2, used_up=True, guarded=True, clip_norm=0.0)
+  assert guarded == (
+      'non-finite gradient norm (the loss was finite) at step 5 after 2 '
+      'retries; the update was not applied and no checkpoint was written '
+      'after it (train.nan_retries=2); look for NaN or Inf in the inputs of '
+      'that batch, or lower the learning rate or enable train.clip_norm')
