@@ -282,6 +282,32 @@ class FrozenTeacher(SequenceTrainer):
     self.teacher.trainable = False
 
 
+class LayersInAList(SequenceTrainer):
+  """A subclassed model keeping its layers in a list: Keras 3 does not track
+  them for tf.train.Checkpoint."""
+
+  def build_model(self):
+
+    class Blocks(tf.keras.Model):
+
+      def __init__(self):
+        super().__init__()
+        self.blocks = [tf.keras.layers.Dense(16, activation='relu'),
+                       tf.keras.layers.Dense(CLASSES)]
+
+      def call(self, x):
+        for block in self.blocks:
+          x = block(x)
+        return x
+
+    model = Blocks()
+    model(tf.zeros([1, SEQ_LEN, FEATURES]))
+    return model
+
+  def serving_input_signature(self):
+    return [tf.TensorSpec([None, SEQ_LEN, FEATURES], tf.float32)]
+
+
 class DefaultForward(SequenceTrainer):
   """Dict batches, but the default forward (batch[0])."""
   forward = Trainer.forward

@@ -62,6 +62,7 @@ def check(trainer, *, train: bool, eval_split: str | None,
     UserError: one line naming the method or key and the fix.
   """
   name = type(trainer).__name__
+  _check_model_saved(trainer)
   if train:
     _check_split(trainer, 'train', training=True)
   if eval_split:
@@ -233,6 +234,25 @@ def _trace(trainer, what: str, fn) -> None:
         f'{type(trainer).__name__}.{method} raised {type(e).__name__} while '
         f'the {what.split(" ", 1)[1]} was traced: {errors.one_line(e)}{hint}'
         ) from e
+
+
+def _check_model_saved(trainer) -> None:
+  """Every weight of the model is in what a checkpoint saves under 'model':
+  Keras 3 does not track the layers a subclassed model keeps in a list or
+  dict attribute for tf.train.Checkpoint (their trainable weights would be
+  saved only through the optimizer, so --mode=eval would not load them)."""
+  root = tf.train.Checkpoint(model=trainer.model)
+  kept = {id(o) for o in tf.train.TrackableView(root).descendants()}
+  lost = [v.path for v in trainer.model.variables if id(v) not in kept]
+  if lost:
+    raise UserError(
+        f'{type(trainer.model).__name__} (from {type(trainer).__name__}.'
+        f'build_model) has weights a checkpoint would not save '
+        f'({", ".join(lost[:3])}{", ..." if len(lost) > 3 else ""}): Keras 3 '
+        'does not track layers kept in a list or dict attribute of a '
+        'subclassed model for tf.train.Checkpoint; give each layer an '
+        "attribute of its own (setattr(self, f'block_{i}', layer)) or hold "
+        'them in a tf.keras.Sequential')
 
 
 def _check_kept_objects(trainer) -> None:

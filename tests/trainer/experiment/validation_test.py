@@ -35,6 +35,10 @@ def config(trainer='SequenceTrainer', **eval_keys):
      r"None \(no return statement\?\); return \{'loss': per-example loss "
      r"\[B\], metric: per-example values \[B\]\} for "
      r"metric_names=\('accuracy',\)$"),
+    # Saved only through the optimizer: --mode=eval evaluated random weights.
+    ('LayersInAList', r'^Blocks \(from LayersInAList.build_model\) has '
+     r'weights a checkpoint would not save \(blocks/dense.*/kernel, .*, '
+     r'\.\.\.\): Keras 3 does not track layers kept in a list'),
     # Trained on no step and saved in no checkpoint, silently.
     ('LayerOutsideModel', r"^LayerOutsideModel.extra is a layer \('extra'\) "
      r'with trainable weights that checkpoint_items\(\) does not return: they '
