@@ -237,13 +237,17 @@ def _trace(trainer, what: str, fn) -> None:
 
 
 def _check_model_saved(trainer) -> None:
-  """Every weight of the model is in what a checkpoint saves under 'model':
+  """Every weight of the model is in what a checkpoint saves of it:
   Keras 3 does not track the layers a subclassed model keeps in a list or
   dict attribute for tf.train.Checkpoint (their trainable weights would be
   saved only through the optimizer, so --mode=eval would not load them)."""
-  root = tf.train.Checkpoint(model=trainer.model)
+  # What --mode=eval restores: the model, and beside it the state of its
+  # random layers (Keras' SeedGenerators, saved as 'rng' by their
+  # tf.Variable, which Keras' own variable wraps).
+  root = tf.train.Checkpoint(**trainer.checkpoint_items(model_only=True))
   kept = {id(o) for o in tf.train.TrackableView(root).descendants()}
-  lost = [v.path for v in trainer.model.variables if id(v) not in kept]
+  lost = [v.path for v in trainer.model.variables
+          if id(v) not in kept and id(getattr(v, 'value', v)) not in kept]
   if lost:
     raise UserError(
         f'{type(trainer.model).__name__} (from {type(trainer).__name__}.'

@@ -292,3 +292,16 @@ def test_layers_kept_beside_the_model_that_lose_nothing_pass(tmp_path,
   settings = config(trainer)
   experiment.run(settings, model_dir=str(tmp_path), strategy_name='default')
   assert (tmp_path / 'checkpoint').exists()
+
+
+@pytest.mark.parametrize('replicas', [1, 2])
+def test_dropouts_seed_state_counts_as_saved(tmp_path, replicas):
+  """Dropout's SeedGenerator state is a weight of the model that the
+  checkpoint saves beside it (as 'rng'), not under 'model': the check of
+  unsaved weights lets it through."""
+  settings = digits_mlp.get_config('smoke')
+  settings.model.dropout = 0.2
+  settings.train.steps = 2
+  experiment.run(settings, model_dir=str(tmp_path), num_cpu_devices=replicas,
+                 strategy_name='mirrored' if replicas > 1 else 'default')
+  assert (tmp_path / 'checkpoint').exists()
