@@ -244,8 +244,7 @@ def _check_model_saved(trainer) -> None:
   # What --mode=eval restores: the model, and beside it the state of its
   # random layers (Keras' SeedGenerators, saved as 'rng' by their
   # tf.Variable, which Keras' own variable wraps).
-  root = tf.train.Checkpoint(**trainer.checkpoint_items(model_only=True))
-  kept = {id(o) for o in tf.train.TrackableView(root).descendants()}
+  kept = _saved(trainer, model_only=True)
   lost = [v.path for v in trainer.model.variables
           if id(v) not in kept and id(getattr(v, 'value', v)) not in kept]
   if lost:
@@ -265,8 +264,7 @@ def _check_kept_objects(trainer) -> None:
   is in its checkpoint; so is every layer with weights it keeps (built by
   now, even one built at its first call in the step)."""
   name = type(trainer).__name__
-  root = tf.train.Checkpoint(**trainer.checkpoint_items())
-  kept = {id(o) for o in tf.train.TrackableView(root).descendants()}
+  kept = _saved(trainer)
   mirrored = _distributed(trainer.model.trainable_variables)
   for attr, value in vars(trainer).items():
     values = (value.values() if isinstance(value, dict) else
@@ -299,6 +297,13 @@ def _check_kept_objects(trainer) -> None:
             f'count); add it there: items = super().checkpoint_items('
             f"model_only), then items['{attr}'] = self.{attr} unless "
             'model_only')
+
+
+def _saved(trainer, model_only: bool = False) -> set[int]:
+  """The ids of every object a checkpoint of `trainer` saves (its object
+  graph: layers, variables, optimizers...)."""
+  root = tf.train.Checkpoint(**trainer.checkpoint_items(model_only))
+  return {id(o) for o in tf.train.TrackableView(root).descendants()}
 
 
 def _distributed(variables) -> bool:
