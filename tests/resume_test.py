@@ -368,6 +368,49 @@ def test_a_sigterm_during_a_long_evaluation_exits_within_seconds(
   assert 'final eval' not in evaluating.stdout()
 
 
+@pytest.mark.parametrize('trainer,strategy', [
+    ('LongEvalSplit', 'default'), ('LongEvalSplit', 'mirrored2'),
+    ('LongEvalGathered', 'default')])
+def test_a_sigterm_during_a_periodic_evaluation_saves_and_exits_at_once(
+    tmp_path, started, trainer, strategy):
+  """train_and_eval: a SIGTERM during an evaluation of minutes ends it after
+  the batch in flight (in the loop's tf.function call, or between the
+  host's calls when eval_outputs is gathered), reports none of it, saves the
+  step and exits 42; the resumed run trains on to the end."""
+  model_dir = tmp_path / 'run'
+  args = ('--config=tests/user_config.py',
+          f'--config.trainer=tests.user_trainers:{trainer}',
+          '--config.train.steps=16', '--config.train.steps_per_loop=4',
+          '--config.eval.every_steps=8', '--config.checkpoint.every_steps=4',
+          '--mode=train_and_eval', f'--model_dir={model_dir}',
+          *STRATEGY_FLAGS[strategy])
+  training = Logged(tmp_path, 'train', *args,
+                    env={'DISTLOOP_TEST_EVAL_REPEATS': '100000'})
+  started(training)
+  wait_for(lambda: lines_with(training.stderr(), 'step 8/16'), run=training,
+           what='the step 8 log line')
+  time.sleep(2)  # Into the evaluation at step 8 (minutes long).
+  assert training.poll() is None, training.tail()
+  training.process.send_signal(signal.SIGTERM)
+  assert training.wait(timeout=30) == 42, training.tail()
+  stderr = training.stderr()
+  assert lines_with(stderr, 'the evaluation at step 8 was stopped before the '
+                    'end of its split: not reported'), training.tail()
+  assert lines_with(stderr, 'preempted by SIGTERM during training: saved',
+                    'ckpt-8 at step 8'), training.tail()
+  assert not (model_dir / 'eval' / 'metrics.jsonl').exists()
+  assert checkpoint_steps(model_dir)[-1] == 8
+  if strategy != 'default' or trainer != 'LongEvalSplit':
+    return
+  resumed = runner.run_main(*args, timeout=TIMEOUT)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert RESTORED.search(resumed.stderr).group(2) == '8'
+  records = [json.loads(l) for l in
+             (model_dir / 'eval' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records] == [16]
+  assert checkpoint_steps(model_dir)[-1] == 16
+
+
 def test_a_second_run_into_a_model_dir_in_training_is_refused(tmp_path,
                                                               started):
   """One command started twice: the second stops in one line naming the

@@ -349,6 +349,17 @@ class LongEvalSplit(SequenceTrainer):
                                              '1')))
 
 
+class LongEvalGathered(LongEvalSplit):
+  """LongEvalSplit whose evaluation gathers outputs: batch by batch from the
+  host, not one tf.function call."""
+
+  def eval_outputs(self, batch, outputs):
+    return {'predicted': tf.argmax(outputs, -1)}
+
+  def aggregate(self, outputs):
+    return {'gathered_rows': sum(len(v) for v in outputs.values())}
+
+
 class RaisesInComputeLoss(SequenceTrainer):
 
   def compute_loss(self, batch, outputs):

@@ -14,16 +14,21 @@ made with `everywhere=True` (then they run on every worker, at the same
 step: an action that calls into the strategy must). A Trainer declares its
 actions in `actions()`; the config adds built-in ones (summary.
 histograms_every_steps). An action that raises stops the run with one line
-naming it (exit 2); a checkpoint in flight still completes.
+naming it (exit 2); a checkpoint in flight still completes. An action's
+`trainer.evaluate()` during training is stopped by a SIGTERM or Ctrl-C as a
+periodic evaluation is (preemption.EvalStopped): the action ends there and
+the run saves and exits.
 """
 
 import dataclasses
 from typing import Any, Callable
 
+from absl import logging
 import tensorflow as tf
 
 from trainer import errors
 from trainer.errors import UserError
+from trainer.persistence import preemption
 
 
 @dataclasses.dataclass
@@ -109,6 +114,13 @@ class Actions:
         continue
       try:
         action.fn(context)
+      except preemption.EvalStopped:
+        # Its trainer.evaluate() met a SIGTERM or Ctrl-C: the run saves and
+        # exits next, as it does after a periodic evaluation stopped so.
+        logging.warning('action %r (%s at step %d): its evaluation was '
+                        'stopped by the stop request', action.name, event,
+                        context.step)
+        return
       except Exception as e:  # pylint: disable=broad-except
         raise UserError(f'action {action.name!r} ({event} at step '
                         f'{context.step}) raised {type(e).__name__}: '

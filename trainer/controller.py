@@ -230,6 +230,8 @@ class Controller:
       if self.profile:
         self.profile.stop()
       self.train_writer.flush()
+      with trainer.strategy.scope():  # A later evaluate() runs to its end.
+        trainer.stop_requested.assign(0.0)
     with self.ledger.timed('input_teardown'):
       # TensorFlow can take seconds to delete a distributed iterator (0.2-6 s
       # measured under MirroredStrategy): counted, not left unaccounted.
@@ -405,7 +407,12 @@ class Controller:
 
   def evaluate_and_track(self) -> bool:
     """Evaluates, keeps the best checkpoint; True when patience ran out."""
-    metrics = self.evaluate()
+    try:
+      metrics = self.evaluate()
+    except preemption.EvalStopped:  # The caller preempts next.
+      logging.warning('the evaluation at step %d was stopped before the end '
+                      'of its split: not reported', self.step)
+      return False
     if not self.best:
       return False
     return self.best.track(self.trainer, self.step, metrics)

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import step as step_lib
+from trainer.persistence import preemption
 from trainer.parts import autograph
 from trainer.parts import contracts
 from trainer.parts import input_wait
@@ -194,12 +195,24 @@ def eval_batch(trainer, batch):
 
 
 def eval_loop(trainer, iterator):
-  """Sums of the eval step's values over every batch of `iterator`."""
+  """(sums of the eval step's values over every batch of `iterator`,
+  whether a stop request ended it early).
+
+  In one process the loop leaves after the batch in flight once the host
+  sets `stop_requested` (a SIGTERM during a periodic evaluation: the run
+  saves and exits instead of finishing a long evaluation first). Several
+  workers finish it: one leaving alone would leave the others waiting.
+  """
   step_fn = replica_step(trainer, trainer.eval_step, trainer.eval_sums,
                          train=False)
+  stoppable = not status_lib.several_workers(trainer.strategy)
+  stopped = tf.constant(False)
   for batch in iterator:
     trainer.strategy.run(step_fn, args=(batch,))
-  return trainer.eval_sums.reduce_and_reset(trainer.strategy)
+    if stoppable and trainer.stop_requested > 0:
+      stopped = tf.constant(True)
+      break
+  return trainer.eval_sums.reduce_and_reset(trainer.strategy), stopped
 
 
 # -----------------------------------------------------------------------------
@@ -267,21 +280,29 @@ def evaluate(trainer, split: str) -> dict[str, float]:
   if trainer._equalize_copies and replica_copies.drifting(trainer.model):
     trainer._equalize_copies()  # Replica 0's moving statistics everywhere.
   streaming.results(trainer.streaming['eval'], trainer.strategy)  # Reset.
-  aggregated = {}
+  aggregated, parts = {}, None
   with trainer.ema_weights():
     if gathers_eval_outputs(trainer):
       # Batch by batch from the host: each batch's outputs, gathered from
       # every replica (an empty or short replica batch adds what it has),
       # are appended, so every example counts exactly once.
       step = eval_batch_fn(trainer, dataset.element_spec)
-      parts = [tf.nest.map_structure(lambda x: x.numpy(), step(batch))
-               for batch in dataset]
+      parts, stopped = [], False
+      for batch in dataset:
+        parts.append(tf.nest.map_structure(lambda x: x.numpy(), step(batch)))
+        if (not status_lib.several_workers(trainer.strategy) and
+            trainer.stop_requested.numpy() > 0):
+          stopped = True
+          break
       sums = trainer._eval_sums()
+    else:
+      sums, stopped = trainer._eval_loop(iter(dataset))
+    if stopped:  # Before aggregate, which would see part of the split.
+      raise preemption.EvalStopped(f'the evaluation of {split!r} was stopped')
+    if parts is not None:
       outputs = {name: np.concatenate([p[name] for p in parts])
                  for name in (parts[0] if parts else {})}
       aggregated = contracts.host_metrics(trainer, 'aggregate', outputs)
-    else:
-      sums = trainer._eval_loop(iter(dataset))
     metrics = trainer.eval_sums.means(sums.numpy())
     metrics.update(streaming.results(trainer.streaming['eval'],
                                      trainer.strategy))

@@ -3,6 +3,7 @@
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -92,6 +93,32 @@ def test_on_preemption_actions_run_after_the_save(tmp_path):
     ctl.train()
   ((step, files),) = seen
   assert f'ckpt-{step}.index' in files  # Saved before the action ran.
+
+
+def test_a_sigterm_stops_an_actions_evaluation_and_the_run_saves(tmp_path):
+  """An action's trainer.evaluate() during training meets the stop request
+  as a periodic evaluation does: it ends, the action with it, and the run
+  saves and exits as preempted, not as the action's error."""
+  seen = []
+
+  def evaluate_other_split(context):
+    os.kill(os.getpid(), signal.SIGTERM)
+    while not context.trainer.stop_requested.numpy():  # The watcher's thread.
+      time.sleep(0.01)
+    seen.append('evaluating')
+    context.trainer.evaluate('test')
+    seen.append('evaluated')
+  ctl, _, evals = controller(
+      tmp_path, [actions_lib.Action(evaluate_other_split, every_steps=10)],
+      total_steps=100, eval_every=10)
+  with pytest.raises(preemption.Preempted) as raised:
+    ctl.train()
+  assert seen == ['evaluating']
+  assert raised.value.step == 10
+  assert checkpointing.checkpoint_paths(str(tmp_path))[-1].endswith('ckpt-10')
+  assert not ctl.evals and not evals.scalars  # The periodic one: not reported.
+  # Training over, evaluations run to their end again.
+  assert ctl.trainer.evaluate('test')['examples'] > 0
 
 
 def test_weight_histograms_from_the_config_and_images_through_the_writer(

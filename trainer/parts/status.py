@@ -12,6 +12,8 @@ import math
 
 import tensorflow as tf
 
+from trainer.parts import autograph
+
 OK = 0
 # The host asked to stop (SIGTERM, Ctrl-C): the step was applied, the loop
 # ends.
@@ -82,6 +84,7 @@ def local(loss, stop_requested):
                   NONFINITE)
 
 
+@autograph.framework  # Also asked in the eval loop, which is converted.
 def several_workers(strategy) -> bool:
   """Whether `strategy` spans several worker processes (each with its own
   host loop)."""

@@ -86,6 +86,12 @@ class Preempted(BaseException):
     return retryable_exit_code or EXIT_CODE
 
 
+class EvalStopped(Exception):
+  """An evaluation left before the end of its split: a stop request
+  (SIGTERM or Ctrl-C while training) arrived during it. Its numbers cover
+  part of the split and are not reported."""
+
+
 _phase = ['start-up']
 # (phase, signal) of a signal the guard raised Preempted for. Python runs a
 # signal handler between any two bytecodes, also inside a finalizer or a
