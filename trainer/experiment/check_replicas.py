@@ -5,7 +5,8 @@ r"""Replica self-check: does your Trainer give the same weights on 1 and N repli
 
 Runs the config's Trainer for `--steps` steps on one device and, from the same
 initial weights and data, on N logical CPU replicas (MirroredStrategy), then
-compares every weight. With the same global batch the two runs see the same
+compares every weight and the optimizer's state (Adam's moments show a
+gradient scaled by N that its normalised update hides). With the same global batch the two runs see the same
 examples, so a correct step gives the same weights up to float rounding; a
 loss averaged per replica instead of over the global batch, gradients summed
 twice or not at all, or batch statistics that depend on the replica split show
@@ -115,17 +116,33 @@ def compare(trainer_cls, config, *, num_replicas: int, steps: int,
                   'cannot be switched off, so 1 and N replicas differ by design')
   names = [v.path for v in one.model.weights]
   follows_noise = biases_before_norm(one.model)
+  # The optimizer's state too: Adam's update barely changes when every
+  # gradient is scaled alike (a loss averaged per replica on N replicas is
+  # N x the right one), but its moments do not hide it.
+  names += [f'optimizer/{v.path}' for v in one.optimizer.variables]
+  weights_1 += [v.numpy() for v in one.optimizer.variables]
+  weights_n += [v.numpy() for v in many.optimizer.variables]
+  differ = set()  # 'weights', 'optimizer'
   for name, a, b in zip(names, weights_1, weights_n):
     if not np.allclose(a, b, rtol=rtol, atol=atol):
       abs_diff = float(np.max(np.abs(a - b)))
       rel_diff = float(np.max(np.abs(a - b) / (np.abs(a) + 1e-12)))
       line = (f'  {name}: max abs diff {abs_diff:.3g}, '
               f'max rel diff {rel_diff:.3g}')
-      if name in follows_noise:
-        line = f'  note: {line.strip()} ({follows_noise[name]})'
+      excuse = next((why for weight, why in follows_noise.items()
+                     if name == weight or weight.replace('/', '_') in name),
+                    None)
+      if excuse:
+        line = f'  note: {line.strip()} ({excuse})'
       else:
         ok = False
+        differ.add('optimizer' if name.startswith('optimizer/') else 'weights')
       report.append(line)
+  if differ == {'optimizer'}:
+    report.append('  the weights agree but the optimizer\'s state does not: '
+                  'the gradients differ by a factor its update cancels '
+                  '(a loss averaged over the replica\'s batch instead of the '
+                  'global batch, or gradients summed twice)')
   # Named as in the weights above: the second model's layers were named
   # after the first's (batch_normalization_1, ...).
   names = {m.path: o.path for m, o in zip(many.model.variables,
@@ -238,9 +255,10 @@ def main(argv):
   except UserError as e:
     errors.fail(str(e))
   verdict = 'PASS' if ok else 'FAIL'
+  what = ('weights and optimizer state agree' if ok else
+          'weights, optimizer state or copies differ')
   print(f'{verdict}: {trainer_cls.__name__} after {FLAGS.steps} steps, '
-        f'1 vs {FLAGS.num_replicas} replicas '
-        f'({"weights agree" if ok else "weights or copies differ"} within '
+        f'1 vs {FLAGS.num_replicas} replicas ({what} within '
         f'rtol={FLAGS.rtol:g}, atol={FLAGS.atol:g})')
   print('\n'.join(report))
   sys.exit(0 if ok else 1)

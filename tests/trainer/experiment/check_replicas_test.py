@@ -38,6 +38,17 @@ def test_per_replica_mean_loss_fails():
   assert any('max rel diff' in line for line in report)
 
 
+def test_per_replica_mean_loss_fails_under_adam_by_its_moments():
+  """Adam's update cancels a gradient scaled by 2 almost exactly, so the
+  weights of 1 and 2 replicas nearly agree; its moments do not."""
+  ok, report = check_replicas.compare(PerReplicaMeanTrainer,
+                                      make_config('adam'), num_replicas=2,
+                                      steps=10)
+  assert not ok, report
+  assert any(line.startswith('  optimizer/') and 'momentum' in line
+             for line in report), report
+
+
 class UnsyncedNormTrainer(ClassifierTrainer):
   """Per-replica batch norm: in Keras 3 each replica's copy of the moving
   statistics keeps its own slice's, so the copies drift apart."""
