@@ -139,7 +139,8 @@ def test_print_config_prints_and_writes_nothing(tmp_path):
      "reads the model's inputs, but its Net has none"),
     (('--config.optimizer.weight_decay_exclude=bias,norm',),
      "config key optimizer.weight_decay_exclude=('bias,norm',) must be a "
-     'tuple of strings; e.g. --config.optimizer.weight_decay_exclude='
+     "tuple of strings ('bias,norm' is one string, not several); e.g. "
+     '--config.optimizer.weight_decay_exclude='
      '"(\'bias\','),
     (('--config=configs/digits_mlp.py:smoke', '--config=configs/digits_mlp.py'),
      'flag --config is given 2 times (--config=configs/digits_mlp.py:smoke, '

@@ -332,6 +332,9 @@ def _check_value(full: str, key: Key, value) -> None:
       _is(of, e) and not (of is str and set(',()[]\'"') & set(e))
       for e in value))):
     of = f' of {_describe(of).split()[-1]}s' if of else ''
+    one = [e for e in value if isinstance(e, str) and ',' in e] if _is(
+        kind, value) else []
+    of += f' ({one[0]!r} is one string, not several)' if one else ''
     raise UserError(f'config key {full}={value!r} must be {_describe(kind)}'
                     f'{of}; e.g. --config.{full}={_example(key)}')
   if key.choices and value not in key.choices:

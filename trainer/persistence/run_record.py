@@ -67,7 +67,7 @@ def check_or_write(model_dir: str, record: dict, *, write: bool = True,
                    if _jsonable(record[key].get(k)) != old[key].get(k))
         what = f'{key} {sub!r}: {old[key].get(sub)!r} -> {record[key].get(sub)!r}'
         if key == 'model weights':
-          what += ' (a model.* config key changed)'
+          what += " (the model's code or a model.* config key changed)"
       else:
         what = f'{key}: {old[key]!r} -> {record[key]!r}'
       raise _changed(model_dir, what, reading)

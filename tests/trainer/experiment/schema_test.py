@@ -90,7 +90,7 @@ def test_any_framework_key_takes_an_override_type_from_the_schema():
     # What --config.KEY=bias,norm gives: one pattern that matches nothing.
     (minimal(optimizer=dict(weight_decay_exclude=('bias,norm',))),
      "optimizer.weight_decay_exclude=('bias,norm',) must be a tuple of "
-     'strings'),
+     "strings ('bias,norm' is one string, not several); e.g."),
 ], ids=['typo', 'section_typo', 'negative', 'choice', 'bool', 'range',
         'accum', 'eval_train', 'momentum', 'required', 'section',
         'shard_bytes_negative', 'shard_bytes_not_int', 'tuple_of_ints',

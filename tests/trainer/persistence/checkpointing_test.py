@@ -288,7 +288,8 @@ def test_run_record_refuses_a_changed_setting(tmp_path):
         write=False, reading='export')
   assert str(error.value).startswith(
       f'--mode=export cannot read --model_dir={tmp_path}: model weights ')
-  assert 'a model.* config key changed' in str(error.value)
+  assert "(the model's code or a model.* config key changed)" in str(
+      error.value)
   assert (tmp_path / 'run.json').read_text() == written
 
 
