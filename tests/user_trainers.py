@@ -438,6 +438,36 @@ class RepeatsPartialBatches(SequenceTrainer):
     return examples.take(20).batch(batch_size).repeat()
 
 
+class PartialBatchEachEpoch(SequenceTrainer):
+  """40 examples batched by 32 without drop_remainder, then repeated: the
+  first batch is whole, every second one has 8 examples."""
+
+  def dataset(self, split, input_context, batch_size):
+    examples = super().dataset(split, input_context, batch_size).unbatch()
+    if split != 'train':
+      return examples.batch(batch_size)
+    return examples.take(40).batch(batch_size).repeat()
+
+
+class Unbatched(SequenceTrainer):
+  """Examples, not batches: from_tensor_slices without .batch()."""
+
+  def dataset(self, split, input_context, batch_size):
+    tokens, labels, mask = sequence_arrays(split, self.config.seed)
+    examples = tf.data.Dataset.from_tensor_slices(
+        {'tokens': tokens, 'labels': labels, 'mask': mask})
+    return examples.repeat() if split == 'train' else examples
+
+
+class UnbatchedPairs(SequenceTrainer):
+  """(features, label) examples, not batches: the label is a scalar."""
+
+  def dataset(self, split, input_context, batch_size):
+    tokens, labels, _ = sequence_arrays(split, self.config.seed)
+    examples = tf.data.Dataset.from_tensor_slices((tokens[:, 0], labels[:, 0]))
+    return examples.repeat() if split == 'train' else examples
+
+
 class EndsUnseen(SequenceTrainer):
   """A train split that ends, of a length tf.data cannot count (a filter):
   found only when it runs out."""

@@ -31,8 +31,8 @@ def check_dataset(dataset: tf.data.Dataset, *, split: str,
     return shape.is_fully_defined()
 
   unknown = [
-      f'{_path(path)} {spec.shape}'
-      for path, spec in _flatten_with_paths(dataset.element_spec)
+      f'{element_path(path)} {spec.shape}'
+      for path, spec in flatten_with_paths(dataset.element_spec)
       if not static(spec.shape)]
   if unknown:
     raise UserError(
@@ -48,7 +48,7 @@ def check_dataset(dataset: tf.data.Dataset, *, split: str,
         'before batching and set train.steps')
 
 
-def _flatten_with_paths(structure, prefix=''):
+def flatten_with_paths(structure, prefix=''):
   """[(path, leaf)] of nested dicts/tuples/lists: 'image', '0', 'a/b'."""
   if isinstance(structure, dict):
     items = sorted(structure.items())
@@ -58,9 +58,9 @@ def _flatten_with_paths(structure, prefix=''):
     return [(prefix, structure)]
   leaves = []
   for key, value in items:
-    leaves += _flatten_with_paths(value, f'{prefix}/{key}' if prefix else str(key))
+    leaves += flatten_with_paths(value, f'{prefix}/{key}' if prefix else str(key))
   return leaves
 
 
-def _path(path: str) -> str:
+def element_path(path: str) -> str:
   return f'element[{path}]' if path else 'element'

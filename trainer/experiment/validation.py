@@ -17,6 +17,7 @@ import tensorflow as tf
 from trainer import errors
 from trainer import loops
 from trainer import settings as settings_lib
+from trainer.cluster import tpu
 from trainer.parts import contracts
 from trainer.errors import UserError
 from trainer.trainer import Trainer
@@ -188,6 +189,7 @@ def _check_split(trainer, split: str, *, training: bool) -> None:
         'must never end (a resume or another batch size reads on from where '
         'it was): add .repeat() before .batch() (with drop_remainder=True), '
         'as input/pipeline.py finish() does')
+  _check_batched(dataset, where, training=training)
   try:
     batch = next(iter(dataset))
   except StopIteration:
@@ -197,13 +199,13 @@ def _check_split(trainer, split: str, *, training: bool) -> None:
   size = int(contracts.batch_size(batch))
   if size > batch_size or (training and size < batch_size):
     key = 'train' if training else 'eval'
-    fix = ('batch by the batch_size argument it is called with, not by a '
-           'config value' if size > batch_size else
-           'a partial batch: .repeat() before .batch(batch_size, '
-           'drop_remainder=True)')
     raise UserError(
         f'{where} gave a first batch of {size} examples for batch_size='
-        f'{batch_size} ({key}.global_batch_size {over}): {fix}')
+        f'{batch_size} ({key}.global_batch_size {over}): batch by the '
+        'batch_size argument it is called with, not by a config value, '
+        f'with .batch(batch_size{", drop_remainder=True" if training else ""})'
+        ' (a dataset not batched at all shows the first dimension of one '
+        'example here)')
   if (isinstance(batch, dict) and
       type(trainer).forward is Trainer.forward):
     raise UserError(
@@ -212,6 +214,29 @@ def _check_split(trainer, split: str, *, training: bool) -> None:
         'tuples: override forward(self, batch, training) to call '
         "self.model on the inputs, e.g. self.model(batch['features'], "
         'training=training)')
+
+
+def _check_batched(dataset, where: str, *, training: bool) -> None:
+  """Every value of a batch has a batch dimension, of a fixed size when
+  training: a partial batch would be divided by the full batch size."""
+  leaves = tpu.flatten_with_paths(dataset.element_spec)
+  scalars = [tpu.element_path(p) for p, spec in leaves if spec.shape.rank == 0]
+  if scalars:
+    raise UserError(
+        f'{where} yields single examples, not batches ({scalars[0]} is a '
+        'scalar): batch them with .batch(batch_size' +
+        (', drop_remainder=True)' if training else ')') +
+        ', with the batch_size argument dataset() is called with')
+  dynamic = [f'{tpu.element_path(p)} {spec.shape}' for p, spec in leaves
+             if training and spec.shape.rank and spec.shape[0] is None]
+  if dynamic:
+    raise UserError(
+        f'{where} has no fixed batch size ({dynamic[0]}): a partial batch '
+        'at the end of an epoch would be trained as a full one (its loss '
+        'divided by the full batch size); batch the training split with '
+        '.batch(batch_size, drop_remainder=True), or give the batch '
+        'dimension in the element spec (e.g. from_generator\'s '
+        'output_signature)')
 
 
 def _trace(trainer, what: str, fn) -> None:
@@ -230,6 +255,13 @@ def _trace(trainer, what: str, fn) -> None:
       hint = ('; a weight is held in pieces (train.variable_shard_bytes): '
               'take gradients of and apply them to self.trainable_variables, '
               'not self.model.trainable_variables')
+    elif (trainer.settings.precision.startswith('mixed_') and
+          ('float16' in str(e) or "'half'" in str(e))):
+      hint = (f'; train.precision={trainer.settings.precision!r}: the model '
+              'computes in 16 bits and self.forward returns 16-bit outputs, '
+              'which the default steps cast to float32 before the loss and '
+              'metrics; a step of your own must cast them too: '
+              'tf.cast(outputs, tf.float32)')
     raise UserError(
         f'{type(trainer).__name__}.{method} raised {type(e).__name__} while '
         f'the {what.split(" ", 1)[1]} was traced: {errors.one_line(e)}{hint}'

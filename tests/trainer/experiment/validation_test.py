@@ -58,9 +58,20 @@ def config(trainer='SequenceTrainer', **eval_keys):
     ('IgnoresBatchSize', r"IgnoresBatchSize.dataset\('train'\) gave a first "
      r'batch of 64 examples for batch_size=32 \(train.global_batch_size over '
      r'1 replica\(s\)\): batch by the batch_size argument'),
-    ('RepeatsPartialBatches', r"RepeatsPartialBatches.dataset\('train'\) gave "
-     r'a first batch of 20 examples for batch_size=32 .*: a partial batch: '
-     r'.repeat\(\) before .batch\(batch_size, drop_remainder=True\)$'),
+    ('RepeatsPartialBatches', r"^RepeatsPartialBatches.dataset\('train'\) has "
+     r'no fixed batch size \(element\[labels\] \(None, 6\)\): a partial batch '
+     r'at the end of an epoch would be trained as a full one .*'
+     r'.batch\(batch_size, drop_remainder=True\)'),
+    # Trained silently before: every second step's 8 examples as 32.
+    ('PartialBatchEachEpoch', r"^PartialBatchEachEpoch.dataset\('train'\) "
+     r'has no fixed batch size'),
+    ('Unbatched', r"^Unbatched.dataset\('train'\) gave a first batch of 6 "
+     r'examples for batch_size=32 .*: batch by the batch_size argument .* '
+     r'with .batch\(batch_size, drop_remainder=True\) \(a dataset not batched '
+     r'at all shows the first dimension of one example here\)$'),
+    ('UnbatchedPairs', r"^UnbatchedPairs.dataset\('train'\) yields single "
+     r'examples, not batches \(element\[1\] is a scalar\): batch them with '
+     r'.batch\(batch_size, drop_remainder=True\)'),
     ('RaisesInComputeLoss', r'RaisesInComputeLoss.compute_loss raised '
      r"KeyError while the train step was traced: .*'labelz'"),
     ('RaisesInBuildModel', r'RaisesInBuildModel.build_model raised '
@@ -98,6 +109,23 @@ def test_mistakes_stop_the_run_before_model_dir_exists(tmp_path, trainer,
     experiment.run(config(trainer), model_dir=str(model_dir),
                    strategy_name='default')
   assert '\n' not in str(error.value)
+  assert not model_dir.exists()
+
+
+@pytest.mark.parametrize('precision', ['mixed_bfloat16', 'mixed_float16'])
+def test_a_step_of_your_own_under_mixed_precision_is_told_to_cast(
+    tmp_path, precision):
+  """self.forward returns 16-bit outputs there: the dtype error a float32
+  loss meets names the cast, not just compute_loss."""
+  model_dir = tmp_path / 'run'
+  cfg = config('TutorialTrainer')
+  cfg.train.precision = precision
+  with pytest.raises(UserError, match=(
+      r'^TutorialTrainer.compute_loss raised TypeError while the train step '
+      r'was traced: .*float16.*; train.precision=.*: the model computes in 16 '
+      r'bits .* a step of your own must cast them too: tf.cast\(outputs, '
+      r'tf.float32\)$')):
+    experiment.run(cfg, model_dir=str(model_dir), strategy_name='default')
   assert not model_dir.exists()
 
 
