@@ -449,6 +449,19 @@ class PartialBatchEachEpoch(SequenceTrainer):
     return examples.take(40).batch(batch_size).repeat()
 
 
+class MapLosesBatchDim(SequenceTrainer):
+  """Batched with drop_remainder=True, then a map through numpy that
+  leaves the mask's first dimension unknown: the batch size is still
+  fixed."""
+
+  def dataset(self, split, input_context, batch_size):
+    def through_numpy(batch):
+      mask = tf.numpy_function(lambda m: m, [batch['mask']], tf.float32)
+      mask.set_shape([None, SEQ_LEN])
+      return dict(batch, mask=mask)
+    return super().dataset(split, input_context, batch_size).map(through_numpy)
+
+
 class Unbatched(SequenceTrainer):
   """Examples, not batches: from_tensor_slices without .batch()."""
 

@@ -120,7 +120,6 @@ class Actions:
         logging.warning('action %r (%s at step %d): its evaluation was '
                         'stopped by the stop request', action.name, event,
                         context.step)
-        return
       except Exception as e:  # pylint: disable=broad-except
         raise UserError(f'action {action.name!r} ({event} at step '
                         f'{context.step}) raised {type(e).__name__}: '

@@ -113,9 +113,8 @@ class Controller:
     self.eval_writer = eval_writer or summaries.NullWriter()
     self.actions = actions or actions_lib.Actions([])
     self.ledger = ledger or goodput.Ledger()
-    self.history = []
+    self.history, self.evals = [], []
     self._loops = 0  # Inner loops run by this controller.
-    self.evals = []
     self.best = (best_lib.BestCheckpoint(
         os.path.join(model_dir, 'best'), metric=options.best_metric,
         mode=options.best_mode, patience=options.patience,
@@ -152,8 +151,7 @@ class Controller:
     if self.best and self.best.stopped_early(self.step):
       return {}
     trainer = self.trainer
-    with trainer.strategy.scope():
-      trainer.stop_requested.assign(0.0)
+    self._set_stop(0.0)
     # Start-up ends here; the step-0 save below is a checkpoint's time.
     self.ledger.begin_training(self.step)
     if (self.checkpointer and self.options.nan_retries and
@@ -172,7 +170,7 @@ class Controller:
         main_metric=(trainer.metric_names or ('',))[0],
         every_secs=self.options.log_every_secs)
     try:
-      with preemption.SignalWatcher(self._request_stop) as watcher:
+      with preemption.SignalWatcher(lambda: self._set_stop(1.0)) as watcher:
         logging.info('training from step %d to step %d (from here on, '
                      'SIGTERM or Ctrl-C stops after the step in flight)',
                      self.step, self.total_steps)
@@ -215,6 +213,8 @@ class Controller:
         if status_lib.any_worker(watcher.requested, trainer.strategy):
           self._preempt(watcher.signum)  # After the last step: saved, now preempt.
         self._run_actions('end')
+        if status_lib.host_stops(watcher.requested, trainer.strategy):
+          self._preempt(watcher.signum)  # During an at_end action.
     except BaseException:
       if self.checkpointer:
         # A failed run (a non-finite loss, an error) still finishes the
@@ -230,8 +230,8 @@ class Controller:
       if self.profile:
         self.profile.stop()
       self.train_writer.flush()
-      with trainer.strategy.scope():  # A later evaluate() runs to its end.
-        trainer.stop_requested.assign(0.0)
+      with contextlib.suppress(Exception):  # A lost ps task: raised below.
+        self._set_stop(0.0)  # A later evaluate() runs to its end.
     with self.ledger.timed('input_teardown'):
       # TensorFlow can take seconds to delete a distributed iterator (0.2-6 s
       # measured under MirroredStrategy): counted, not left unaccounted.
@@ -329,10 +329,10 @@ class Controller:
       with self.ledger.timed('checkpoints'):
         self.checkpointer.save()
 
-  def _request_stop(self):
-    # Called from the watcher thread while an inner loop may be running.
+  def _set_stop(self, value: float):
+    # 1 from the watcher thread, while an inner loop may be running.
     with self.trainer.strategy.scope():
-      self.trainer.stop_requested.assign(1.0)
+      self.trainer.stop_requested.assign(value)
 
   def _preempt(self, signum):
     if self.options.summary_every and self._meter.steps:
@@ -344,6 +344,8 @@ class Controller:
       with self.ledger.timed('checkpoints'):
         self.checkpointer.wait()
       path = self.checkpointer.job_path(self.step)
+    with contextlib.suppress(Exception):  # A ps task gone after the save.
+      self._set_stop(1.0)  # Set by now in any case: their evaluations stop.
     self._run_actions('preemption')
     logging.info('%s', self.ledger.finish())
     raise preemption.Preempted(self.step, path, signum=signum or 0)

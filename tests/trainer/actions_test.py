@@ -109,16 +109,37 @@ def test_a_sigterm_stops_an_actions_evaluation_and_the_run_saves(tmp_path):
     context.trainer.evaluate('test')
     seen.append('evaluated')
   ctl, _, evals = controller(
-      tmp_path, [actions_lib.Action(evaluate_other_split, every_steps=10)],
+      tmp_path, [actions_lib.Action(evaluate_other_split, every_steps=10),
+                 actions_lib.Action(lambda c: seen.append('next'),
+                                    every_steps=10, name='next')],
       total_steps=100, eval_every=10)
   with pytest.raises(preemption.Preempted) as raised:
     ctl.train()
-  assert seen == ['evaluating']
+  assert seen == ['evaluating', 'next']  # The next action still ran.
   assert raised.value.step == 10
   assert checkpointing.checkpoint_paths(str(tmp_path))[-1].endswith('ckpt-10')
   assert not ctl.evals and not evals.scalars  # The periodic one: not reported.
   # Training over, evaluations run to their end again.
   assert ctl.trainer.evaluate('test')['examples'] > 0
+
+
+def test_a_sigterm_during_an_at_end_actions_evaluation_preempts(tmp_path):
+  """After the last step, an at_end action's evaluation meets the stop
+  request too; the run then exits as preempted, not as finished."""
+  seen = []
+
+  def evaluate_at_end(context):
+    os.kill(os.getpid(), signal.SIGTERM)
+    while not context.trainer.stop_requested.numpy():
+      time.sleep(0.01)
+    context.trainer.evaluate('test')
+    seen.append('evaluated')
+  ctl, _, _ = controller(
+      tmp_path, [actions_lib.Action(evaluate_at_end, at_end=True)],
+      total_steps=20)
+  with pytest.raises(preemption.Preempted) as raised:
+    ctl.train()
+  assert not seen and raised.value.step == 20
 
 
 def test_weight_histograms_from_the_config_and_images_through_the_writer(

@@ -114,11 +114,16 @@ def compare(trainer_cls, config, *, num_replicas: int, steps: int,
     report.append(f'  layer(s) {", ".join(l.name for l in stuck_1)} draw '
                   'random numbers and take no `training` argument: they '
                   'cannot be switched off, so 1 and N replicas differ by design')
-  names = [v.path for v in one.model.weights]
+  model_paths = [v.path for v in one.model.weights]
+  names = list(model_paths)
   follows_noise = biases_before_norm(one.model)
   # The optimizer's state too: Adam's update barely changes when every
   # gradient is scaled alike (a loss averaged per replica on N replicas is
   # N x the right one), but its moments do not hide it.
+  if len(one.optimizer.variables) != len(many.optimizer.variables):
+    raise UserError(f'the optimizer has {len(one.optimizer.variables)} '
+                    f'variables on 1 replica and {len(many.optimizer.variables)}'
+                    f' on {num_replicas}: they cannot be compared')
   names += [f'optimizer/{v.path}' for v in one.optimizer.variables]
   weights_1 += [v.numpy() for v in one.optimizer.variables]
   weights_n += [v.numpy() for v in many.optimizer.variables]
@@ -129,9 +134,8 @@ def compare(trainer_cls, config, *, num_replicas: int, steps: int,
       rel_diff = float(np.max(np.abs(a - b) / (np.abs(a) + 1e-12)))
       line = (f'  {name}: max abs diff {abs_diff:.3g}, '
               f'max rel diff {rel_diff:.3g}')
-      excuse = next((why for weight, why in follows_noise.items()
-                     if name == weight or weight.replace('/', '_') in name),
-                    None)
+      excuse = follows_noise.get(name) or follows_noise.get(
+          slot_owner(name, model_paths))
       if excuse:
         line = f'  note: {line.strip()} ({excuse})'
       else:
@@ -212,6 +216,18 @@ def _normalises_bias_axis(layer, norm) -> bool:
                else rank - 1)
   axes = norm.axis if isinstance(norm.axis, (list, tuple)) else [norm.axis]
   return [a % rank for a in axes] == [bias_axis]
+
+
+def slot_owner(name: str, weights) -> str | None:
+  """The weight (of the model's `weights` paths) an optimizer variable 'optimizer/
+  OPT/FLAT_SLOT' belongs to: Keras names a slot after its weight's path
+  with '/' as '_'; the longest such prefix wins (dense_bias_2 over
+  dense_bias)."""
+  if not name.startswith('optimizer/'):
+    return None
+  rest = name.split('/', 2)[-1]
+  owners = [w for w in weights if rest.startswith(w.replace('/', '_') + '_')]
+  return max(owners, key=len) if owners else None
 
 
 def diverged_variables(trainer) -> list[str]:

@@ -189,7 +189,7 @@ def _check_split(trainer, split: str, *, training: bool) -> None:
         'must never end (a resume or another batch size reads on from where '
         'it was): add .repeat() before .batch() (with drop_remainder=True), '
         'as input/pipeline.py finish() does')
-  _check_batched(dataset, where, training=training)
+  _check_batched(dataset, where, batch_size, training=training)
   try:
     batch = next(iter(dataset))
   except StopIteration:
@@ -216,27 +216,33 @@ def _check_split(trainer, split: str, *, training: bool) -> None:
         'training=training)')
 
 
-def _check_batched(dataset, where: str, *, training: bool) -> None:
-  """Every value of a batch has a batch dimension, of a fixed size when
-  training: a partial batch would be divided by the full batch size."""
-  leaves = tpu.flatten_with_paths(dataset.element_spec)
-  scalars = [tpu.element_path(p) for p, spec in leaves if spec.shape.rank == 0]
-  if scalars:
+def _check_batched(dataset, where: str, batch_size: int, *,
+                   training: bool) -> None:
+  """The values of a batch have a batch dimension, of a fixed size when
+  training: a partial batch would be divided by the full batch size.
+  (.batch() without drop_remainder leaves every value's first dimension
+  unknown; a map after it may lose one value's, which is no mistake.)"""
+  shapes = [(tpu.element_path(p), spec.shape) for p, spec in
+            tpu.flatten_with_paths(dataset.element_spec)
+            if getattr(spec, 'shape', None) is not None and
+            spec.shape.rank is not None]
+  firsts = [shape[0] for _, shape in shapes if shape.rank]
+  scalars = [path for path, shape in shapes if shape.rank == 0]
+  if scalars and batch_size not in firsts and None not in firsts:
     raise UserError(
         f'{where} yields single examples, not batches ({scalars[0]} is a '
         'scalar): batch them with .batch(batch_size' +
         (', drop_remainder=True)' if training else ')') +
         ', with the batch_size argument dataset() is called with')
-  dynamic = [f'{tpu.element_path(p)} {spec.shape}' for p, spec in leaves
-             if training and spec.shape.rank and spec.shape[0] is None]
-  if dynamic:
+  if training and firsts and all(first is None for first in firsts):
+    path, shape = next((p, s) for p, s in shapes if s.rank)
     raise UserError(
-        f'{where} has no fixed batch size ({dynamic[0]}): a partial batch '
+        f'{where} has no fixed batch size ({path} {shape}): a partial batch '
         'at the end of an epoch would be trained as a full one (its loss '
         'divided by the full batch size); batch the training split with '
         '.batch(batch_size, drop_remainder=True), or give the batch '
-        'dimension in the element spec (e.g. from_generator\'s '
-        'output_signature)')
+        'dimension in the element spec (from_generator\'s output_signature, '
+        'or tf.ensure_shape in a map after .batch() that lost it)')
 
 
 def _trace(trainer, what: str, fn) -> None:
@@ -256,7 +262,10 @@ def _trace(trainer, what: str, fn) -> None:
               'take gradients of and apply them to self.trainable_variables, '
               'not self.model.trainable_variables')
     elif (trainer.settings.precision.startswith('mixed_') and
-          ('float16' in str(e) or "'half'" in str(e))):
+          ('float16' in str(e) or "'half'" in str(e)) and
+          method not in ('forward', 'serve', 'build_model') and
+          (type(trainer).train_step is not Trainer.train_step or
+           type(trainer).eval_step is not Trainer.eval_step)):
       hint = (f'; train.precision={trainer.settings.precision!r}: the model '
               'computes in 16 bits and self.forward returns 16-bit outputs, '
               'which the default steps cast to float32 before the loss and '

@@ -104,6 +104,18 @@ def test_a_bias_before_batch_norm_is_noted_not_failed():
              for line in report), report
 
 
+def test_an_optimizer_slot_belongs_to_the_weight_with_the_longest_name():
+  weights = ['seq/dense/bias', 'seq/dense/bias_2', 'seq/einsum_dense/bias']
+  owner = check_replicas.slot_owner
+  assert owner('optimizer/adam/seq_dense_bias_momentum',
+               weights) == 'seq/dense/bias'
+  assert owner('optimizer/adam/seq_dense_bias_2_velocity',
+               weights) == 'seq/dense/bias_2'
+  assert owner('optimizer/adam/seq_einsum_dense_bias_momentum',
+               weights) == 'seq/einsum_dense/bias'
+  assert owner('seq/dense/bias', weights) is None  # A weight, not a slot.
+
+
 def test_only_a_bias_that_batch_norm_cancels_is_excused():
   def model(*layers):
     return tf.keras.Sequential([tf.keras.Input((8,)), *layers])

@@ -112,6 +112,15 @@ def test_mistakes_stop_the_run_before_model_dir_exists(tmp_path, trainer,
   assert not model_dir.exists()
 
 
+def test_a_map_after_batch_that_loses_one_values_batch_size_trains(tmp_path):
+  """Only a batch whose every value has an unknown first dimension (what
+  .batch() without drop_remainder gives) is refused."""
+  model_dir = tmp_path / 'run'
+  experiment.run(config('MapLosesBatchDim'), model_dir=str(model_dir),
+                 strategy_name='default')
+  assert (model_dir / 'ckpt-4.index').exists()
+
+
 @pytest.mark.parametrize('precision', ['mixed_bfloat16', 'mixed_float16'])
 def test_a_step_of_your_own_under_mixed_precision_is_told_to_cast(
     tmp_path, precision):
