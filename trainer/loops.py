@@ -272,7 +272,13 @@ def train(trainer, iterator, num_steps: int, *,
 
 def evaluate(trainer, split: str) -> dict[str, float]:
   """Loss and metrics over the whole of `split`, each example once (with
-  the moving-average weights when train.ema_decay is set)."""
+  the moving-average weights when train.ema_decay is set).
+
+  Raises:
+    preemption.EvalStopped: a stop request (a SIGTERM or Ctrl-C while the
+      Controller trains, in one process) ended it before the end of the
+      split; nothing of it is returned.
+  """
   # pylint: disable=protected-access
   dataset = trainer.distribute_dataset(
       split, batch_size=trainer.eval_global_batch_size)
