@@ -21,6 +21,7 @@ devices (SAVE_VARIABLE_DEVICES) and each replica's copy
 (EXPAND_DISTRIBUTED_VARIABLES), which a serving host has no use for.
 """
 
+import functools
 import os
 import shutil
 import uuid
@@ -28,6 +29,7 @@ import uuid
 import tensorflow as tf
 
 from trainer.errors import UserError
+from trainer.parts import precision
 
 SIGNATURE = 'serving_default'
 
@@ -38,7 +40,8 @@ def export_saved_model(trainer, export_dir: str) -> str:
   The `serving_default` signature takes the inputs of
   `trainer.serving_input_signature()`, by their TensorSpec names (`input_0`,
   ...), and returns the dict `trainer.serve` returns (`{'outputs': logits}` by
-  default). `serve` is traced with that signature while saving.
+  default), its 16-bit float outputs as float32. `serve` is traced with that
+  signature while saving.
 
   The write is atomic for readers: the SavedModel is built in a hidden
   sibling directory and renamed into place only once complete (and synced to
@@ -69,7 +72,7 @@ def export_saved_model(trainer, export_dir: str) -> str:
   # variables and the function, nothing that needs Keras to revive (Keras' own
   # ExportArchive tracks variables the same way).
   module.model_variables = list(trainer.model.variables)
-  module.serve = tf.function(trainer.serve,
+  module.serve = tf.function(functools.partial(_serve_float32, trainer.serve),
                              input_signature=trainer.serving_input_signature())
   options = tf.saved_model.SaveOptions(
       experimental_variable_policy=tf.saved_model.experimental.VariablePolicy
@@ -103,6 +106,13 @@ def export_saved_model(trainer, export_dir: str) -> str:
     if os.path.lexists(old) and os.path.lexists(export_dir):
       _remove(old)
   return export_dir
+
+
+def _serve_float32(serve, *inputs):
+  """`serve`'s outputs with those of a mixed-precision model (float16 or
+  bfloat16) cast to float32, as the loss and metrics see them: a client reads
+  the export without knowing the policy it was trained under."""
+  return precision.float32(serve(*inputs))
 
 
 def _check_replaceable(export_dir: str) -> None:

@@ -203,3 +203,23 @@ def test_export_over_a_directory_that_is_not_a_saved_model_is_an_error(
     export.export_saved_model(trained(strategy_for(1), steps=1),
                               str(tmp_path))
   assert os.listdir(tmp_path) == ['notes.txt']
+
+
+@pytest.mark.parametrize('precision', ['mixed_float16', 'mixed_bfloat16'])
+def test_a_mixed_precision_model_is_served_in_float32(tmp_path, precision):
+  """The model computes in 16 bits; its export serves float32, as the loss
+  and metrics see the outputs (a client need not know the policy)."""
+  config = make_config(data='digits')
+  config.train.precision = precision
+  tf.keras.utils.set_random_seed(config.seed)
+  trainer = ClassifierTrainer(config=config,
+                              strategy=tf.distribute.get_strategy())
+  features, _ = digits.load('test')
+  expected = keras_predictions(trainer, features[:7])
+  assert expected.dtype != np.float32  # The model's own outputs: 16 bits.
+  path = export.export_saved_model(trainer, str(tmp_path / 'export'))
+  serve = tf.saved_model.load(path).signatures['serving_default']
+  assert serve.structured_outputs['outputs'].dtype == tf.float32
+  served = serve(input_0=tf.constant(features[:7]))['outputs'].numpy()
+  assert served.dtype == np.float32
+  np.testing.assert_array_equal(served, expected.astype(np.float32))
