@@ -376,7 +376,8 @@ def test_a_sigterm_during_a_periodic_evaluation_saves_and_exits_at_once(
   """train_and_eval: a SIGTERM during an evaluation of minutes ends it after
   the batch in flight (in the loop's tf.function call, or between the
   host's calls when eval_outputs is gathered), reports none of it, saves the
-  step and exits 42; the resumed run trains on to the end."""
+  step and exits 42; the resumed run evaluates step 8 first, then trains
+  on to the end."""
   model_dir = tmp_path / 'run'
   args = ('--config=tests/user_config.py',
           f'--config.trainer=tests.user_trainers:{trainer}',
@@ -405,9 +406,12 @@ def test_a_sigterm_during_a_periodic_evaluation_saves_and_exits_at_once(
   resumed = runner.run_main(*args, timeout=TIMEOUT)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert RESTORED.search(resumed.stderr).group(2) == '8'
+  # The stopped evaluation runs first, on the weights of step 8.
+  assert lines_with(resumed.stderr, 'the evaluation at step 8 did not finish '
+                    'before the restart: evaluating it first')
   records = [json.loads(l) for l in
              (model_dir / 'eval' / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in records] == [16]
+  assert [r['step'] for r in records] == [8, 16]
   assert checkpoint_steps(model_dir)[-1] == 16
 
 

@@ -9,7 +9,6 @@ boundary, and runs one step at a time inside a --profile_steps window.
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
 
@@ -23,16 +22,10 @@ from trainer.monitoring import goodput
 from trainer.monitoring import profiling
 from trainer.monitoring import progress
 from trainer.monitoring import summaries
-from trainer.errors import UserError
+from trainer.errors import NonFiniteLoss, UserError
 from trainer.parts import contracts
 from trainer.parts import status as status_lib
 from trainer.parts import streaming
-
-
-class NonFiniteLoss(Exception):
-  """The loss or gradient norm was NaN/Inf and recovery is off or exhausted."""
-
-  EXIT_CODE = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +41,8 @@ class ControllerOptions:
     patience: stop after this many evals without a new best (0: never).
     nan_retries: on a non-finite step, restore the last checkpoint and
       continue with the data after the bad batch, at most this many times.
-    summary_every: write training scalars every this many steps (need not
-      divide steps_per_loop: loops are cut to end on it), at the end and
-      before a preemption exit.
+    summary_every: write training scalars every this many steps (loops are
+      cut to end on it), at the end and before a preemption exit.
     log_every_secs: at most one progress line per N seconds (0: each loop).
     profile_steps: (START, END): steps profiled (monitoring/profiling.py).
     input_wait_every: time the input wait on one inner loop in this many
@@ -157,10 +149,8 @@ class Controller:
     if (self.checkpointer and self.options.nan_retries and
         self.checkpointer.last_saved_step is None and self.step == 0):
       self._save()  # Something to recover to if the very first steps fail.
-    if self.profile and self.step >= self.profile.end:
-      logging.warning('--profile_steps=%d,%d: the run starts at step %d, '
-                      'after them; nothing is profiled', self.profile.start,
-                      self.profile.end, self.step)
+    if self.profile:
+      self.profile.check_start(self.step)
     iterator = self._iterator()
     metrics, retries = {}, 0
     self._meter.reset()
@@ -174,7 +164,8 @@ class Controller:
         logging.info('training from step %d to step %d (from here on, '
                      'SIGTERM or Ctrl-C stops after the step in flight)',
                      self.step, self.total_steps)
-        while self.step < self.total_steps:
+        stopped_early = self._missed_eval() and self.evaluate_and_track()
+        while self.step < self.total_steps and not stopped_early:
           if status_lib.host_stops(watcher.requested, trainer.strategy):
             self._preempt(watcher.signum)
           metrics, seconds, untimed = self._train_loop(iterator)
@@ -321,6 +312,18 @@ class Controller:
       return self.profile.loop_length(step, end - step)
     return end - step
 
+  def _missed_eval(self) -> bool:
+    """Restored at an eval step with no record of its evaluation (SIGTERM or
+    a crash stopped it): that evaluation runs first."""
+    where = self.checkpointer and self.checkpointer.restore_directory
+    missed = bool(self.step and where and self._due(self.options.eval_every)
+                  ) and not summaries.eval_recorded(where, self.step,
+                                                    self.options.eval_split)
+    if missed:
+      logging.info('the evaluation at step %d did not finish before the '
+                   'restart: evaluating it first', self.step)
+    return missed
+
   def _due(self, every: int) -> bool:
     return bool(every) and self.step % every == 0
 
@@ -399,11 +402,8 @@ class Controller:
                     metrics.items() if name != 'examples'})
     self.eval_writer.flush()
     if self.model_dir:
-      record = {'step': self.step, 'split': split, **metrics}
-      os.makedirs(os.path.join(self.model_dir, 'eval'), exist_ok=True)
-      with open(os.path.join(self.model_dir, 'eval', 'metrics.jsonl'),
-                'a') as f:
-        f.write(json.dumps(record) + '\n')
+      summaries.append_eval_record(
+          self.model_dir, {'step': self.step, 'split': split, **metrics})
     self._run_actions('eval', metrics)
     return metrics
 

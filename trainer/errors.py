@@ -1,4 +1,4 @@
-"""The one exception type for user mistakes, and how a command reports one.
+"""The exception types a command reports in one line, and how it does.
 
 A `UserError` is a bad flag, config key, TF_CONFIG, path or value. Entry points
 print its message as one line and exit with status 2 (no stack trace); its
@@ -13,6 +13,13 @@ class UserError(Exception):
   """A mistake in the user's input, reported in one line."""
 
   EXIT_CODE = 2
+
+
+class NonFiniteLoss(Exception):
+  """The loss or gradient norm was NaN/Inf and recovery is off or exhausted
+  (trainer/controller.py): exit status 3."""
+
+  EXIT_CODE = 3
 
 
 def fail(message: str):

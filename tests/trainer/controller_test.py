@@ -1,5 +1,6 @@
 """Controller: loop boundaries, NaN guard and recovery, best checkpoint, SIGTERM."""
 
+import contextlib
 import json
 import logging
 import os
@@ -309,9 +310,47 @@ def scripted_controller(model_dir, monkeypatch, accuracies, **options):
   def evaluate():
     metrics = {'accuracy': next(scripted), 'loss': 1.0, 'examples': 10}
     controller.evals.append((controller.step, metrics))
+    summaries.append_eval_record(str(model_dir), {
+        'step': controller.step, 'split': 'test', **metrics})
     return metrics
   monkeypatch.setattr(controller, 'evaluate', evaluate)
   return controller
+
+
+@pytest.mark.parametrize('record', ['kept', 'lost', 'torn'])
+def test_a_restart_at_an_eval_step_evaluates_it_first_unless_recorded(
+    tmp_path, monkeypatch, caplog, record):
+  """Killed during the evaluation at step 10, after its checkpoint: no line
+  in eval/metrics.jsonl (or half of one), so the restart evaluates step 10
+  before it trains on; with the line there it does not."""
+  caplog.set_level(logging.INFO)
+  first = scripted_controller(tmp_path, monkeypatch, [0.5, 0.9],
+                              total_steps=15)
+  first.train()
+  checkpointing.remove(str(tmp_path / 'ckpt-15'))  # Killed before it.
+  path = tmp_path / 'eval' / 'metrics.jsonl'
+  lines = path.read_text().splitlines()
+  assert [json.loads(l)['step'] for l in lines] == [5, 10]
+  if record == 'lost':
+    path.write_text(lines[0] + '\n')
+  elif record == 'torn':
+    path.write_text(lines[0] + '\n' + lines[1][:20])
+  second = scripted_controller(tmp_path, monkeypatch, [0.7, 0.8, 0.6],
+                               total_steps=20)
+  assert second.step == 10
+  second.train()
+  evaluated = [step for step, _ in second.evals]
+  message = ('the evaluation at step 10 did not finish before the restart: '
+             'evaluating it first')
+  if record == 'kept':
+    assert evaluated == [15] and message not in caplog.text
+  else:
+    assert evaluated == [10, 15] and message in caplog.text
+  steps = []
+  for line in path.read_text().splitlines():
+    with contextlib.suppress(ValueError):
+      steps.append(json.loads(line)['step'])
+  assert steps == [5, 10, 15]  # The torn half is a line of its own.
 
 
 def test_the_best_and_patience_outlive_a_restart(tmp_path, monkeypatch,

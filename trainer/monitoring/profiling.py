@@ -33,6 +33,13 @@ class ProfileWindow:
   _active: bool = False
   done: bool = False
 
+  def check_start(self, step: int) -> None:
+    """Warns when a run that starts at global_step `step` is past the window."""
+    if step >= self.end:
+      logging.warning('--profile_steps=%d,%d: the run starts at step %d, '
+                      'after them; nothing is profiled', self.start, self.end,
+                      step)
+
   def loop_length(self, step: int, length: int) -> int:
     """`length` cut so a loop starting at global_step `step` ends before the
     window, or runs exactly one step inside it."""

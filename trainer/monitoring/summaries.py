@@ -19,6 +19,7 @@ a `tf.function` or a TPU step.
 
 import abc
 import glob
+import json
 import os
 from typing import Any, Mapping
 
@@ -297,6 +298,37 @@ def trim_event_files(logdir: str, resume_step: int) -> dict[str, int]:
         writer.write(record)
     os.replace(tmp, path)
   return last
+
+
+def append_eval_record(model_dir: str, record: Mapping[str, Any]) -> None:
+  """Appends one evaluation's line to model_dir/eval/metrics.jsonl."""
+  os.makedirs(os.path.join(model_dir, 'eval'), exist_ok=True)
+  line = (json.dumps(dict(record)) + '\n').encode()
+  with open(os.path.join(model_dir, 'eval', 'metrics.jsonl'), 'ab+') as f:
+    if f.seek(0, os.SEEK_END):
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        line = b'\n' + line  # After a line that a crash cut short.
+    f.write(line)
+
+
+def eval_recorded(model_dir: str, step: int, split: str) -> bool:
+  """Whether model_dir/eval/metrics.jsonl has an evaluation of `split` at
+  `step` (a line cut short by a crash is not one)."""
+  try:
+    with open(os.path.join(model_dir, 'eval', 'metrics.jsonl')) as f:
+      lines = f.read().splitlines()
+  except FileNotFoundError:
+    return False
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if (isinstance(record, dict) and record.get('step') == step and
+        record.get('split') == split):
+      return True
+  return False
 
 
 def flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
