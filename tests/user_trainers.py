@@ -250,6 +250,16 @@ class ForwardWithoutReturn(SequenceTrainer):
     self.model(batch['tokens'], training=training)
 
 
+class ForwardNoneInEval(SequenceTrainer):
+  """Returns only on the training branch: the evaluation's forward gives
+  None, which validation finds when it traces the eval loop."""
+
+  def forward(self, batch, training):
+    outputs = self.model(batch['tokens'], training=training)
+    if training:
+      return outputs
+
+
 class LayerOutsideModel(SequenceTrainer):
   """A layer kept on the Trainer, outside self.model: built at its first
   call, inside the traced step; neither trained nor checkpointed."""

@@ -82,6 +82,17 @@ def compute_gradients(trainer, batch):
 
 
 @autograph.framework
+def forward(trainer, batch, *, training: bool):
+  """trainer.forward's outputs, checked and, from a mixed-precision model,
+  cast to float32: what the default steps' loss and metrics read."""
+  # The Trainer's own methods are converted by AutoGraph, this file is not
+  # (parts/autograph.py).
+  return precision.float32(contracts.forward_outputs(
+      autograph.user(trainer.forward)(batch, training=training),
+      where=f'{type(trainer).__name__}.forward'))
+
+
+@autograph.framework
 def one_batch_gradients(trainer, batch):
   """Steps 1-3 for one (micro-)batch: ({'grads', 'loss', ...}, values)."""
   variables = trainer.trainable_variables
@@ -91,11 +102,7 @@ def one_batch_gradients(trainer, batch):
   # Persistent for a second gradient (weighted and regularized); in a traced
   # step that costs nothing.
   with tf.GradientTape(persistent=True) as tape:
-    # The Trainer's own methods are converted by AutoGraph, this file is
-    # not (parts/autograph.py).
-    outputs = precision.float32(contracts.forward_outputs(
-        autograph.user(trainer.forward)(batch, training=True),
-        where=f'{type(trainer).__name__}.forward'))
+    outputs = forward(trainer, batch, training=True)
     loss, weight = contracts.per_example(
         autograph.user(trainer.compute_loss)(batch, outputs), where=where,
         size=size)

@@ -40,7 +40,6 @@ from trainer.errors import UserError
 from trainer.parts import autograph
 from trainer.parts import distributed_input
 from trainer.parts import input_wait
-from trainer.parts import precision as precision_lib
 from trainer.parts import randomness
 from trainer.parts import sharding
 
@@ -230,7 +229,7 @@ class Trainer:
   def eval_step(self, batch) -> dict:
     """Per-example loss and metrics of a batch (replica context, traced);
     with `eval_outputs`, also them under 'outputs'."""
-    outputs = precision_lib.float32(self.forward(batch, training=False))
+    outputs = step_lib.forward(self, batch, training=False)
     values = {'loss': self.compute_loss(batch, outputs),
               **self.compute_metrics(batch, outputs)}
     if self.streaming['eval']:

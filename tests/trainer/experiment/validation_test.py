@@ -46,6 +46,9 @@ def config(trainer='SequenceTrainer', **eval_keys):
      'it is frozen$'),
     ('ForwardWithoutReturn', r'^ForwardWithoutReturn.forward returned None '
      r'\(no return statement\?\); return the model.s outputs'),
+    # The eval step's None was blamed on compute_loss, which received it.
+    ('ForwardNoneInEval', r'^ForwardNoneInEval.forward returned None '
+     r'\(no return statement\?\); return the model.s outputs'),
     ('DefaultForward', r"DefaultForward.dataset\('train'\) yields dict "
      r'batches \(keys labels, mask, tokens\) but DefaultForward keeps the '
      r'default forward'),
