@@ -23,7 +23,8 @@ sys.path.insert(1, os.getcwd())
 # SIGTERM is a preemption from the very start (imports, restore, tracing...).
 from trainer.persistence import preemption
 
-preemption.install_guard()
+# Until the `try` at the bottom, a signal is only noted; raised there.
+preemption.install_guard(defer=True)
 
 from absl import app
 from absl import flags
@@ -92,4 +93,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  try:
+    preemption.stop_deferring()
+    app.run(main, flags_parser=cli.parse_flags)
+  except preemption.Preempted as e:  # Before run.main's own handling.
+    preemption.exit_preempted(e, preemption.retryable_code_in(sys.argv))

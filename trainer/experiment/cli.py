@@ -128,11 +128,9 @@ def variants(module) -> tuple[str, ...]:
 
 
 def exit_preempted(error, retryable_exit_code=None):
-  """Logs a Preempted error and exits with its status."""
-  code = error.exit_code(retryable_exit_code)
-  logging.warning('%s (exit status %d)', error, code)
-  logging.flush()
-  os._exit(code)  # pylint: disable=protected-access
+  """Logs a Preempted error in one line and exits with its status."""
+  from trainer.persistence import preemption  # pylint: disable=import-outside-toplevel
+  preemption.exit_preempted(error, retryable_exit_code)
 
 
 def parse_flags(argv):
@@ -147,7 +145,7 @@ def parse_flags(argv):
     if 'config' in flags.FLAGS:
       flags.FLAGS.config  # pylint: disable=pointless-statement
   except preemption.Preempted as e:
-    exit_preempted(e, _retryable_code(argv))
+    exit_preempted(e, preemption.retryable_code_in(argv))
   except UserError as e:
     errors.fail(str(e))
   except (flags.Error, IOError, ValueError, TypeError, KeyError,
@@ -411,10 +409,3 @@ def parse_profile_steps(value: str) -> tuple[int, int] | None:
                     '1 <= START <= END (the first and last step to trace, '
                     'e.g. --profile_steps=10,15)')
   return start, end
-
-
-def _retryable_code(argv):
-  """--retryable_exit_code from raw argv (flags may not be parsed yet)."""
-  value = next((arg.split('=', 1)[1] for arg in argv
-                if arg.startswith('--retryable_exit_code=')), '')
-  return int(value) if value.isascii() and value.isdigit() else None

@@ -125,8 +125,23 @@ GRACE_SECS = 3.0
 # Ctrl-C is ours (in any other, a notebook or pytest, SIGINT is left to
 # Python); handled: signals the main thread has acted on; thread: the one
 # that exits the process when it does not.
-_guard = {'installed': False, 'handled': 0, 'retryable_exit_code': None,
-          'thread': None}
+_guard = {'installed': False, 'deferred': False, 'handled': 0,
+          'retryable_exit_code': None, 'thread': None}
+
+
+def retryable_code_in(argv) -> int | None:
+  """--retryable_exit_code=N from raw argv (flags may not be parsed yet)."""
+  value = next((arg.split('=', 1)[1] for arg in argv
+                if arg.startswith('--retryable_exit_code=')), '')
+  return int(value) if value.isascii() and value.isdigit() else None
+
+
+def exit_preempted(error: Preempted, retryable_exit_code=None):
+  """Logs a Preempted error in one line and exits with its status."""
+  code = error.exit_code(retryable_exit_code)
+  logging.warning('%s (exit status %d)', error, code)
+  logging.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def set_retryable_exit_code(code) -> None:
@@ -134,21 +149,26 @@ def set_retryable_exit_code(code) -> None:
   _guard['retryable_exit_code'] = code
 
 
-def install_guard() -> None:
+def install_guard(defer: bool = False) -> None:
   """From now on, SIGTERM or SIGINT outside the training loop raises
   Preempted in the main thread, and SignalWatcher handles SIGINT too (call
   in the main thread, as early as possible). If the main thread does not
   get to it within GRACE_SECS (it is inside a long tf.function call, e.g.
   an evaluation), a thread exits the process with the same status: there
-  is nothing to save outside training."""
-  _guard['installed'] = True
+  is nothing to save outside training.
+
+  defer: only note a signal until `stop_deferring()`, which raises it: for
+  the module-level code before the caller's handler of Preempted.
+  """
+  _guard['installed'], _guard['deferred'] = True, defer
   def guard(signum, frame):
     del frame
     _guard['handled'] += 1
     logging.warning('%s received during %s', signal.Signals(signum).name,
                     _phase[0])
     _pending[:] = [(_phase[0], signum)]
-    raise Preempted(phase=_phase[0], signum=signum)
+    if not _guard['deferred']:
+      raise Preempted(phase=_phase[0], signum=signum)
   for signum in SIGNALS:
     signal.signal(signum, guard)
   if _guard['thread'] is None:
@@ -170,6 +190,12 @@ def install_guard() -> None:
       print_unraisable(dropped)
   unraisable.hides_preempted = True
   sys.unraisablehook = unraisable
+
+
+def stop_deferring() -> None:
+  """Signals raise Preempted from now on; one noted before raises now."""
+  _guard['deferred'] = False
+  raise_pending()
 
 
 def uninstall_guard() -> None:

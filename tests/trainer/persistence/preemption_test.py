@@ -107,3 +107,28 @@ def test_outside_main_py_ctrl_c_stays_a_keyboard_interrupt():
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(5)
   assert not requested
+
+
+def test_a_sigterm_in_main_pys_first_moments_exits_42_in_one_line(tmp_path):
+  """SIGTERM at 20-300 ms after `python main.py` starts: while Python
+  starts (143, before any handler), while main.py's modules load, while its
+  flags and config are read. The launcher stops a job's other workers so as
+  soon as one fails; a traceback and exit 1 read as a permanent failure."""
+  codes = []
+  for delay in [d / 100 for d in range(2, 31)]:
+    process = subprocess.Popen(
+        runner.main_command('--config=configs/digits_mlp.py:smoke',
+                            '--retryable_exit_code=143',
+                            f'--model_dir={tmp_path / "run"}'),
+        cwd=runner.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+    time.sleep(delay)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    codes.append(process.returncode)
+    assert process.returncode in (-signal.SIGTERM, 143), (delay, stderr)
+    assert 'Traceback' not in stderr, (delay, stderr)
+    if process.returncode == 143:
+      assert 'preempted by SIGTERM during start-up' in stderr, stderr
+    assert not (tmp_path / 'run').exists()
+  assert 143 in codes, codes  # Some landed after the guard.
