@@ -699,6 +699,25 @@ class SignatureNotAList(classifier.ClassifierTrainer):
     return tf.TensorSpec([None, 64], tf.float32)
 
 
+class SignatureFewerThanServe(classifier.ClassifierTrainer):
+  """One spec for a serve of two inputs (TensorFlow: a traceback)."""
+
+  def serving_input_signature(self):
+    return [tf.TensorSpec([None, 64], tf.float32)]
+
+  def serve(self, features, scale):
+    return {'outputs': self.model(features * scale, training=False)}
+
+
+class SignatureMoreThanServe(classifier.ClassifierTrainer):
+
+  def serving_input_signature(self):
+    return [tf.TensorSpec([None, 64], tf.float32)] * 2
+
+  def serve(self, features):
+    return {'outputs': self.model(features, training=False)}
+
+
 class ServeReturnsTuple(classifier.ClassifierTrainer):
   """Exported as output_0, output_1 by TensorFlow, were it let through."""
 

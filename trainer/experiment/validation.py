@@ -10,6 +10,7 @@ method and the fix (exit 2), instead of a traceback after training with
 checkpoints and event files already written.
 """
 
+import inspect
 import types
 
 import tensorflow as tf
@@ -108,6 +109,7 @@ def _check_serving(trainer) -> None:
         f'{name}.serving_input_signature returned {signature!r}; return a '
         "list of tf.TensorSpec, one per input of serve, e.g. "
         "[tf.TensorSpec([None, 64], tf.float32, name='features')]")
+  _check_serve_arity(trainer, len(signature))
   traced = []
   _trace(trainer, f'{name} serving function', lambda: traced.append(
       tf.function(trainer.serve, input_signature=signature
@@ -243,6 +245,22 @@ def _check_batched(dataset, where: str, batch_size: int, *,
         '.batch(batch_size, drop_remainder=True), or give the batch '
         'dimension in the element spec (from_generator\'s output_signature, '
         'or tf.ensure_shape in a map after .batch() that lost it)')
+
+
+def _check_serve_arity(trainer, count: int) -> None:
+  """serve takes as many inputs as serving_input_signature has specs."""
+  params = inspect.signature(trainer.serve).parameters.values()
+  if any(p.kind == p.VAR_POSITIONAL for p in params):
+    return
+  inputs = [p for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  if not sum(p.default is p.empty for p in inputs) <= count <= len(inputs):
+    name = type(trainer).__name__
+    raise UserError(
+        f'{name}.serving_input_signature returned {count} TensorSpec(s) but '
+        f'{name}.serve takes {len(inputs)} input(s) '
+        f'({", ".join(p.name for p in inputs)}): return one spec per input '
+        'of serve, in its order')
 
 
 def _trace(trainer, what: str, fn) -> None:

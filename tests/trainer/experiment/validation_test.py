@@ -287,6 +287,13 @@ def test_evaluating_needs_only_the_eval_batch_to_divide(tmp_path):
      r'with shape \(64, 64\)$'),
     ('SignatureNotAList', r'^SignatureNotAList.serving_input_signature '
      r'returned TensorSpec\(.*\); return a list of tf.TensorSpec'),
+    ('SignatureFewerThanServe', r'^SignatureFewerThanServe.serving_input_'
+     r'signature returned 1 TensorSpec\(s\) but SignatureFewerThanServe.serve '
+     r'takes 2 input\(s\) \(features, scale\): return one spec per input '
+     r'of serve, in its order$'),
+    ('SignatureMoreThanServe', r'^SignatureMoreThanServe.serving_input_'
+     r'signature returned 2 TensorSpec\(s\) but SignatureMoreThanServe.serve '
+     r'takes 1 input\(s\) \(features\): return one spec'),
     # TensorFlow would export it as output_0 and output_1.
     ('ServeReturnsTuple', r"^ServeReturnsTuple.serve returned a tuple; return "
      r"a dict of tensors, e.g. \{'prediction': self.model\(features, "
