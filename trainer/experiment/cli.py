@@ -193,7 +193,11 @@ def _explain(argv, error: Exception) -> str:
         missing = _missing_key(config, match.group(1))
         if missing:
           return f'flag {arg}: {missing}'
-  return f'flag --config={spec}: {errors.one_line(error)}'
+  text = errors.one_line(error)
+  if text.startswith('flag --') or isinstance(error,
+                                               flags.UnrecognizedFlagError):
+    return text  # Names its own flag (not --config).
+  return f'flag --config={spec}: {text}'
 
 
 # What a --config.KEY=VALUE override must be, by the type of the key's value.

@@ -67,6 +67,22 @@ def test_a_bad_flag_or_key_exits_2_without_importing_tensorflow(args,
   assert message in line
 
 
+@pytest.mark.parametrize('arg, line', [
+    ('--deterministic=yes', "error: flag --deterministic=yes: ('Non-boolean "
+     "argument to boolean flag', 'yes')"),
+    ('--num_cpu_devices=two', 'error: flag --num_cpu_devices=two: invalid '
+     "literal for int() with base 10: 'two'"),
+    ('--model-dir=x', "error: Unknown command line flag 'model-dir'. Did you "
+     'mean: model_dir ?'),
+])
+def test_a_bad_flag_other_than_config_is_not_blamed_on_config(arg, line):
+  result = subprocess.run([sys.executable, '-c', PROBE, arg],
+                          capture_output=True, text=True, cwd=runner.REPO,
+                          timeout=60, check=False)
+  assert result.stdout.strip() == 'exit 2 False', result.stderr[-2000:]
+  assert runner.error_lines(result.stderr) == [line]
+
+
 HOLD_LOCK = textwrap.dedent('''
     import fcntl, os, sys, time
     fd = os.open(sys.argv[1], os.O_RDONLY)
