@@ -262,6 +262,24 @@ def tpu_address(tpu: str) -> tuple[str, int]:
   return host, int(port)
 
 
+def check_one_process(strategy: str, environ=None) -> None:
+  """Refuses a TF_CONFIG that names a cluster of several tasks to training
+  under a --strategy of one process (TensorFlow ignores it there)."""
+  try:
+    config = json.loads((os.environ if environ is None else environ).get(
+        'TF_CONFIG', '') or '{}')
+    tasks = sum(len(v) for v in config['cluster'].values())
+    evaluator = config.get('task', {}).get('type') == 'evaluator'
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return  # No cluster to run in: nothing for this strategy to ignore.
+  if tasks > 1 and not evaluator:  # The evaluator is outside the cluster.
+    raise UserError(
+        f'TF_CONFIG names a cluster of {tasks} tasks, but --strategy='
+        f'{strategy} trains in this process alone: each task would train a '
+        'model of its own into one --model_dir; pass --strategy=multi_worker_'
+        'mirrored (or parameter_server), or unset TF_CONFIG')
+
+
 def task_name(tf_config: dict) -> str:
   """'type:index' of this task, e.g. 'worker:1'."""
   task = tf_config['task']

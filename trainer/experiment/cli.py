@@ -299,6 +299,9 @@ def run_request(flag_values) -> RunRequest:
                     f'and not {" or ".join(map(str, PERMANENT_CODES))} (a '
                     'bad command, a non-finite loss: never retried); e.g. '
                     '143 for a TFJob that retries 128-255')
+  if (f.strategy in ('default', 'one_device', 'mirrored') and
+      f.mode in ('train', 'train_and_eval')):
+    tf_config.check_one_process(f.strategy)
   tf_config.set_from_flags(f.worker_hosts, f.task_index, strategy=f.strategy)
   mode, strategy = f.mode, f.strategy
   serves, role = '', 'chief'

@@ -83,6 +83,34 @@ def test_a_bad_flag_other_than_config_is_not_blamed_on_config(arg, line):
   assert runner.error_lines(result.stderr) == [line]
 
 
+@pytest.mark.parametrize('task, strategy, mode, refused', [
+    ('worker', 'default', 'train', True),
+    ('worker', 'mirrored', 'train_and_eval', True),
+    ('worker', 'default', 'eval', False),
+    ('evaluator', 'default', 'train', False),
+])
+def test_a_cluster_tf_config_is_refused_to_one_process_training(
+    tmp_path, task, strategy, mode, refused):
+  """A job's TF_CONFIG with the default --strategy: each task would train
+  alone into the one --model_dir (the launcher refuses it too)."""
+  tf_config = json.dumps({
+      'cluster': {'worker': ['127.0.0.1:1', '127.0.0.1:2']},
+      'task': {'type': task, 'index': 1 if task == 'worker' else 0}})
+  result = subprocess.run(
+      [sys.executable, '-c', PROBE, f'--strategy={strategy}', f'--mode={mode}',
+       '--print_config'], capture_output=True, text=True, cwd=runner.REPO,
+      timeout=60, check=False, env=dict(os.environ, TF_CONFIG=tf_config))
+  if not refused:
+    assert result.stdout.strip().endswith('exit None False'), result.stderr
+    return
+  assert result.stdout.strip() == 'exit 2 False', result.stderr[-2000:]
+  assert runner.error_lines(result.stderr) == [
+      f'error: TF_CONFIG names a cluster of 2 tasks, but --strategy={strategy} '
+      'trains in this process alone: each task would train a model of its '
+      'own into one --model_dir; pass --strategy=multi_worker_mirrored (or '
+      'parameter_server), or unset TF_CONFIG']
+
+
 HOLD_LOCK = textwrap.dedent('''
     import fcntl, os, sys, time
     fd = os.open(sys.argv[1], os.O_RDONLY)
