@@ -623,6 +623,20 @@ class DerivedMetricRaises(SequenceTrainer):
     return {'error': 1 - metrics['acuracy']}
 
 
+class ZeroWeightMetric(SequenceTrainer):
+  """A metric whose weights are all 0 (e.g. a rating absent from every
+  example): its mean is undefined, in training and evaluation alike."""
+  metric_names = ('accuracy', 'rated_error')
+
+  def compute_metrics(self, batch, outputs):
+    metrics = super().compute_metrics(batch, outputs)
+    accuracy, tokens = metrics['accuracy']
+    return {**metrics, 'rated_error': (1 - accuracy, tokens * 0)}
+
+  def derived_metrics(self, metrics):
+    return {'rated_error_pct': 100 * metrics['rated_error']}
+
+
 class DerivedMetricOfValues(SequenceTrainer):
   """Fails only where the loss is 0.5, as the values validation makes up
   are: a real run trains."""

@@ -54,7 +54,9 @@ class Meter:
     for name in ('loss', *self.metric_names):
       weight = weights.get(name, examples)
       total, weight_sum = self._sums.get(name, (0.0, 0.0))
-      self._sums[name] = (total + result[name] * weight, weight_sum + weight)
+      if weight:  # Else its mean is NaN, and adds nothing.
+        total, weight_sum = total + result[name] * weight, weight_sum + weight
+      self._sums[name] = (total, weight_sum)
     steps = result['steps']
     self._steps += steps
     if 'grad_norm' in result:
@@ -73,10 +75,11 @@ class Meter:
 
   def result(self) -> dict[str, float]:
     """{'loss', metrics..., 'grad_norm', 'examples_per_sec', 'steps_per_sec',
-    'input_wait_share'}; keys without data in the interval are left out."""
-    out = {}
-    out = {k: total / weight for k, (total, weight) in self._sums.items()
-           if weight}
+    'input_wait_share'}; the rates without data in the interval are left
+    out."""
+    # A metric whose weights summed to 0 is NaN, as in an evaluation.
+    out = {k: total / weight if weight else float('nan')
+           for k, (total, weight) in self._sums.items()}
     if self._grad_norm_steps:
       out['grad_norm'] = self._grad_norm_sum / self._grad_norm_steps
     if self._timed_steps and self._timed_secs > 0:

@@ -74,7 +74,8 @@ class MetricSums:
     result = {}
     for i, name in enumerate(self.names):
       total, weight = float(sums[1 + 2 * i]), float(sums[2 + 2 * i])
-      result[name] = total / weight if weight else 0.0
+      # Undefined, not 0 (which would read as a perfect error rate).
+      result[name] = total / weight if weight else float('nan')
     for i, name in enumerate(self.extras):
       result[name] = float(sums[1 + 2 * len(self.names) + i])
     result['examples'] = float(sums[0])

@@ -75,7 +75,9 @@ class BestCheckpoint:
       with open(path, encoding='utf-8') as f:
         record = json.load(f)
       kept = (record['metric'], record['mode'])
-      value, best_step = float(record['value']), int(record['step'])
+      value, best_step = record['value'], record['step']
+      if value is not None:  # None: no eval has been a best yet (NaN).
+        value, best_step = float(value), int(best_step)
       since = [int(s) for s in record.get('evals_since', [])]
     except FileNotFoundError:
       return
@@ -111,13 +113,14 @@ class BestCheckpoint:
     # stop, steps recomputed after a NaN rollback) counts once.
     self.evals_since = [s for s in self.evals_since if s < step]
     value = metrics[self.metric]
-    better = (self.value is None or
-              (value > self.value if self.mode == 'max' else value < self.value))
+    # NaN (a metric whose weights summed to 0) is never a best.
+    better = value == value and (self.value is None or (
+        value > self.value if self.mode == 'max' else value < self.value))
     if better:
       self.value, self.step, self.evals_since = value, step, []
       self._save(trainer, step)
       return False
-    if step <= self.step:
+    if self.step is not None and step <= self.step:
       # Recomputed after a restart from before the best: the run that found
       # it did not count these against it.
       return False

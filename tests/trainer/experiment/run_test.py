@@ -9,6 +9,7 @@ import pytest
 
 from configs import digits_mlp
 from tests import user_config
+from tests.trainer.monitoring import summaries_test
 from trainer.controller import NonFiniteLoss
 from trainer.errors import UserError
 from trainer.experiment import run as experiment
@@ -59,6 +60,42 @@ def test_a_mistake_in_a_host_metric_method_is_one_line(tmp_path, trainer,
   assert (tmp_path / 'checkpoint').exists() == trained
   if not trained:
     assert not list(tmp_path.iterdir())
+
+
+def test_a_metric_whose_weights_sum_to_0_is_nan_everywhere(tmp_path, caplog):
+  """Training summaries, derived_metrics, the evaluation and its record all
+  read NaN (it was left out of training summaries, where derived_metrics
+  then failed, and 0 in evaluations, a perfect error rate); it is never
+  the best checkpoint's value."""
+  config = user_config.get_config()
+  config.trainer = 'tests.user_trainers:ZeroWeightMetric'
+  config.train.update(steps=8, steps_per_loop=2)
+  config.eval.update(every_steps=4, best_metric='rated_error',
+                     best_mode='min')
+  metrics = experiment.run(config, model_dir=str(tmp_path),
+                           strategy_name='default', mode='train_and_eval')
+  assert math.isnan(metrics['rated_error'])
+  assert math.isnan(metrics['rated_error_pct'])
+  assert 0 < metrics['accuracy'] <= 1
+  records = [json.loads(line) for line in
+             (tmp_path / 'eval' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records] == [4, 8]
+  assert all(math.isnan(r['rated_error']) for r in records)
+  best = json.loads((tmp_path / 'best' / 'record.json').read_text())
+  assert (best['value'], best['evals_since']) == (None, [4, 8]), best
+  assert not list((tmp_path / 'best').glob('ckpt-*'))
+  # A resumed run takes that record up as it is.
+  config.train.steps = 12
+  with caplog.at_level(logging.WARNING):
+    experiment.run(config, model_dir=str(tmp_path), strategy_name='default',
+                   mode='train_and_eval')
+  assert 'cannot read' not in caplog.text
+  best = json.loads((tmp_path / 'best' / 'record.json').read_text())
+  assert (best['value'], best['evals_since']) == (None, [4, 8, 12]), best
+  events = summaries_test.accumulator(tmp_path / 'train')
+  for tag in ('metrics/rated_error', 'metrics/rated_error_pct'):
+    values = summaries_test.scalar_series(events, tag)
+    assert values and all(math.isnan(v) for _, v in values), (tag, values)
 
 
 def test_derived_metrics_failing_on_made_up_values_still_trains(tmp_path):
