@@ -150,7 +150,7 @@ class Controller:
         self.checkpointer.last_saved_step is None and self.step == 0):
       self._save()  # Something to recover to if the very first steps fail.
     if self.profile:
-      self.profile.check_start(self.step)
+      self.profile.check_start(self.step, self.total_steps)
     iterator = self._iterator()
     metrics, retries = {}, 0
     self._meter.reset()

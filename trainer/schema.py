@@ -148,10 +148,12 @@ SCHEMA = {
                            'once, at the end', minimum=0),
         'timeout_secs': Key(600.0, 'continuous_eval: give up after this long '
                             'without a new checkpoint', minimum=0),
-        'best_metric': Key('', 'train_and_eval: eval metric whose best '
-                           'checkpoint is kept in model_dir/best; "": none'),
+        'best_metric': Key('', 'train_and_eval: loss or one of metric_names '
+                           '(not aggregate, streaming or derived ones), whose '
+                           'best checkpoint model_dir/best keeps; "": none'),
         'best_mode': Key('auto', 'max or min, for best_metric; auto: min for '
-                         'loss and names ending in loss or error, else max',
+                         'names ending in loss, error, mae, mse, rmse or '
+                         'perplexity, else max',
                          choices=('auto', 'max', 'min')),
         'patience': Key(0, 'train_and_eval: stop after N evals without a '
                         'new best (across restarts); 0: never', minimum=0),

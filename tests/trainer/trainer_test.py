@@ -1,5 +1,6 @@
 """Trainer: same weights and metrics on 1, 2 and 4 replicas; contract checks."""
 
+import logging
 
 import ml_collections
 import numpy as np
@@ -268,19 +269,24 @@ def test_a_metric_named_like_a_framework_result_is_rejected():
     ReservedMetricTrainer(config=make_config(), strategy=strategy_for(1))
 
 
-@pytest.mark.parametrize('metric, mode', [('loss', 'min'), ('abs_error', 'min'),
-                                          ('val_loss', 'min'),
-                                          ('accuracy', 'max'), ('', 'max')])
-def test_best_mode_auto_is_min_for_a_loss_or_an_error(metric, mode):
+@pytest.mark.parametrize('metric, mode', [
+    ('loss', 'min'), ('abs_error', 'min'), ('val_loss', 'min'),
+    ('rating_mae', 'min'), ('mse', 'min'), ('rmse', 'min'),
+    ('perplexity', 'min'), ('accuracy', 'max'), ('', 'max')])
+def test_best_mode_auto_is_min_for_a_loss_or_an_error(metric, mode, caplog):
+  names = ('loss', 'accuracy', 'abs_error', 'val_loss', 'rating_mae', 'mse',
+           'rmse', 'perplexity')
   config = schema.resolve(make_config())
   config.eval.best_metric = metric
-  assert best_lib.checked_eval_keys(
-      config.eval, ('loss', 'accuracy', 'abs_error', 'val_loss'),
-      'T') == (metric, mode)
+  with caplog.at_level(logging.INFO):
+    assert best_lib.checked_eval_keys(config.eval, names, 'T') == (metric,
+                                                                    mode)
+  if metric:  # The mode auto chose is said.
+    assert (f"eval.best_mode=auto: the best checkpoint has the "
+            f"{'lowest' if mode == 'min' else 'highest'} {metric} "
+            f"(best_mode='{mode}'") in caplog.text
   config.eval.best_mode = 'max'
-  assert best_lib.checked_eval_keys(
-      config.eval, ('loss', 'accuracy', 'abs_error', 'val_loss'),
-      'T') == (metric, 'max')
+  assert best_lib.checked_eval_keys(config.eval, names, 'T') == (metric, 'max')
 
 
 def test_an_empty_eval_split_is_refused():

@@ -87,7 +87,9 @@ def load_config(spec: str) -> config_dict.ConfigDict:
   """
   path, _, variant = spec.partition(':')
   if not os.path.isfile(path):
-    available = sorted(os.path.relpath(p) for p in
+    # Shipped configs, as a path from here when under it, else whole.
+    available = sorted(p if os.path.relpath(p).startswith('..') else
+                       os.path.relpath(p) for p in
                        glob.glob(os.path.join(REPO, 'configs', '*.py')))
     raise UserError(f'flag --config={spec}: no such file {path!r}; '
                     f'available: {", ".join(available)}')

@@ -33,12 +33,17 @@ class ProfileWindow:
   _active: bool = False
   done: bool = False
 
-  def check_start(self, step: int) -> None:
-    """Warns when a run that starts at global_step `step` is past the window."""
+  def check_start(self, step: int, total_steps: int) -> None:
+    """Warns when a run from global_step `step` to `total_steps` does not
+    reach the window."""
     if step >= self.end:
       logging.warning('--profile_steps=%d,%d: the run starts at step %d, '
                       'after them; nothing is profiled', self.start, self.end,
                       step)
+    elif self.start > total_steps:
+      logging.warning('--profile_steps=%d,%d: the run ends at step %d '
+                      '(train.steps), before them; nothing is profiled',
+                      self.start, self.end, total_steps)
 
   def loop_length(self, step: int, length: int) -> int:
     """`length` cut so a loop starting at global_step `step` ends before the

@@ -16,9 +16,14 @@ from trainer.persistence import checkpointing
 from trainer.persistence import run_record
 
 
+# eval.best_mode=auto keeps the lowest of a metric whose name ends so.
+LOWER_IS_BETTER = ('loss', 'error', 'mae', 'mse', 'rmse', 'perplexity')
+
+
 def checked_eval_keys(config_eval, metrics, trainer_name: str):
   """(best_metric, best_mode) of a resolved eval section, best_mode 'auto'
-  made 'min' for a loss or an error and 'max' otherwise.
+  made 'min' for a loss, an error, mae, mse, rmse or perplexity and 'max'
+  otherwise (logged).
 
   Raises:
     UserError: no eval.split, or a best_metric the Trainer does not report.
@@ -33,7 +38,11 @@ def checked_eval_keys(config_eval, metrics, trainer_name: str):
                     f'metric of {trainer_name}; valid: {", ".join(metrics)} '
                     'or "" to keep no best checkpoint')
   if mode == 'auto':
-    mode = 'min' if metric.endswith(('loss', 'error')) else 'max'
+    mode = 'min' if metric.endswith(LOWER_IS_BETTER) else 'max'
+    if metric:
+      logging.info('eval.best_mode=auto: the best checkpoint has the %s %s '
+                   '(best_mode=%r; set eval.best_mode to choose)',
+                   'lowest' if mode == 'min' else 'highest', metric, mode)
   return metric, mode
 
 

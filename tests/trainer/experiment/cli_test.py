@@ -111,6 +111,21 @@ def test_a_cluster_tf_config_is_refused_to_one_process_training(
       'parameter_server), or unset TF_CONFIG']
 
 
+def test_a_missing_config_file_lists_the_shipped_ones_as_paths_that_work(
+    tmp_path):
+  """From the repository, as configs/NAME.py; from elsewhere, whole (not
+  as ../../ paths)."""
+  configs = os.path.join(runner.REPO, 'configs')
+  for cwd, shown in ((runner.REPO, 'configs'), (tmp_path, configs)):
+    result = runner.run_main('--config=missing.py', cwd=str(cwd))
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = runner.error_lines(result.stderr)
+    assert line.endswith(f"no such file 'missing.py'; available: "
+                         f'{shown}/cifar_resnet20.py, {shown}/digits_mlp.py, '
+                         f'{shown}/imagenet_resnet50.py, '
+                         f'{shown}/lm_transformer.py'), line
+
+
 HOLD_LOCK = textwrap.dedent('''
     import fcntl, os, sys, time
     fd = os.open(sys.argv[1], os.O_RDONLY)

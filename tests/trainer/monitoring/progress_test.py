@@ -1,5 +1,6 @@
 """Console progress lines, their cadence and ETA; the profile window."""
 
+import logging
 import re
 
 import pytest
@@ -118,6 +119,21 @@ def test_bad_profile_steps_name_the_flag(value):
       f"flag --profile_steps='{value}' must be START,END with 1 <= START <= "
       'END')):
     cli.parse_profile_steps(value)
+
+
+@pytest.mark.parametrize('start, total, said', [
+    (0, 60, None), (70, 100, 'the run starts at step 70, after them'),
+    (0, 10, 'the run ends at step 10 (train.steps), before them')])
+def test_a_profile_window_the_run_misses_is_said(tmp_path, caplog, start,
+                                                 total, said):
+  window = profiling.ProfileWindow(12, 14, logdir=str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    window.check_start(start, total)
+  if said:
+    assert f'--profile_steps=12,14: {said}; nothing is profiled' in (
+        caplog.text)
+  else:
+    assert not caplog.text
 
 
 def test_profile_window_runs_one_step_loops_inside_it(tmp_path):
