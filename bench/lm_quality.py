@@ -20,6 +20,7 @@ A model that uses context must come in well below the unigram. Exits 1 when
 it does not, 2 on bad input.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -68,9 +69,13 @@ def read_run(model_dir: str):
   record = None
   metrics = os.path.join(model_dir, 'eval', 'metrics.jsonl')
   if os.path.exists(metrics):
+    records = []
     with open(metrics) as f:
-      records = [json.loads(line) for line in f if line.strip()]
-    records = [r for r in records if r.get('split') == split]
+      for line in f:
+        with contextlib.suppress(ValueError):  # A line a crash cut short.
+          records.append(json.loads(line))
+    records = [r for r in records
+               if isinstance(r, dict) and r.get('split') == split]
     record = records[-1] if records else None
   return config, record
 

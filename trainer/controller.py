@@ -124,8 +124,7 @@ class Controller:
   def step(self) -> int:
     return int(self.trainer.global_step.numpy())
 
-  # ---------------------------------------------------------------------------
-  # Training.
+  # Training ------------------------------------------------------------------
 
   def train(self) -> dict[str, float]:
     """Trains to total_steps; returns the last inner loop's metrics.
@@ -314,9 +313,11 @@ class Controller:
 
   def _missed_eval(self) -> bool:
     """Restored at an eval step with no record of its evaluation (SIGTERM or
-    a crash stopped it): that evaluation runs first."""
+    a crash stopped it): it runs first; in one process (workers could not
+    agree on a file they read at different times)."""
     where = self.checkpointer and self.checkpointer.restore_directory
     missed = bool(self.step and where and self._due(self.options.eval_every)
+                  and not status_lib.several_workers(self.trainer.strategy)
                   ) and not summaries.eval_recorded(where, self.step,
                                                     self.options.eval_split)
     if missed:
@@ -386,8 +387,7 @@ class Controller:
                     self.step, position, retries, n)
     return self._iterator()
 
-  # ---------------------------------------------------------------------------
-  # Evaluation.
+  # Evaluation ----------------------------------------------------------------
 
   def evaluate(self) -> dict[str, float]:
     """Evaluates the current weights on options.eval_split; records it."""

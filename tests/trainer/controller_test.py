@@ -389,6 +389,28 @@ def test_the_best_and_patience_outlive_a_restart(tmp_path, monkeypatch,
   assert saved_steps(tmp_path / 'best') == [30]
 
 
+def test_patience_runs_out_on_a_metric_that_never_had_a_value(tmp_path,
+                                                              caplog):
+  """Every eval NaN (its weights summed to 0): no best, an early stop that
+  says so, and a restart that stays stopped."""
+  def best():
+    return best_lib.BestCheckpoint(str(tmp_path / 'best'), metric='mae',
+                                   mode='min', patience=2)
+  first = best()
+  assert not first.track(None, 10, {'mae': float('nan')})
+  with caplog.at_level(logging.WARNING):
+    assert first.track(None, 20, {'mae': float('nan')})
+    assert best().stopped_early(20)
+  assert 'Logging error' not in caplog.text
+  assert ('early stop at step 20: mae has not improved on NaN (no evaluation '
+          'has had a value) for 2 evals') in caplog.text
+  assert 'already stopped early at step 20: mae has not improved on NaN' in (
+      caplog.text)
+  record = json.loads((tmp_path / 'best' / 'record.json').read_text())
+  assert record == {'metric': 'mae', 'mode': 'min', 'value': None,
+                    'step': None, 'checkpoint': None, 'evals_since': [10, 20]}
+
+
 def test_every_worker_reads_the_jobs_record_and_a_replay_counts_nothing(
     tmp_path):
   """A worker other than the chief writes its best/ privately but takes up

@@ -108,10 +108,9 @@ class BestCheckpoint:
     self._load(step)
     if self.patience and len(self.evals_since) >= self.patience:
       logging.warning(
-          'already stopped early at step %d: %s has not improved on %.6g '
-          '(step %d) for %d evals (eval.patience=%d); nothing to train',
-          step, self.metric, self.value, self.step, len(self.evals_since),
-          self.patience)
+          'already stopped early at step %d: %s has not improved on %s for '
+          '%d evals (eval.patience=%d); nothing to train', step, self.metric,
+          self._best(), len(self.evals_since), self.patience)
       return True
     return False
 
@@ -136,11 +135,16 @@ class BestCheckpoint:
     self.evals_since.append(step)
     self._write_record()
     if self.patience and len(self.evals_since) >= self.patience:
-      logging.warning('early stop at step %d: %s has not improved on %.6g for '
+      logging.warning('early stop at step %d: %s has not improved on %s for '
                       '%d evals (eval.patience)', step, self.metric,
-                      self.value, len(self.evals_since))
+                      self._best(), len(self.evals_since))
       return True
     return False
+
+  def _best(self) -> str:
+    if self.value is None:  # Every eval's value was NaN.
+      return 'NaN (no evaluation has had a value)'
+    return f'{self.value:.6g} (step {self.step})'
 
   def _save(self, trainer, step: int) -> None:
     """Writes best/ckpt-<step>, then record.json (atomically), then removes
@@ -157,5 +161,6 @@ class BestCheckpoint:
     os.makedirs(self.directory, exist_ok=True)  # Before a first save here.
     run_record.write_json_atomically(self._record_path, {
         'metric': self.metric, 'mode': self.mode, 'value': self.value,
-        'step': self.step, 'checkpoint': f'ckpt-{self.step}',
+        'step': self.step,
+        'checkpoint': None if self.step is None else f'ckpt-{self.step}',
         'evals_since': self.evals_since})

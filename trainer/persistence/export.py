@@ -72,7 +72,7 @@ def export_saved_model(trainer, export_dir: str) -> str:
   # variables and the function, nothing that needs Keras to revive (Keras' own
   # ExportArchive tracks variables the same way).
   module.model_variables = list(trainer.model.variables)
-  module.serve = tf.function(functools.partial(_serve_float32, trainer.serve),
+  module.serve = tf.function(_float32_outputs(trainer.serve),
                              input_signature=trainer.serving_input_signature())
   options = tf.saved_model.SaveOptions(
       experimental_variable_policy=tf.saved_model.experimental.VariablePolicy
@@ -108,11 +108,15 @@ def export_saved_model(trainer, export_dir: str) -> str:
   return export_dir
 
 
-def _serve_float32(serve, *inputs):
-  """`serve`'s outputs with those of a mixed-precision model (float16 or
-  bfloat16) cast to float32, as the loss and metrics see them: a client reads
-  the export without knowing the policy it was trained under."""
-  return precision.float32(serve(*inputs))
+def _float32_outputs(serve):
+  """`serve` with its float16 or bfloat16 outputs (a mixed-precision
+  model's) cast to float32, as the loss and metrics see them: a client reads
+  the export without knowing the policy it was trained under. Wrapped, so
+  that the signature's inputs keep the names of serve's arguments."""
+  @functools.wraps(serve)
+  def serve_float32(*inputs):
+    return precision.float32(serve(*inputs))
+  return serve_float32
 
 
 def _check_replaceable(export_dir: str) -> None:

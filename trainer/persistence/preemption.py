@@ -130,9 +130,14 @@ _guard = {'installed': False, 'deferred': False, 'handled': 0,
 
 
 def retryable_code_in(argv) -> int | None:
-  """--retryable_exit_code=N from raw argv (flags may not be parsed yet)."""
-  value = next((arg.split('=', 1)[1] for arg in argv
-                if arg.startswith('--retryable_exit_code=')), '')
+  """--retryable_exit_code=N or --retryable_exit_code N from raw argv
+  (flags may not be parsed yet); the last one given, as absl takes."""
+  value = ''
+  for i, arg in enumerate(argv):
+    if arg.startswith('--retryable_exit_code='):
+      value = arg.split('=', 1)[1]
+    elif arg == '--retryable_exit_code' and i + 1 < len(argv):
+      value = argv[i + 1]
   return int(value) if value.isascii() and value.isdigit() else None
 
 
@@ -163,11 +168,11 @@ def install_guard(defer: bool = False) -> None:
   _guard['installed'], _guard['deferred'] = True, defer
   def guard(signum, frame):
     del frame
-    _guard['handled'] += 1
     logging.warning('%s received during %s', signal.Signals(signum).name,
                     _phase[0])
     _pending[:] = [(_phase[0], signum)]
     if not _guard['deferred']:
+      _guard['handled'] += 1
       raise Preempted(phase=_phase[0], signum=signum)
   for signum in SIGNALS:
     signal.signal(signum, guard)
@@ -193,8 +198,11 @@ def install_guard(defer: bool = False) -> None:
 
 
 def stop_deferring() -> None:
-  """Signals raise Preempted from now on; one noted before raises now."""
+  """Signals raise Preempted from now on; one noted before raises now (if
+  it is not raised within GRACE_SECS, the guard's thread exits)."""
   _guard['deferred'] = False
+  if _pending:
+    _guard['handled'] += 1
   raise_pending()
 
 

@@ -223,3 +223,26 @@ def test_a_mixed_precision_model_is_served_in_float32(tmp_path, precision):
   served = serve(input_0=tf.constant(features[:7]))['outputs'].numpy()
   assert served.dtype == np.float32
   np.testing.assert_array_equal(served, expected.astype(np.float32))
+
+
+class UnnamedSpecTrainer(ClassifierTrainer):
+
+  def serving_input_signature(self):
+    return [tf.TensorSpec([None, digits.NUM_FEATURES], tf.float32)]
+
+  def serve(self, features):
+    return {'outputs': self.model(features, training=False)}
+
+
+def test_an_unnamed_spec_takes_the_name_of_serves_argument(tmp_path):
+  """As tf.function names it: a client calls serving_default(features=x)."""
+  trainer = UnnamedSpecTrainer(config=make_config(data='digits'),
+                               strategy=tf.distribute.get_strategy())
+  path = export.export_saved_model(trainer, str(tmp_path / 'export'))
+  serve = tf.saved_model.load(path).signatures['serving_default']
+  _, spec = serve.structured_input_signature
+  assert list(spec) == ['features']
+  features, _ = digits.load('test')
+  np.testing.assert_allclose(
+      serve(features=tf.constant(features[:3]))['outputs'],
+      keras_predictions(trainer, features[:3]), rtol=1e-6)

@@ -132,3 +132,15 @@ def test_a_sigterm_in_main_pys_first_moments_exits_42_in_one_line(tmp_path):
       assert 'preempted by SIGTERM during start-up' in stderr, stderr
     assert not (tmp_path / 'run').exists()
   assert 143 in codes, codes  # Some landed after the guard.
+
+
+@pytest.mark.parametrize('argv, code', [
+    (['main.py', '--retryable_exit_code=143'], 143),
+    (['main.py', '--retryable_exit_code', '143', '--mode=train'], 143),
+    (['main.py', '--retryable_exit_code=7', '--retryable_exit_code', '9'], 9),
+    (['main.py', '--retryable_exit_code'], None),
+    (['main.py', '--retryable_exit_code=x'], None),
+])
+def test_the_retryable_code_is_read_from_argv_in_either_form(argv, code):
+  """Before flags are parsed (a SIGTERM at start-up): as absl reads it."""
+  assert preemption.retryable_code_in(argv) == code
