@@ -323,7 +323,7 @@ def test_a_restart_at_an_eval_step_evaluates_it_first_unless_recorded(
   """Killed during the evaluation at step 10, after its checkpoint: no line
   in eval/metrics.jsonl (or half of one), so the restart evaluates step 10
   before it trains on; with the line there it does not."""
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger='absl')
   first = scripted_controller(tmp_path, monkeypatch, [0.5, 0.9],
                               total_steps=15)
   first.train()

@@ -278,7 +278,7 @@ def test_best_mode_auto_is_min_for_a_loss_or_an_error(metric, mode, caplog):
            'rmse', 'perplexity')
   config = schema.resolve(make_config())
   config.eval.best_metric = metric
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     assert best_lib.checked_eval_keys(config.eval, names, 'T') == (metric,
                                                                     mode)
   if metric:  # The mode auto chose is said.
