@@ -88,7 +88,7 @@ def main(argv):
   try:
     from trainer.experiment import run  # pylint: disable=import-outside-toplevel
   except preemption.Preempted as e:  # While TensorFlow was being imported.
-    cli.exit_preempted(e, request.retryable_exit_code)
+    preemption.exit_preempted(e, request.retryable_exit_code)
   run.main(request)
 
 

@@ -129,12 +129,6 @@ def variants(module) -> tuple[str, ...]:
   return tuple(names) if isinstance(names, (tuple, list)) else ()
 
 
-def exit_preempted(error, retryable_exit_code=None):
-  """Logs a Preempted error in one line and exits with its status."""
-  from trainer.persistence import preemption  # pylint: disable=import-outside-toplevel
-  preemption.exit_preempted(error, retryable_exit_code)
-
-
 def parse_flags(argv):
   """absl flag parsing (for app.run) with every mistake in one line.
 
@@ -147,7 +141,7 @@ def parse_flags(argv):
     if 'config' in flags.FLAGS:
       flags.FLAGS.config  # pylint: disable=pointless-statement
   except preemption.Preempted as e:
-    exit_preempted(e, preemption.retryable_code_in(argv))
+    preemption.exit_preempted(e, preemption.retryable_code_in(argv))
   except UserError as e:
     errors.fail(str(e))
   except (flags.Error, IOError, ValueError, TypeError, KeyError,
@@ -166,6 +160,10 @@ def _config_spec(argv):
 
 def _explain(argv, error: Exception) -> str:
   """A one-line message for a flag error, naming the flag and the fix."""
+  missing_value = re.match(r'Missing value for flag (--\S+)', str(error))
+  if missing_value:
+    name = missing_value.group(1)
+    return f'flag {name}: no value given; write it as {name}=VALUE'
   spec = _config_spec(argv)
   if spec is None:
     return errors.one_line(error)

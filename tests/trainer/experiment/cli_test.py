@@ -74,6 +74,10 @@ def test_a_bad_flag_or_key_exits_2_without_importing_tensorflow(args,
      "literal for int() with base 10: 'two'"),
     ('--model-dir=x', "error: Unknown command line flag 'model-dir'. Did you "
      'mean: model_dir ?'),
+    ('--model_dir', 'error: flag --model_dir: no value given; write it as '
+     '--model_dir=VALUE'),
+    ('--config.train.steps', 'error: flag --config.train.steps: no value '
+     'given; write it as --config.train.steps=VALUE'),
 ])
 def test_a_bad_flag_other_than_config_is_not_blamed_on_config(arg, line):
   result = subprocess.run([sys.executable, '-c', PROBE, arg],
