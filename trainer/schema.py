@@ -152,8 +152,8 @@ SCHEMA = {
                            '(not aggregate, streaming or derived ones), whose '
                            'best checkpoint model_dir/best keeps; "": none'),
         'best_mode': Key('auto', 'max or min, for best_metric; auto: min for '
-                         'names ending in loss, error, mae, mse, rmse or '
-                         'perplexity, else max',
+                         'names ending in loss, error, mae, mse, rmse, '
+                         'perplexity, bits_per_byte or bits_per_char, else max',
                          choices=('auto', 'max', 'min')),
         'patience': Key(0, 'train_and_eval: stop after N evals without a '
                         'new best (across restarts); 0: never', minimum=0),

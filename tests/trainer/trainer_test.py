@@ -272,10 +272,11 @@ def test_a_metric_named_like_a_framework_result_is_rejected():
 @pytest.mark.parametrize('metric, mode', [
     ('loss', 'min'), ('abs_error', 'min'), ('val_loss', 'min'),
     ('rating_mae', 'min'), ('mse', 'min'), ('rmse', 'min'),
-    ('perplexity', 'min'), ('accuracy', 'max'), ('', 'max')])
+    ('perplexity', 'min'), ('bits_per_byte', 'min'), ('accuracy', 'max'),
+    ('', 'max')])
 def test_best_mode_auto_is_min_for_a_loss_or_an_error(metric, mode, caplog):
   names = ('loss', 'accuracy', 'abs_error', 'val_loss', 'rating_mae', 'mse',
-           'rmse', 'perplexity')
+           'rmse', 'perplexity', 'bits_per_byte')
   config = schema.resolve(make_config())
   config.eval.best_metric = metric
   with caplog.at_level(logging.INFO, logger='absl'):

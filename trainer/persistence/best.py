@@ -17,7 +17,8 @@ from trainer.persistence import run_record
 
 
 # eval.best_mode=auto keeps the lowest of a metric whose name ends so.
-LOWER_IS_BETTER = ('loss', 'error', 'mae', 'mse', 'rmse', 'perplexity')
+LOWER_IS_BETTER = ('loss', 'error', 'mae', 'mse', 'rmse', 'perplexity',
+                   'bits_per_byte', 'bits_per_char')
 
 
 def checked_eval_keys(config_eval, metrics, trainer_name: str):
