@@ -90,6 +90,15 @@ def missing_config_key(error: Exception) -> str | None:
   similar = re.search(r'Did you mean "([^"]+)"', str(error))
   from trainer import schema  # pylint: disable=import-outside-toplevel
   own = ' or '.join(schema.TRAINER_SECTIONS)  # Where a Trainer's keys go.
+  if path is not None and _in_schema((*path, key)):
+    # Framework keys are laid over the config only after get_config().
+    name = '.'.join((*path, key))
+    near = (f' (it has {similar.group(1)!r}: a misspelling?)' if similar
+            else '')
+    value = 'dict(...)' if isinstance(_in_schema((*path, key)), dict) else '...'
+    return (f'config has no key {name!r} yet{near}; the framework\'s defaults '
+            'are added only after get_config() returns, so get_config() must '
+            f'create it before using it: config.{name} = {value}')
   if path is None:
     named, fix = f'{key!r} (in a section of it)', f'the {own} section of'
   else:
@@ -101,6 +110,17 @@ def missing_config_key(error: Exception) -> str | None:
           f'{f" (did you mean {similar.group(1)!r}?)" if similar else ""}; '
           f"add {key}=... to {fix} the config file's get_config() "
           '(--config.KEY=VALUE overrides only keys the config has)')
+
+
+def _in_schema(path):
+  """The schema's entry (a section dict or a Key) at `path`, or None."""
+  from trainer import schema  # pylint: disable=import-outside-toplevel
+  node = schema.SCHEMA
+  for part in path:
+    if not isinstance(node, dict) or part not in node:
+      return None
+    node = node[part]
+  return node
 
 
 def _path(root, target) -> tuple[str, ...] | None:

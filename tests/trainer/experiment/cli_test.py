@@ -272,3 +272,34 @@ def test_a_key_no_override_can_set_names_the_key_and_the_fix(tmp_path, value,
   assert result.stderr.strip().splitlines()[-1] == (
       'error: flag --config.model.width: config key model.width '
       + fix.format(path=path))
+
+
+@pytest.mark.parametrize('body, message', [
+    # A misspelt section, then a variant setting a key of the real one.
+    ("  config.checkpiont = dict(max_to_keep=2)\n"
+     '  config.checkpoint.every_steps = 10\n',
+     "config has no key 'checkpoint' yet (it has 'checkpiont': a "
+     "misspelling?); the framework's defaults are added only after "
+     'get_config() returns, so get_config() must create it before using it: '
+     'config.checkpoint = dict(...)'),
+    ('  config.train.steps_per_loop += 10\n',
+     "config has no key 'train.steps_per_loop' yet; the framework's defaults "
+     'are added only after get_config() returns, so get_config() must create '
+     'it before using it: config.train.steps_per_loop = ...'),
+], ids=['misspelt_section', 'framework_default'])
+def test_get_config_reading_a_framework_key_it_has_not_set(tmp_path, body,
+                                                           message):
+  """Not 'add it to the model or data section': the key is the framework's;
+  get_config() runs before its defaults are laid over."""
+  path = tmp_path / 'early_config.py'
+  path.write_text(
+      'import ml_collections\n\n'
+      'def get_config():\n'
+      '  config = ml_collections.ConfigDict()\n'
+      "  config.trainer = 'classifier'\n"
+      '  config.train = dict(steps=20, global_batch_size=64)\n'
+      + body + '  return config\n')
+  with pytest.raises(UserError) as error:
+    cli.load_config(str(path))
+  assert str(error.value) == (f'flag --config={path}: get_config() raised '
+                              f'AttributeError: {message}')
