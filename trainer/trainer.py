@@ -42,6 +42,7 @@ from trainer.parts import distributed_input
 from trainer.parts import input_wait
 from trainer.parts import randomness
 from trainer.parts import sharding
+from trainer.persistence import export
 
 
 class Trainer:
@@ -135,10 +136,10 @@ class Trainer:
 
   def serving_input_signature(self):
     """TensorSpecs of the exported serving function's inputs. The default
-    reads the Keras model's inputs with a free batch dimension; override
-    when the model has no static inputs (subclassed models)."""
-    return [tf.TensorSpec([None, *x.shape[1:]], x.dtype, name=f'input_{i}')
-            for i, x in enumerate(self.model.inputs)]
+    reads the Keras model's inputs with a free batch dimension (a dict of
+    inputs: one per key, named by it); override when the model has no
+    static inputs (subclassed models)."""
+    return export.model_input_specs(self.model)
 
   def build_streaming_metrics(self) -> dict:
     """{name: keras.metrics.Metric} with state (AUC, F1Score...), combined
@@ -178,11 +179,10 @@ class Trainer:
 
   def serve(self, *inputs):
     """The exported serving computation (traced; no strategy, no training).
-    The default returns {'outputs': model(inputs)}; override to add
-    post-processing such as class ids or probabilities."""
-    outputs = self.model(inputs[0] if len(inputs) == 1 else list(inputs),
-                         training=False)
-    return {'outputs': outputs}
+    The default returns {'outputs': model(inputs)} (a dict output as it
+    is; a list as outputs_0, ...); override to add post-processing such as
+    class ids or probabilities."""
+    return export.call_model(self.model, inputs)
 
   # ---------------------------------------------------------------------------
   # The replica step (trainer/step.py). Override `train_step` for an unusual

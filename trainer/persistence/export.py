@@ -108,6 +108,44 @@ def export_saved_model(trainer, export_dir: str) -> str:
   return export_dir
 
 
+def model_input_specs(model) -> list:
+  """The default serving signature: the Keras model's inputs with a free
+  batch dimension, named input_0, input_1, ...; a model whose inputs are a
+  dict gets one per key, named by it, in the dict's order."""
+  named = _input_dict(model)
+  pairs = (named.items() if named is not None else
+           ((f'input_{i}', x) for i, x in enumerate(model.inputs)))
+  return [tf.TensorSpec([None, *x.shape[1:]], x.dtype, name=name)
+          for name, x in pairs]
+
+
+def call_model(model, inputs) -> dict:
+  """The default serve: the model on `inputs` (from model_input_specs:
+  one tensor, a list, or a dict-input model's tensors by key) -> a dict of
+  outputs: a dict output as it is, else {'outputs': x} for one tensor and
+  {'outputs_0': x0, ...} for a list."""
+  named = _input_dict(model)
+  if named is not None and len(inputs) == len(named):
+    features = dict(zip(named, inputs))
+  else:
+    features = inputs[0] if len(inputs) == 1 else list(inputs)
+  outputs = model(features, training=False)
+  if isinstance(outputs, dict):
+    return outputs
+  if isinstance(outputs, (list, tuple)):
+    return {f'outputs_{i}': x for i, x in enumerate(outputs)}
+  return {'outputs': outputs}
+
+
+def _input_dict(model):
+  """A functional model's dict of inputs {name: KerasTensor}, else None."""
+  try:
+    structure = model.input
+  except (AttributeError, ValueError):  # Never called: no structure.
+    return None
+  return structure if isinstance(structure, dict) else None
+
+
 def _float32_outputs(serve):
   """`serve` with its float16 or bfloat16 outputs (a mixed-precision
   model's) cast to float32, as the loss and metrics see them: a client reads

@@ -246,3 +246,54 @@ def test_an_unnamed_spec_takes_the_name_of_serves_argument(tmp_path):
   np.testing.assert_allclose(
       serve(features=tf.constant(features[:3]))['outputs'],
       keras_predictions(trainer, features[:3]), rtol=1e-6)
+
+
+class TwoTowerTrainer(ClassifierTrainer):
+  """A functional model with dict inputs (not in sorted order, one int) and
+  dict or list outputs, exported by the default signature and serve."""
+  outputs = 'dict'
+
+  def build_model(self):
+    user = tf.keras.Input((3,), name='user')
+    item = tf.keras.Input((2,), name='item', dtype='int32')
+    both = tf.keras.layers.Concatenate()(
+        [user, tf.keras.ops.cast(item, 'float32')])
+    score = tf.keras.layers.Dense(1, name='score')(both)
+    embedding = tf.keras.layers.Dense(4, name='embedding')(user)
+    outputs = ({'score': score, 'embedding': embedding}
+               if self.outputs == 'dict' else [score, embedding])
+    return tf.keras.Model({'user': user, 'item': item}, outputs)
+
+
+class TwoTowerListTrainer(TwoTowerTrainer):
+  outputs = 'list'
+
+
+@pytest.mark.parametrize('trainer_class, names', [
+    (TwoTowerTrainer, {'score': 'score', 'embedding': 'embedding'}),
+    (TwoTowerListTrainer, {'outputs_0': 'score', 'outputs_1': 'embedding'}),
+], ids=['dict_outputs', 'list_outputs'])
+def test_a_dict_input_model_is_served_by_input_name(tmp_path, trainer_class,
+                                                    names):
+  """The signature's inputs are the dict's keys; a dict output keeps its
+  keys, a list's are outputs_0, outputs_1, ... (the default serve nested
+  both under 'outputs', which no SavedModel signature can hold, and passed
+  the inputs to the model as a list, which a dict-input model refuses)."""
+  trainer = trainer_class(config=make_config(data='digits'),
+                          strategy=tf.distribute.get_strategy())
+  path = export.export_saved_model(trainer, str(tmp_path / 'export'))
+  serve = tf.saved_model.load(path).signatures['serving_default']
+  _, spec = serve.structured_input_signature
+  assert {k: (v.shape.as_list(), v.dtype) for k, v in spec.items()} == {
+      'user': ([None, 3], tf.float32), 'item': ([None, 2], tf.int32)}
+  rng = np.random.default_rng(0)
+  user = rng.normal(size=(5, 3)).astype(np.float32)
+  item = rng.integers(0, 9, size=(5, 2)).astype(np.int32)
+  served = serve(user=tf.constant(user), item=tf.constant(item))
+  assert sorted(served) == sorted(names)
+  expected = {layer: trainer.model.get_layer(layer).output
+              for layer in names.values()}
+  keras = tf.keras.Model(trainer.model.input, expected)(
+      {'user': user, 'item': item}, training=False)
+  for output, layer in names.items():
+    np.testing.assert_allclose(served[output], keras[layer], rtol=1e-6)
