@@ -13,9 +13,12 @@ SMOKE = '--config=configs/digits_mlp.py:smoke'
 
 
 def test_default_run_reaches_accuracy_bound(tmp_path):
-  model_dir = tmp_path / 'run'
-  result = runner.run_main(f'--model_dir={model_dir}')
+  model_dir, temp = tmp_path / 'run', tmp_path / 'tmp'
+  temp.mkdir()
+  result = runner.run_main(f'--model_dir={model_dir}', env={'TMPDIR': str(temp)})
   assert result.returncode == 0, result.stderr[-3000:]
+  # AutoGraph's generated files, removed although main.py ends in os._exit.
+  assert not list(temp.iterdir())
   metrics = runner.final_eval(result.stdout)
   assert metrics['accuracy'] >= 0.95
   assert metrics['examples'] == 360

@@ -293,7 +293,10 @@ def test_sigterm_saves_and_exits_42_then_resume_is_bitwise_identical(
   # Started alone (the reference comes later) so that start-up runs at the
   # speed the delay was measured at.
   start = time.monotonic()
-  run = Logged(tmp_path, 'preempted', *args, f'--model_dir={model_dir}')
+  temp = tmp_path / 'tmp'  # Its TMPDIR, checked for AutoGraph's files.
+  temp.mkdir()
+  run = Logged(tmp_path, 'preempted', *args, f'--model_dir={model_dir}',
+               env={'TMPDIR': str(temp)})
   started(run)
   wait_for(lambda: 'TensorBoard summaries in' in run.stderr(), run=run,
            what="the 'TensorBoard summaries in' log line")
@@ -321,6 +324,7 @@ def test_sigterm_saves_and_exits_42_then_resume_is_bitwise_identical(
   assert lines_with(stderr, f'{stopped_by} during training: saved '
                     f'{model_dir}/ckpt-{saved} at step {saved}')
   assert 'Traceback' not in stderr
+  assert not list(temp.iterdir())  # Removed although os._exit skips atexit.
 
   reference = Logged(tmp_path, 'reference', *args,
                      f'--model_dir={reference_dir}')

@@ -19,9 +19,9 @@ def main_command(*args):
   return [sys.executable, MAIN, *args]
 
 
-def run_main(*args, timeout=300, cwd=None):
+def run_main(*args, timeout=300, cwd=None, env=None):
   """Runs `python main.py ARGS`; returns the CompletedProcess (text)."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {}))
   return subprocess.run(main_command(*args), capture_output=True, text=True,
                         timeout=timeout, cwd=cwd or REPO, env=env, check=False)
 

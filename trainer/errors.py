@@ -5,6 +5,7 @@ print its message as one line and exit with status 2 (no stack trace); its
 message names the flag or key, the value given, the rule and the fix.
 """
 
+import os
 import re
 import sys
 
@@ -26,6 +27,22 @@ def fail(message: str):
   """Prints `error: message` to stderr and exits with status 2."""
   print(f'error: {message}', file=sys.stderr)
   sys.exit(UserError.EXIT_CODE)
+
+
+def exit_now(code: int) -> None:
+  """os._exit(code): no interpreter shutdown (callers flush first).
+
+  Removes first the Python files AutoGraph wrote to the temporary directory
+  for the functions it converted (atexit handlers, which os._exit skips,
+  would have): otherwise each run leaves its ~7 files there.
+  """
+  for name, module in list(sys.modules.items()):
+    if name.startswith('__autograph_generated_file'):
+      try:
+        os.remove(module.__file__)
+      except (OSError, AttributeError, TypeError):
+        pass
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def one_line(error: Exception) -> str:

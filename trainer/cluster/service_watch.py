@@ -18,7 +18,6 @@ which keeps its jobs) costs nothing but the wait.
 """
 
 from collections.abc import Callable
-import os
 import socket
 import sys
 import threading
@@ -26,6 +25,7 @@ import time
 
 from absl import logging
 
+from trainer import errors
 from trainer.errors import UserError
 
 
@@ -113,4 +113,4 @@ class DispatcherWatch:
         except Exception:  # pylint: disable=broad-except
           logging.exception('cleaning up before the exit failed')
         logging.flush()
-        os._exit(self._exit_code)  # pylint: disable=protected-access
+        errors.exit_now(self._exit_code)

@@ -111,7 +111,7 @@ def _exit(code: int, request: cli.RunRequest) -> None:
   sys.stderr.flush()
   logging.flush()
   if request.strategy != 'multi_worker_mirrored':
-    os._exit(code)  # pylint: disable=protected-access
+    errors.exit_now(code)
   _leave_together(request.cluster_timeout)
   sys.exit(code)
 

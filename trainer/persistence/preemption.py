@@ -21,7 +21,6 @@ dying with a traceback. A second SIGINT during training exits at once
 without waiting for the save (a job stuck on a lost worker, say).
 """
 
-import os
 import signal
 import socket
 import sys
@@ -29,6 +28,8 @@ import threading
 import time
 
 from absl import logging
+
+from trainer import errors
 
 # The exit status of a preempted run: TensorFlow's PreemptionCheckpointHandler
 # uses the same, so job managers configured for it restart the job
@@ -146,7 +147,7 @@ def exit_preempted(error: Preempted, retryable_exit_code=None):
   code = error.exit_code(retryable_exit_code)
   logging.warning('%s (exit status %d)', error, code)
   logging.flush()
-  os._exit(code)  # pylint: disable=protected-access
+  errors.exit_now(code)
 
 
 def set_retryable_exit_code(code) -> None:
@@ -245,7 +246,7 @@ def _exit_if_stuck(reader, writer):
                         _phase[0])
         logging.warning('%s (exit status %d)', error, code)
         logging.flush()
-        os._exit(code)  # pylint: disable=protected-access
+        errors.exit_now(code)
 
 
 class SignalWatcher:
@@ -327,7 +328,7 @@ class SignalWatcher:
                       'waiting for the save (exit status %d)',
                       self._triggered.name, INTERRUPTED_EXIT_CODE)
         logging.flush()
-        os._exit(INTERRUPTED_EXIT_CODE)  # pylint: disable=protected-access
+        errors.exit_now(INTERRUPTED_EXIT_CODE)
       return
     self._triggered = signum
     logging.warning('%s received: stopping after the step in flight to save '
