@@ -238,18 +238,33 @@ def test_unknown_mode_is_one_line_error(tmp_path):
   assert "flag --mode='serve' is unknown; valid: train, eval" in error
 
 
+def tf_config(task_type: str) -> dict:
+  """A TFJob's chief (under a one-process strategy) and its evaluator."""
+  return {'TF_CONFIG': json.dumps({'cluster': {'chief': ['127.0.0.1:2222']},
+                                   'task': {'type': task_type, 'index': 0}})}
+
+
+@pytest.mark.parametrize('evaluator_by', ['flag', 'tf_config'])
 def test_continuous_eval_beside_training_evaluates_each_checkpoint_once(
-    tmp_path):
+    tmp_path, evaluator_by):
+  """--mode=continuous_eval, or the same command as the chief's where
+  TF_CONFIG names the evaluator task (a TFJob's side-car)."""
   model_dir = tmp_path / 'run'
   common = (SMOKE, '--config.train.steps=40', '--config.train.steps_per_loop=5',
             '--config.checkpoint.every_steps=10',
-            '--config.checkpoint.max_to_keep=10', f'--model_dir={model_dir}')
-  evaluator = runner.start_main(*common, '--mode=continuous_eval',
-                                '--config.eval.timeout_secs=120')
-  trained = runner.run_main(*common)
+            '--config.checkpoint.max_to_keep=10', f'--model_dir={model_dir}',
+            '--config.eval.timeout_secs=120')
+  by_tf_config = evaluator_by == 'tf_config'
+  evaluator = runner.start_main(
+      *common, *(() if by_tf_config else ('--mode=continuous_eval',)),
+      env=tf_config('evaluator') if by_tf_config else None)
+  trained = runner.run_main(*common,
+                            env=tf_config('chief') if by_tf_config else None)
   assert trained.returncode == 0, trained.stderr[-3000:]
   stdout, stderr = evaluator.communicate(timeout=180)
   assert evaluator.returncode == 0, stderr[-3000:]
+  assert ('TF_CONFIG names this process the evaluator task' in stderr) is (
+      by_tf_config)
   records = [json.loads(line) for line in
              (model_dir / 'eval' / 'metrics.jsonl').read_text().splitlines()]
   # The trainer's own final eval is one line; the evaluator's are the rest.

@@ -26,9 +26,9 @@ def run_main(*args, timeout=300, cwd=None, env=None):
                         timeout=timeout, cwd=cwd or REPO, env=env, check=False)
 
 
-def start_main(*args, cwd=None):
+def start_main(*args, cwd=None, env=None):
   """Starts `python main.py ARGS` without waiting (for parallel runs)."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {}))
   return subprocess.Popen(main_command(*args), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, cwd=cwd or REPO,
                           env=env)

@@ -47,6 +47,7 @@ _LOOPBACK_NAMES = ('localhost', 'ip6-localhost', '::1', '[::1]')
 
 # Vertex AI's worker pools, in order (CLUSTER_SPEC).
 WORKER_POOLS = ('chief', 'worker', 'ps', 'evaluator')
+TASK_VARIABLES = ('TF_CONFIG', 'CLUSTER_SPEC')  # Either names this task.
 
 
 def from_cluster_spec(raw: str) -> dict:
@@ -134,8 +135,7 @@ def validate(tf_config, *, strategy: str = 'multi_worker_mirrored') -> dict:
   "chief" (at most one entry) and "worker" only; for parameter_server
   exactly one "chief", "worker" and "ps") and "task" ({"type": a job of the
   cluster or "evaluator", "index": an int in range}); ports in 1..65535; no
-  address twice. Logs a warning when loopback addresses are mixed with
-  other hosts.
+  address twice. Warns of loopback addresses mixed with other hosts.
 
   Args:
     tf_config: the decoded JSON.
@@ -163,8 +163,7 @@ def validate(tf_config, *, strategy: str = 'multi_worker_mirrored') -> dict:
 
 
 def role(tf_config: dict) -> str:
-  """'chief' (the chief, or worker 0 without one), 'worker', 'ps' or
-  'evaluator'."""
+  """'chief' (or worker 0 without one), 'worker', 'ps' or 'evaluator'."""
   if tf_config['task']['type'] in ('evaluator', 'ps'):
     return tf_config['task']['type']
   return 'chief' if is_chief(tf_config) else 'worker'
@@ -262,22 +261,27 @@ def tpu_address(tpu: str) -> tuple[str, int]:
   return host, int(port)
 
 
-def check_one_process(strategy: str, environ=None) -> None:
-  """Refuses a TF_CONFIG that names a cluster of several tasks to training
-  under a --strategy of one process (TensorFlow ignores it there)."""
+def check_one_process(strategy: str, environ=None) -> bool:
+  """Whether TF_CONFIG (or CLUSTER_SPEC) names this process the evaluator,
+  for training under a --strategy of one process; refuses a cluster of
+  several tasks (TensorFlow ignores it there)."""
+  environ = os.environ if environ is None else environ
+  raw, spec = (environ.get(k, '').strip() for k in TASK_VARIABLES)
+  name = TASK_VARIABLES[0 if raw or not spec else 1]
   try:
-    config = json.loads((os.environ if environ is None else environ).get(
-        'TF_CONFIG', '') or '{}')
+    config = from_cluster_spec(spec) if name != 'TF_CONFIG' else json.loads(raw)
+    if config.get('task', {}).get('type') == 'evaluator':
+      return True
     tasks = sum(len(v) for v in config['cluster'].values())
-    evaluator = config.get('task', {}).get('type') == 'evaluator'
-  except (ValueError, KeyError, TypeError, AttributeError):
-    return  # No cluster to run in: nothing for this strategy to ignore.
-  if tasks > 1 and not evaluator:  # The evaluator is outside the cluster.
+  except (ValueError, KeyError, TypeError, AttributeError, UserError):
+    return False  # No cluster to run in: nothing for this strategy to ignore.
+  if tasks > 1:
     raise UserError(
-        f'TF_CONFIG names a cluster of {tasks} tasks, but --strategy='
-        f'{strategy} trains in this process alone: each task would train a '
-        'model of its own into one --model_dir; pass --strategy=multi_worker_'
-        'mirrored (or parameter_server), or unset TF_CONFIG')
+        f'{name} names a cluster of {tasks} tasks, but --strategy={strategy} '
+        'trains in this process alone: each task would train a model of its '
+        'own into one --model_dir; pass --strategy=multi_worker_mirrored (or '
+        f'parameter_server), or unset {name}')
+  return False
 
 
 def task_name(tf_config: dict) -> str:

@@ -1,8 +1,8 @@
 """Command-line plumbing: the --config flag, its schema, one-line errors.
 
-Imports no TensorFlow. main.py parses flags and checks the whole config
-against the schema (trainer/schema.py) with this module before TensorFlow is
-imported, so a mistake there costs a fraction of a second.
+Imports no TensorFlow: main.py checks flags and the whole config against the
+schema (trainer/schema.py) with it first, so a mistake costs a fraction of a
+second.
 
 Config files: `--config=path/to/file.py[:VARIANT]`. The file's
 `get_config(variant)` returns a (partial) ConfigDict; the variant after ':'
@@ -160,10 +160,9 @@ def _config_spec(argv):
 
 def _explain(argv, error: Exception) -> str:
   """A one-line message for a flag error, naming the flag and the fix."""
-  missing_value = re.match(r'Missing value for flag (--\S+)', str(error))
-  if missing_value:
-    name = missing_value.group(1)
-    return f'flag {name}: no value given; write it as {name}=VALUE'
+  missing = re.match(r'Missing value for flag (--\S+)', str(error))
+  if missing:
+    return f'flag {missing[1]}: no value given; write it as {missing[1]}=VALUE'
   spec = _config_spec(argv)
   if spec is None:
     return errors.one_line(error)
@@ -299,24 +298,18 @@ def run_request(flag_values) -> RunRequest:
                     f'and not {" or ".join(map(str, PERMANENT_CODES))} (a '
                     'bad command, a non-finite loss: never retried); e.g. '
                     '143 for a TFJob that retries 128-255')
-  if (f.strategy in ('default', 'one_device', 'mirrored') and
-      f.mode in ('train', 'train_and_eval')):
-    tf_config.check_one_process(f.strategy)
   tf_config.set_from_flags(f.worker_hosts, f.task_index, strategy=f.strategy)
   mode, strategy = f.mode, f.strategy
   serves, role = '', 'chief'
+  if (strategy in ('default', 'one_device', 'mirrored') and
+      mode in ('train', 'train_and_eval') and
+      tf_config.check_one_process(strategy)):
+    role = 'evaluator'  # Beside a chief that trains under this strategy.
   if strategy in ('multi_worker_mirrored', 'parameter_server'):
     # Validated now: TensorFlow would wait forever.
     role = tf_config.role(tf_config.from_environ(strategy=strategy))
-    if role == 'evaluator':
-      # The evaluator task (outside the cluster, as TFJob puts it) runs the
-      # same command: it evaluates each checkpoint of --model_dir, alone.
-      mode, strategy = 'continuous_eval', 'default'
-      logging.info('TF_CONFIG names this process the evaluator task: it '
-                   'evaluates each checkpoint of --model_dir as it appears '
-                   '(--mode=continuous_eval) and exits when training ends')
-      os.environ.pop('TF_CONFIG', None)
-      os.environ.pop('CLUSTER_SPEC', None)
+    if role == 'evaluator':  # Its strategy would wait for the cluster.
+      strategy = 'default'
     elif strategy == 'parameter_server':
       _check_parameter_server(f)
       schema.validate(f.config)
@@ -325,6 +318,15 @@ def run_request(flag_values) -> RunRequest:
                         f'parameter_server: {fix}')
       # Workers and ps tasks run the same command and serve the chief.
       serves = role if role in ('worker', 'ps') else ''
+  if role == 'evaluator':
+    # The evaluator task (outside the cluster, as TFJob puts it) runs the
+    # same command: it evaluates each checkpoint of --model_dir, alone.
+    mode = 'continuous_eval'
+    for variable in tf_config.TASK_VARIABLES:  # Not for TensorFlow to read.
+      os.environ.pop(variable, None)
+    logging.info('TF_CONFIG names this process the evaluator task: it '
+                 'evaluates each checkpoint of --model_dir as it appears '
+                 '(--mode=continuous_eval) and exits when training ends')
   config = f.config
   schema.validate(config)
   return RunRequest(

@@ -294,3 +294,42 @@ def test_ps_tasks_under_multi_worker_mirrored_name_the_other_strategy():
   assert message.startswith('--strategy=parameter_server needs the TF_CONFIG '
                             'environment variable')
   assert '--num_ps=M' in message
+
+
+VERTEX_WORKERS = {'workerpool0': ['h0:1'], 'workerpool1': ['h1:1']}
+
+
+@pytest.mark.parametrize('environ, evaluator', [
+    ({}, False),
+    ({'TF_CONFIG': ''}, False),
+    ({'TF_CONFIG': json.dumps({'cluster': {'chief': ['h0:1']},
+                               'task': {'type': 'chief', 'index': 0}})},
+     False),
+    # The evaluator beside a chief that trains under one process's strategy.
+    ({'TF_CONFIG': json.dumps({'cluster': {'chief': ['h0:1']},
+                               'task': {'type': 'evaluator', 'index': 0}})},
+     True),
+    ({'TF_CONFIG': json.dumps({'task': {'type': 'evaluator'}})}, True),
+    ({'CLUSTER_SPEC': json.dumps({'cluster': VERTEX_WORKERS, 'task': {
+        'type': 'workerpool3', 'index': 0}})}, True),
+], ids=['unset', 'empty', 'one_task', 'evaluator', 'evaluator_alone',
+        'vertex_evaluator'])
+def test_one_process_strategies_know_the_evaluator_task(environ, evaluator):
+  assert tf_config.check_one_process('mirrored', environ) is evaluator
+
+
+@pytest.mark.parametrize('environ, name', [
+    ({'TF_CONFIG': json.dumps({'cluster': {'worker': ['h0:1', 'h1:1']},
+                               'task': {'type': 'worker', 'index': 1}})},
+     'TF_CONFIG'),
+    ({'CLUSTER_SPEC': json.dumps({'cluster': VERTEX_WORKERS, 'task': {
+        'type': 'workerpool1', 'index': 0}})}, 'CLUSTER_SPEC'),
+], ids=['tf_config', 'vertex'])
+def test_one_process_training_in_a_cluster_is_refused(environ, name):
+  with pytest.raises(UserError) as error:
+    tf_config.check_one_process('default', environ)
+  assert str(error.value) == (
+      f'{name} names a cluster of 2 tasks, but --strategy=default trains in '
+      'this process alone: each task would train a model of its own into one '
+      '--model_dir; pass --strategy=multi_worker_mirrored (or '
+      f'parameter_server), or unset {name}')
