@@ -1,5 +1,6 @@
 """service_watch.DispatcherWatch against a real port nobody listens on; only
-its final os._exit is replaced, so the test process lives on."""
+its final exit (errors.exit_now, an os._exit) is replaced, so the test
+process lives on."""
 
 import threading
 
@@ -20,7 +21,7 @@ def _watch_until_exit(monkeypatch, before_exit):
     exits.append(code)
     done.set()
     raise _Exited
-  monkeypatch.setattr(service_watch.os, '_exit', fake_exit)
+  monkeypatch.setattr(service_watch.errors, 'exit_now', fake_exit)
   monkeypatch.setattr(threading, 'excepthook', lambda args: None)
   # A port that was free a moment ago and is closed again: nothing answers.
   address = f'grpc://127.0.0.1:{launch.free_ports(1)[0]}'
