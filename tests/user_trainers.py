@@ -272,6 +272,51 @@ class LayerOutsideModel(SequenceTrainer):
     return self.extra(self.model(batch['tokens'], training=training))
 
 
+class RunningMeanOutsideCheckpoint(SequenceTrainer):
+  """A tf.Variable of its own (a running mean of the inputs, updated by its
+  step and read by forward) that checkpoint_items() does not return: a
+  resumed run or --mode=eval would read 0."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    with self.strategy.scope():
+      self.input_mean = tf.Variable(
+          0.0, trainable=False, aggregation=tf.VariableAggregation.MEAN,
+          synchronization=tf.VariableSynchronization.ON_WRITE)
+
+  def train_step(self, batch):
+    self.input_mean.assign(0.9 * self.input_mean +
+                           0.1 * tf.reduce_mean(batch['tokens']))
+    return super().train_step(batch)
+
+  def forward(self, batch, training):
+    return self.model(batch['tokens'] - self.input_mean, training=training)
+
+
+class RunningMeanCheckpointed(RunningMeanOutsideCheckpoint):
+  """The same, returned by checkpoint_items() (model_only too: forward
+  reads it): saved, restored and evaluated with."""
+
+  def checkpoint_items(self, model_only=False):
+    return dict(super().checkpoint_items(model_only),
+                input_mean=self.input_mean)
+
+
+class ScaleOutsideModel(SequenceTrainer):
+  """A trainable tf.Variable on the Trainer, in a module of its own: the
+  default step would neither train nor save it."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    with self.strategy.scope():
+      self.scales = tf.Module()
+      self.scales.temperature = tf.Variable(1.0, name='temperature')
+
+  def forward(self, batch, training):
+    return (self.model(batch['tokens'], training=training) /
+            self.scales.temperature)
+
+
 class KeepsEncoderView(SequenceTrainer):
   """Keeps a Model over self.model's own first layer (for serving, say): not
   in the checkpoint itself, but its weights are."""
@@ -757,8 +802,8 @@ class ServeReturnsRagged(classifier.ClassifierTrainer):
 
 
 class TwoHeadsDefaultServe(classifier.ClassifierTrainer):
-  """A model with two outputs (a dict) and the default serve, which would
-  nest it under 'outputs'."""
+  """A model with two outputs (a dict) and the default serve, which serves
+  them under their own names."""
 
   def build_model(self):
     inputs = tf.keras.Input([64])

@@ -3,6 +3,8 @@
   cli             flag parsing with one-line errors
   registry        config.trainer -> a Trainer subclass (name or import path)
   run             the experiment main.py runs: strategy, trainer, controller
+  validation      a Trainer's mistakes found before model_dir is written
+  kept_state      ... among them, state it keeps that no checkpoint saves
   continuous_eval --mode=continuous_eval: evaluate checkpoints as they come
   check_replicas  `python -m trainer.experiment.check_replicas`: 1 vs N
                   replicas on your own Trainer
