@@ -64,7 +64,8 @@ def _cpu_seconds(pid: int) -> float | None:
 
 class MainRun:
   """`python main.py --config=CONFIG` with one step per inner loop, started
-  in `repo` and killed when the `with` block ends.
+  in `repo` (by `python`, default this interpreter) and killed when the
+  `with` block ends.
 
   `marks()` yields (message, (wall, CPU)) for each absl log line: the
   seconds since the process started, from the line's timestamp, and the CPU
@@ -72,12 +73,13 @@ class MainRun:
   none). `tail` holds the last 20 lines of its output, for errors.
   """
 
-  def __init__(self, config: str, repo: str = REPO):
+  def __init__(self, config: str, repo: str = REPO, python: str = ''):
     self.config, self.repo, self.tail = config, repo, []
+    self.python = python or sys.executable
 
   def __enter__(self):
     self._model_dir = tempfile.TemporaryDirectory(prefix='bench_startup_')
-    command = [sys.executable, 'main.py', f'--config={self.config}',
+    command = [self.python, 'main.py', f'--config={self.config}',
                '--config.train.steps_per_loop=1',
                f'--model_dir={self._model_dir.name}']
     self._start = time.time()

@@ -4,6 +4,9 @@ done, for every shipped config, and against another checkout.
   python bench/startup.py                       # this checkout
   python bench/startup.py --baseline=DIR        # and DIR, e.g. a git worktree
                                                 # of an earlier commit
+  python bench/startup.py --baseline=. --baseline_python=OLD/bin/python
+                                                # this checkout, under another
+                                                # environment's packages
 
 Each run is a real `main.py` (the config's model, data and training config,
 one step per inner loop), killed after its first progress line, which the
@@ -37,17 +40,20 @@ CONFIGS = ('configs/digits_mlp.py', 'configs/cifar_resnet20.py:synthetic',
 
 flags.DEFINE_string('baseline', '', 'A checkout to compare with (e.g. `git '
                     'worktree add /tmp/base COMMIT`); empty: this one alone.')
+flags.DEFINE_string('baseline_python', '', 'The interpreter that runs the '
+                    'baseline (e.g. another virtualenv\'s bin/python, to '
+                    'compare package versions); empty: this one.')
 flags.DEFINE_integer('rounds', 3, 'Runs of each config in each checkout.',
                      lower_bound=1)
 flags.DEFINE_list('configs', list(CONFIGS), 'Configs to time (FILE[:VARIANT]).')
 FLAGS = flags.FLAGS
 
 
-def first_step(repo: str, config: str) -> dict:
+def first_step(repo: str, config: str, python: str = '') -> dict:
   """{'built': (wall, CPU), 'first_step': (wall, CPU)} seconds since the
   process start of `python main.py --config=config` run in `repo`."""
   marks = {}
-  with models_startup.MainRun(config, repo) as run:
+  with models_startup.MainRun(config, repo, python) as run:
     for message, mark in run.marks():
       if 'built' not in marks and ' replica(s) ' in message:
         marks['built'] = mark
@@ -81,11 +87,19 @@ def main(argv):
                            'pass a checkout, e.g. from `git worktree add '
                            '/tmp/base COMMIT`')
     checkouts['baseline'] = os.path.abspath(FLAGS.baseline)
+  if FLAGS.baseline_python and not (FLAGS.baseline and os.access(
+      FLAGS.baseline_python, os.X_OK)):
+    raise app.UsageError(f'--baseline_python={FLAGS.baseline_python!r} '
+                         + ('is not an executable interpreter' if
+                            FLAGS.baseline else 'needs --baseline (e.g. '
+                            '--baseline=. for this checkout)'))
   samples = {(c, name): [] for c in FLAGS.configs for name in checkouts}
   for r in range(FLAGS.rounds):
     for config in FLAGS.configs:
       for name in harness.back_and_forth(list(checkouts), r):
-        samples[config, name].append(first_step(checkouts[name], config))
+        python = FLAGS.baseline_python if name == 'baseline' else ''
+        samples[config, name].append(first_step(checkouts[name], config,
+                                                python))
         print(f'round {r + 1}/{FLAGS.rounds} {name:8} {config}: first step '
               f'{samples[config, name][-1]["first_step"][0]:.1f} s',
               flush=True)

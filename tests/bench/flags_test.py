@@ -35,3 +35,20 @@ def test_a_count_or_duration_below_one_is_one_line(script, flag, message):
   assert errors[0].startswith(f'FATAL Flags parsing error: flag {name}=')
   assert errors[0].endswith(message), errors[0]
   assert not result.stdout  # Nothing measured, nothing reported.
+
+
+@pytest.mark.parametrize('flags, message', [
+    (('--baseline_python=/usr/bin/python3',),
+     "--baseline_python='/usr/bin/python3' needs --baseline (e.g. --baseline=. "
+     'for this checkout)'),
+    (('--baseline=.', '--baseline_python=/no/such/python'),
+     "--baseline_python='/no/such/python' is not an executable interpreter"),
+])
+def test_startup_refuses_a_baseline_python_it_cannot_run(flags, message):
+  result = subprocess.run(
+      [sys.executable, os.path.join('bench', 'startup.py'), *flags],
+      cwd=runner.REPO, capture_output=True, text=True, timeout=120,
+      check=False)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert message in result.stderr, result.stderr[-2000:]
+  assert not result.stdout  # Nothing measured.
