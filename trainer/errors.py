@@ -157,22 +157,22 @@ def _path(root, target) -> tuple[str, ...] | None:
   return None
 
 
-def hide_reported_user_errors() -> None:
-  """Keeps TensorFlow's coordinator from logging a UserError with its stack.
+def hide_coordinator_reports() -> None:
+  """Keeps TensorFlow's coordinator from logging a replica's error.
 
   Under MirroredStrategy each replica's step runs in a thread whose
   exception TensorFlow's Coordinator logs ('Error reported to Coordinator',
-  ~60 lines of traceback) before it reaches the caller, which reports a
-  UserError in one line. Other errors keep their log.
+  ~40-60 lines of traceback) and then raises again in the caller, always
+  (coordinator.py: the join re-raises the first one reported). There it is
+  reported once: in one line when it is a mistake in the user's code (a
+  UserError, or an error in a Trainer method found while tracing), else
+  with its stack, which the log would only have printed twice.
   """
   import logging  # pylint: disable=import-outside-toplevel
 
   def keep(record) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    return not (isinstance(error, UserError) and
-                record.getMessage().startswith('Error reported to '
-                                               'Coordinator'))
+    return not record.getMessage().startswith('Error reported to Coordinator')
   tf_logger = logging.getLogger('tensorflow')
-  if not getattr(tf_logger, 'hides_user_errors', False):
+  if not getattr(tf_logger, 'hides_coordinator_reports', False):
     tf_logger.addFilter(keep)
-    tf_logger.hides_user_errors = True
+    tf_logger.hides_coordinator_reports = True

@@ -197,7 +197,7 @@ def run(config, *, model_dir: str, strategy_name: str, mode: str = 'train',
       worker that dies later surfaces as a TF error: failures.cluster_error).
   """
   started = time.time() if started is None else started
-  errors.hide_reported_user_errors()
+  errors.hide_coordinator_reports()
   if mode not in MODES:
     raise UserError(f'flag --mode={mode!r} is unknown; valid: '
                     f'{", ".join(MODES)}')

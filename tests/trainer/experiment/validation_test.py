@@ -1,6 +1,7 @@
 """Validate before writing: a Trainer's mistakes stop the run with one line
 naming the method, before anything lands in model_dir."""
 
+import logging
 import os
 
 import pytest
@@ -124,6 +125,18 @@ def test_mistakes_stop_the_run_before_model_dir_exists(tmp_path, trainer,
                    strategy_name='default')
   assert '\n' not in str(error.value)
   assert not model_dir.exists()
+
+
+def test_an_error_in_a_replicas_thread_is_not_logged_before_its_line(
+    tmp_path, caplog):
+  """Under mirrored, TensorFlow's coordinator logged the KeyError raised in
+  a replica's thread, with its stack (~40 lines), before the one line."""
+  with caplog.at_level(logging.INFO, logger='tensorflow'):
+    with pytest.raises(UserError, match=r'^RaisesInComputeLoss.compute_loss '
+                       r"raised KeyError while the train step was traced: "):
+      experiment.run(config('RaisesInComputeLoss'), num_cpu_devices=2,
+                     model_dir=str(tmp_path / 'run'), strategy_name='mirrored')
+  assert 'labelz' not in caplog.text
 
 
 def test_a_map_after_batch_that_loses_one_values_batch_size_trains(tmp_path):
