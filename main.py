@@ -32,12 +32,13 @@ from absl import flags
 from trainer import errors
 from trainer.cluster import STRATEGIES
 from trainer.experiment import cli
+from trainer.experiment import config_file
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'configs', 'digits_mlp.py')
 
-cli.use_default_config(sys.argv, DEFAULT_CONFIG)
-cli.define_config_flag(DEFAULT_CONFIG)
+config_file.use_default_config(sys.argv, DEFAULT_CONFIG)
+config_file.define_config_flag(DEFAULT_CONFIG)
 flags.DEFINE_string('mode', 'train', f'One of: {", ".join(cli.MODES)}.')
 flags.DEFINE_string('model_dir', None, 'Output directory (default: '
                     'runs/<config>[-<variant>]-<timestamp>).')

@@ -8,7 +8,7 @@ import pytest
 from tests import runner
 from trainer import schema
 from trainer.errors import UserError
-from trainer.experiment import cli
+from trainer.experiment import config_file
 from trainer.experiment import run as experiment
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(runner.REPO, 'configs', '*.py')))
@@ -19,7 +19,7 @@ def all_variants():
   collected too (and fails in the test), so it cannot stop collection."""
   for path in CONFIG_FILES:
     try:
-      names = cli.variants(cli.load_module(path)) or ('',)
+      names = config_file.variants(config_file.load_module(path)) or ('',)
     except Exception:  # pylint: disable=broad-except
       names = ('',)
     for variant in names:
@@ -33,21 +33,21 @@ def test_there_are_configs():
 @pytest.mark.parametrize('name, variant', list(all_variants()))
 def test_variant_resolves_against_the_schema(name, variant):
   path = os.path.join(runner.REPO, 'configs', name)
-  config = cli.load_config(f'{path}:{variant}' if variant else path)
+  config = config_file.load_config(f'{path}:{variant}' if variant else path)
   schema.validate(config)
   assert config.trainer and config.train.steps >= 1
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_docstring_states_command_runtime_and_metric(path):
-  doc = cli.load_module(path).__doc__
+  doc = config_file.load_module(path).__doc__
   for word in ('Command:', 'Runtime:', 'Expected:', 'smoke'):
     assert word in doc, f'{path} docstring lacks {word!r}'
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_smoke_variant_trains(path, tmp_path):
-  config = cli.load_module(path).get_config('smoke')
+  config = config_file.load_module(path).get_config('smoke')
   metrics = experiment.run(config, model_dir=str(tmp_path),
                            strategy_name='default')
   assert metrics['examples'] > 0
@@ -59,17 +59,18 @@ def test_smoke_variant_trains(path, tmp_path):
 def test_unknown_variant_lists_valid_ones():
   path = os.path.join(runner.REPO, 'configs', 'digits_mlp.py')
   with pytest.raises(UserError, match='valid: default, smoke, sgd'):
-    cli.load_config(f'{path}:huge')
+    config_file.load_config(f'{path}:huge')
 
 
 def test_a_file_without_variants_refuses_any(tmp_path):
   path = tmp_path / 'mine.py'
   path.write_text('def get_config():\n  return dict(trainer="classifier", '
                   'train=dict(steps=1, global_batch_size=8))\n')
-  assert cli.load_config(str(path)).train.steps_per_loop == 100  # Default.
+  # The framework's default:
+  assert config_file.load_config(str(path)).train.steps_per_loop == 100
   with pytest.raises(UserError, match="variant 'smoke' is unknown in .*none: "
                      'it declares no VARIANTS'):
-    cli.load_config(f'{path}:smoke')
+    config_file.load_config(f'{path}:smoke')
 
 
 def test_a_typo_in_a_framework_key_of_a_file_is_one_line(tmp_path):
@@ -79,5 +80,5 @@ def test_a_typo_in_a_framework_key_of_a_file_is_one_line(tmp_path):
   with pytest.raises(UserError, match=r'typo.py: config key train.clip_nrom '
                      r'is not a framework key; did you mean train.clip_norm\?'
                      ) as error:
-    cli.load_config(str(path))
+    config_file.load_config(str(path))
   assert '\n' not in str(error.value)

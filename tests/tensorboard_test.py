@@ -25,7 +25,7 @@ from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from configs import digits_mlp
 from tests import runner
-from trainer.experiment import cli
+from trainer.experiment import config_file
 from trainer.experiment import run as experiment
 from trainer.cluster import launch
 from trainer.monitoring import goodput
@@ -61,11 +61,11 @@ def fixture_run(tmp_path_factory):
   _, stderr = twin.communicate(timeout=300)
   assert twin.returncode == 0, stderr[-3000:]
   # Runs whose actions write a text sample (the LM) and eval images.
-  for name, config_file, mode in (
+  for name, path, mode in (
       ('lm', 'lm_transformer.py', 'train_and_eval'),  # Evals at 3 and 6.
       ('images', 'cifar_resnet20.py', 'train')):      # One, at step 4.
-    config = cli.load_config(os.path.join(runner.REPO, 'configs',
-                                          f'{config_file}:smoke'))
+    config = config_file.load_config(os.path.join(runner.REPO, 'configs',
+                                                  f'{path}:smoke'))
     experiment.run(config, model_dir=str(logdir / name),
                    strategy_name='default', mode=mode)
   return model_dir, result

@@ -29,6 +29,21 @@ def fail(message: str):
   sys.exit(UserError.EXIT_CODE)
 
 
+def raised_at(error: Exception) -> str:
+  """'Type: message (file, line N)' for an error raised while importing a
+  user's file: the innermost line that is not the import machinery's."""
+  where, text = None, one_line(error)
+  if isinstance(error, SyntaxError) and error.filename:
+    where, text = (error.filename, error.lineno), error.msg
+  tb = None if where else error.__traceback__
+  while tb is not None:
+    if not tb.tb_frame.f_code.co_filename.startswith('<'):  # Not frozen.
+      where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+    tb = tb.tb_next
+  text = f'{type(error).__name__}: {text}'
+  return text + (f' ({where[0]}, line {where[1]})' if where else '')
+
+
 def exit_now(code: int) -> None:
   """os._exit(code): no interpreter shutdown (callers flush first).
 

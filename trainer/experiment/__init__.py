@@ -1,6 +1,7 @@
 """One experiment from the command line: flags, config, trainer, mode.
 
   cli             flag parsing with one-line errors
+  config_file     the --config flag: a config file over the schema's defaults
   registry        config.trainer -> a Trainer subclass (name or import path)
   run             the experiment main.py runs: strategy, trainer, controller
   validation      a Trainer's mistakes found before model_dir is written

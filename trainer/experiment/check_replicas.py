@@ -45,13 +45,14 @@ sys.path.insert(1, os.getcwd())  # config.trainer = 'my_module:MyTrainer'
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer.experiment import cli
+from trainer.experiment import config_file
 from trainer import errors
 from trainer import schema
 from trainer.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(HERE, 'configs', 'digits_mlp.py')
-cli.use_default_config(sys.argv, DEFAULT_CONFIG)
-cli.define_config_flag(DEFAULT_CONFIG)
+config_file.use_default_config(sys.argv, DEFAULT_CONFIG)
+config_file.define_config_flag(DEFAULT_CONFIG)
 flags.DEFINE_integer('num_replicas', 4, 'Replicas to compare against one.')
 flags.DEFINE_integer('steps', 20, 'Optimizer steps to run on each.')
 flags.DEFINE_float('rtol', 1e-5, 'Relative tolerance per weight.')

@@ -1,21 +1,12 @@
-"""Command-line plumbing: the --config flag, its schema, one-line errors.
+"""Command-line plumbing: flags checked, mistakes in one line.
 
 Imports no TensorFlow: main.py checks flags and the whole config against the
 schema (trainer/schema.py) with it first, so a mistake costs a fraction of a
-second.
-
-Config files: `--config=path/to/file.py[:VARIANT]`. The file's
-`get_config(variant)` returns a (partial) ConfigDict; the variant after ':'
-must be one of the file's module-level VARIANTS tuple (a file without one
-has no variants, and any ':VARIANT' is refused). The result is laid over the
-schema's defaults (`schema.merge`), then `--config.KEY=VALUE` overrides apply
-to any key, whether or not the file mentions it.
+second. The --config flag and its files: config_file.py.
 """
 
 import dataclasses
 import datetime
-import glob
-import importlib.util
 import os
 import re
 import shlex
@@ -30,6 +21,7 @@ from trainer import schema
 from trainer.cluster import STRATEGIES
 from trainer.cluster import asynchronous
 from trainer.cluster import tf_config
+from trainer.experiment import config_file
 from trainer.errors import UserError
 from trainer.persistence import run_lock
 
@@ -37,96 +29,6 @@ MODES = ('train', 'eval', 'train_and_eval', 'continuous_eval', 'export')
 # Exit statuses a job manager must not retry: a bad command (UserError) and
 # a non-finite loss (controller.NonFiniteLoss).
 PERMANENT_CODES = (2, 3)
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
-
-
-def use_default_config(argv, default_path: str) -> None:
-  """Adds --config=default_path to argv (in place) when no --config is given.
-
-  ml_collections parses a default config file, with the --config.KEY
-  overrides, while the flag is being *defined*, outside any error handling.
-  Naming the file on the command line moves that parse into `parse_flags`.
-  Two --config flags: one line, exit 2 (ml_collections: "defined twice").
-  """
-  given = [a for a in argv[1:] if re.match(r'^--?config(=|$)', a)]
-  if len(given) > 1:
-    errors.fail(f'flag --config is given {len(given)} times '
-                f'({", ".join(given)}); give one config file and change its '
-                'keys with --config.KEY=VALUE')
-  if not given:
-    argv.insert(1, f'--config={default_path}')
-
-
-def define_config_flag(default_path: str, flag_values=flags.FLAGS):
-  """Defines --config: a config file laid over the schema's defaults."""
-  flag = config_flags._ConfigFlag(  # pylint: disable=protected-access
-      parser=_ConfigFileParser(name='config', lock_config=True),
-      serializer=flags.ArgumentSerializer(), name='config',
-      default=default_path, flag_values=flag_values,
-      help_string='Experiment config: FILE.py[:VARIANT]; override any key '
-      'with --config.KEY=VALUE (trainer/schema.py lists them).')
-  return flags.DEFINE_flag(flag, flag_values)
-
-
-class _ConfigFileParser(config_flags.ConfigFileFlagParser):
-
-  def parse(self, path):
-    config = load_config(path)
-    config.lock()
-    return config
-
-
-def load_config(spec: str) -> config_dict.ConfigDict:
-  """FILE.py[:VARIANT] -> its config laid over the schema's defaults.
-
-  Raises:
-    UserError: no such file, an unknown variant, get_config failing, or a
-      key of a framework section that the framework does not know.
-  """
-  path, _, variant = spec.partition(':')
-  if not os.path.isfile(path):
-    # Shipped configs, as a path from here when under it, else whole.
-    available = sorted(p if os.path.relpath(p).startswith('..') else
-                       os.path.relpath(p) for p in
-                       glob.glob(os.path.join(REPO, 'configs', '*.py')))
-    raise UserError(f'flag --config={spec}: no such file {path!r}; '
-                    f'available: {", ".join(available)}')
-  module = load_module(path)
-  names = variants(module)
-  if variant and variant not in names:
-    valid = ('none: it declares no VARIANTS' if not names else
-             f'valid: {", ".join(names)}')
-    raise UserError(f'config variant {variant!r} is unknown in {path}; '
-                    f'{valid}')
-  if not callable(getattr(module, 'get_config', None)):
-    raise UserError(f'flag --config={spec}: {path} has no get_config() '
-                    'function returning the config')
-  try:
-    user = module.get_config(variant) if names else module.get_config()
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'flag --config={spec}: get_config() raised '
-                    f'{type(e).__name__}: {errors.one_line(e)}') from e
-  if not isinstance(user, (config_dict.ConfigDict, dict)):
-    raise UserError(f'flag --config={spec}: get_config() returned '
-                    f'{type(user).__name__}, not a ConfigDict')
-  return schema.merge(user, source=path)
-
-
-def load_module(path: str):
-  """Executes a config file as a module of its own."""
-  spec = importlib.util.spec_from_file_location(
-      '_distloop_config_' + re.sub(r'\W', '_', path), path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def variants(module) -> tuple[str, ...]:
-  """The variants a config module declares (module-level VARIANTS)."""
-  names = getattr(module, 'VARIANTS', ())
-  return tuple(names) if isinstance(names, (tuple, list)) else ()
 
 
 def parse_flags(argv):
@@ -175,7 +77,7 @@ def _explain(argv, error: Exception) -> str:
            'ml_collections.config_dict.placeholder(TYPE)')
     if kind == 'list':
       fix = (f'make it a tuple there, e.g. {key.rpartition(".")[2]}='
-             f'{tuple(load_config(spec)[key])}')
+             f'{tuple(config_file.load_config(spec)[key])}')
     return (f'flag --config.{key}: config key {key} is '
             f'{"a list" if kind == "list" else "None"} in {spec}, which no '
             f'override can set; {fix}')
@@ -183,7 +85,7 @@ def _explain(argv, error: Exception) -> str:
     return _bad_value(argv, spec, override.group(1), error)
   if isinstance(error, (KeyError, AttributeError)):
     try:
-      config = load_config(spec)
+      config = config_file.load_config(spec)
     except Exception:  # pylint: disable=broad-except
       return errors.one_line(error)
     for arg in argv[1:]:
@@ -209,7 +111,7 @@ def _bad_value(argv, spec: str, key: str, error: Exception) -> str:
   message = errors.one_line(error)
   given = [a for a in argv if a.startswith(f'--config.{key}=')]
   try:
-    current = load_config(spec)[key]
+    current = config_file.load_config(spec)[key]
   except Exception:  # pylint: disable=broad-except
     return message
   if type(current) not in _TYPES:  # e.g. None: any type may be meant.

@@ -11,6 +11,7 @@ on sys.path, then the working directory, then PYTHONPATH's entries.
 import importlib
 import os
 
+from trainer import errors
 from trainer.errors import UserError
 
 _TRAINERS = {}
@@ -57,13 +58,16 @@ def _from_path(name: str):
         f'PYTHONPATH={directory or "."}')
   try:
     module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name and module_name.startswith(e.name):
+  except Exception as e:  # pylint: disable=broad-except
+    missing = getattr(e, 'name', None)  # Of a ModuleNotFoundError.
+    if missing and module_name.startswith(missing):
       raise UserError(
-          f'config key trainer={name!r}: no module {e.name!r} on the path '
+          f'config key trainer={name!r}: no module {missing!r} on the path '
           f'(working directory {os.getcwd()} and PYTHONPATH); check '
           'the spelling, or add its directory to PYTHONPATH') from e
-    raise  # A module of the user's imports something missing: a traceback.
+    # Its own code failed (a syntax error, an import of something missing).
+    raise UserError(f'config key trainer={name!r}: module {module_name!r} '
+                    f'does not import: {errors.raised_at(e)}') from e
   cls = getattr(module, class_name, None)
   if cls is None:
     found = sorted(k for k, v in vars(module).items()

@@ -11,6 +11,7 @@ import pytest
 
 from tests import runner
 from trainer.experiment import cli
+from trainer.experiment import config_file
 from trainer.errors import UserError
 from trainer.experiment import registry
 
@@ -233,6 +234,42 @@ def test_a_wrong_trainer_is_one_line(name, message):
   assert '\n' not in str(error.value)
 
 
+BROKEN = {  # A user's file that does not import, and the error's line.
+    'syntax': ('class X(:\n  pass\n', 'SyntaxError: invalid syntax', 1),
+    'import': ('import os\nimport no_such_package_here\n',
+               "ModuleNotFoundError: No module named 'no_such_package_here'", 2),
+    'raises': ('def f():\n  return 1 / 0\n\nf()\n',
+               'ZeroDivisionError: division by zero', 2),
+}
+
+
+@pytest.mark.parametrize('kind', list(BROKEN))
+def test_a_trainer_module_that_does_not_import_is_one_line(tmp_path,
+                                                           monkeypatch, kind):
+  """Named with the error and its line, not a traceback (exit 1)."""
+  source, error, line = BROKEN[kind]
+  (tmp_path / f'broken_{kind}.py').write_text(source)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(UserError) as raised:
+    registry.get(f'broken_{kind}:MyTrainer')
+  assert str(raised.value) == (
+      f"config key trainer='broken_{kind}:MyTrainer': module 'broken_{kind}' "
+      f"does not import: {error} ({tmp_path / f'broken_{kind}.py'}, line "
+      f'{line})')
+
+
+@pytest.mark.parametrize('kind', list(BROKEN))
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, kind):
+  source, error, line = BROKEN[kind]
+  path = tmp_path / f'config_{kind}.py'
+  path.write_text(source + 'def get_config():\n  return {}\n')
+  with pytest.raises(UserError) as raised:
+    config_file.load_config(str(path))
+  assert str(raised.value) == (
+      f'flag --config={path}: the config file does not load: {error} '
+      f'({path}, line {line})')
+
+
 def test_a_placeholder_key_of_a_config_is_overridden(tmp_path):
   """ml_collections' placeholder(int): None by default, an int when given."""
   path = tmp_path / 'placeholder_config.py'
@@ -243,7 +280,7 @@ def test_a_placeholder_key_of_a_config_is_overridden(tmp_path):
       "  config = digits_mlp.get_config('smoke')\n"
       '  config.model.width = ml_collections.config_dict.placeholder(int)\n'
       '  return config\n')
-  assert cli.load_config(str(path)).model.width is None
+  assert config_file.load_config(str(path)).model.width is None
   result = runner.run_main(f'--config={path}', '--config.model.width=24',
                            '--print_config')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -300,6 +337,6 @@ def test_get_config_reading_a_framework_key_it_has_not_set(tmp_path, body,
       '  config.train = dict(steps=20, global_batch_size=64)\n'
       + body + '  return config\n')
   with pytest.raises(UserError) as error:
-    cli.load_config(str(path))
+    config_file.load_config(str(path))
   assert str(error.value) == (f'flag --config={path}: get_config() raised '
                               f'AttributeError: {message}')

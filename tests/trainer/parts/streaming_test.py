@@ -9,14 +9,15 @@ import tensorflow as tf
 from examples.extras import ExtrasTrainer
 from input import digits
 from trainer.cluster import strategies
-from trainer.experiment import cli
+from trainer.experiment import config_file
 from trainer.persistence import export
 
 CPUS = [d.name for d in tf.config.list_logical_devices('CPU')]
 
 
 def config():
-  result = cli.load_module('examples/extras_config.py').get_config('smoke')
+  result = config_file.load_module(
+      'examples/extras_config.py').get_config('smoke')
   result.eval.global_batch_size = 96  # 360 = 3 x 96 + 72: a partial batch.
   result.train.global_batch_size = 48  # Divides by 1, 2, 3 and 4.
   return result
