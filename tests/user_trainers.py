@@ -317,6 +317,13 @@ class ScaleOutsideModel(SequenceTrainer):
             self.scales.temperature)
 
 
+class ForgetsSuperInit(SequenceTrainer):
+  """An __init__ of its own that never calls Trainer's."""
+
+  def __init__(self, **kwargs):  # pylint: disable=super-init-not-called
+    self.scale = 2.0
+
+
 class KeepsEncoderView(SequenceTrainer):
   """Keeps a Model over self.model's own first layer (for serving, say): not
   in the checkpoint itself, but its weights are."""

@@ -36,7 +36,7 @@ def built(trainer_cls, config, strategy, *, train: bool = True):
   False: to evaluate or export only (settings.evaluating_only)."""
   try:
     with settings_lib.evaluating_only(not train):
-      return trainer_cls(config=config, strategy=strategy)
+      trainer = trainer_cls(config=config, strategy=strategy)
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -45,6 +45,12 @@ def built(trainer_cls, config, strategy, *, train: bool = True):
       raise
     raise UserError(f'{trainer_cls.__name__}.{method} raised '
                     f'{type(e).__name__}: {errors.one_line(e)}') from e
+  if 'settings' not in vars(trainer):  # Set by Trainer.__init__ first.
+    raise UserError(
+        f'{trainer_cls.__name__}.__init__ did not call Trainer.__init__, '
+        'which builds the model, optimizer and steps; start it with '
+        'super().__init__(config=config, strategy=strategy) (or **kwargs)')
+  return trainer
 
 
 def check(trainer, *, train: bool, eval_split: str | None,

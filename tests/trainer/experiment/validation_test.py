@@ -91,6 +91,11 @@ def config(trainer='SequenceTrainer', **eval_keys):
      r"KeyError while the train step was traced: .*'labelz'"),
     ('RaisesInBuildModel', r'RaisesInBuildModel.build_model raised '
      'ValueError: width must be even, got 5'),
+    # A traceback before: 'ForgetsSuperInit' object has no attribute ...
+    ('ForgetsSuperInit', r'^ForgetsSuperInit.__init__ did not call '
+     r'Trainer.__init__, which builds the model, optimizer and steps; start '
+     r'it with super\(\).__init__\(config=config, strategy=strategy\) '
+     r'\(or \*\*kwargs\)$'),
     ('ReadsMissingKey', r"ReadsMissingKey.build_model raised AttributeError: "
      r"config has no key 'model.use_bn'; add use_bn=... to the model section "
      r"of the config file's get_config\(\) \(--config.KEY=VALUE overrides "
