@@ -1,10 +1,9 @@
 """The outer loop: inner loops of `steps_per_loop` steps, and host work between.
 
 Host work (checkpoints, evaluation, the best checkpoint, early stopping,
-preemption, non-finite recovery, summaries, progress lines, profiling)
-happens only between inner loops, never inside the tf.function. An inner loop
-is cut short so that it ends exactly on every checkpoint, eval and summary
-boundary, and runs one step at a time inside a --profile_steps window.
+preemption, non-finite recovery, summaries, progress lines, profiling) runs
+only between inner loops, which end on every checkpoint, eval and summary
+boundary and run one step at a time inside a --profile_steps window.
 """
 
 import contextlib
@@ -170,14 +169,15 @@ class Controller:
           metrics, seconds, untimed = self._train_loop(iterator)
           self.history.append((self.step, metrics))
           status = metrics.pop('status')
-          with self.ledger.timed('summaries'):
-            progress_log.loop_done(self.step, metrics, seconds, self.clock(),
-                                   untimed)
-          if status == status_lib.NONFINITE:
+          if status == status_lib.NONFINITE:  # Its loop is not logged.
             self._meter.reset()  # Those steps are being rolled back.
+            progress_log.meter.reset()
             retries += 1
             iterator = self._recover(retries, metrics.get('loss'))
             continue
+          with self.ledger.timed('summaries'):
+            progress_log.loop_done(self.step, metrics, seconds, self.clock(),
+                                   untimed)
           self._meter.add(metrics, seconds, untimed)
           if (status == status_lib.STOP_REQUESTED or
               status_lib.host_stops(watcher.requested, trainer.strategy)):

@@ -215,6 +215,25 @@ def test_a_tutorial_step_stops_every_replica_at_the_nan_step(
   assert controller.step == 6
 
 
+@pytest.mark.parametrize('nan_retries', [0, 1])
+def test_no_progress_line_shows_the_rejected_step(tmp_path, caplog,
+                                                  nan_retries):
+  """The inner loop that ended at the NaN step (13) was logged as
+  'step 12/20: loss=nan', as if steps 1-12 had diverged; rolled back or
+  stopped, it is not logged, and the next line is of steps trained again."""
+  trainer = build(make_config(), PoisonedTrainer)
+  controller = controller_for(trainer, tmp_path, total_steps=20,
+                              checkpoint_every=10, nan_retries=nan_retries)
+  with caplog.at_level(logging.INFO, logger='absl'):
+    with pytest.raises(NonFiniteLoss) if not nan_retries else (
+        contextlib.nullcontext()):
+      controller.train()
+  lines = re.findall(r'step (\d+)/20: loss=(\S+)', caplog.text)
+  assert [step for step, _ in lines] == (
+      ['5', '10', '15', '20'] if nan_retries else ['5', '10'])
+  assert all(np.isfinite(float(loss)) for _, loss in lines), lines
+
+
 class PoisonedCountingTrainer(PoisonedTrainer):
   """Counts its training examples in a streaming metric."""
 
