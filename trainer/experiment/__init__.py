@@ -4,6 +4,7 @@
   config_file     the --config flag: a config file over the schema's defaults
   registry        config.trainer -> a Trainer subclass (name or import path)
   run             the experiment main.py runs: strategy, trainer, controller
+  ending          how main.py's process exits (with the other workers)
   validation      a Trainer's mistakes found before model_dir is written
   kept_state      ... among them, state it keeps that no checkpoint saves
   continuous_eval --mode=continuous_eval: evaluate checkpoints as they come

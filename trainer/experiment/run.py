@@ -33,12 +33,14 @@ from trainer.cluster import strategies
 from trainer.errors import UserError
 from trainer.experiment import cli
 from trainer.experiment import continuous_eval
+from trainer.experiment import ending
 from trainer.experiment import registry
 from trainer.experiment import validation
 from trainer.monitoring import goodput
 from trainer.monitoring import progress
 from trainer.monitoring import summaries
 from trainer.parts import sharding
+from trainer.parts import status
 from trainer.persistence import best as best_lib
 from trainer.persistence import checkpointing
 from trainer.persistence import run_lock
@@ -58,7 +60,7 @@ def main(request: cli.RunRequest) -> None:
                                     preemption.EXIT_CODE)
     except UserError as e:
       errors.fail(str(e))
-    _exit(code, request)
+    ending.exit_process(code, request)
   preemption.set_retryable_exit_code(request.retryable_exit_code)
   try:
     strategies.configure_cpu_devices(request.num_cpu_devices)
@@ -78,10 +80,10 @@ def main(request: cli.RunRequest) -> None:
   except preemption.Preempted as e:
     code = e.exit_code(request.retryable_exit_code)
     logging.warning('%s (exit status %d)', e, code)
-    _exit(code, request)
+    ending.exit_process(code, request)
   except controller_lib.NonFiniteLoss as e:
     print(f'error: {e}', file=sys.stderr)
-    _exit(controller_lib.NonFiniteLoss.EXIT_CODE, request)
+    ending.exit_process(controller_lib.NonFiniteLoss.EXIT_CODE, request)
   except Exception as e:  # pylint: disable=broad-except
     # A worker that did not join or died: a TF error wherever this one was.
     cluster_error = failures.cluster_error(e)
@@ -94,45 +96,7 @@ def main(request: cli.RunRequest) -> None:
     print(f'exported: {export_path}')
   if metrics:
     print(f'final eval: {progress.format_metrics(metrics)}')
-  _exit(0, request)
-
-
-def _exit(code: int, request: cli.RunRequest) -> None:
-  """Exits once everything is on disk and printed, without waiting for
-  interpreter shutdown.
-
-  By now checkpoints are written and summary writers closed. Left to itself,
-  shutdown can take seconds (destroying a multi-device tf.data iterator waits
-  for its threads), while a cluster's grace period runs after a SIGTERM.
-  Multi-worker processes exit normally: TensorFlow's coordination service
-  expects every task to pass its shutdown barrier, after `_leave_together`.
-  """
-  sys.stdout.flush()
-  sys.stderr.flush()
-  logging.flush()
-  if request.strategy != 'multi_worker_mirrored':
-    errors.exit_now(code)
-  _leave_together(request.cluster_timeout)
-  sys.exit(code)
-
-
-def _leave_together(timeout: float) -> None:
-  """Waits until every worker is here, i.e. done with its collectives.
-
-  A collective can finish on one worker while a peer still fetches its last
-  buffer from it: a worker that then exits (a preemption exits ~70 ms after
-  the last step) breaks the peer's fetch, and the peer fails with 'connection
-  lost' instead of saving and reporting its preemption. A worker reaches this
-  barrier only once its own collectives are done. If a peer never arrives
-  (it died), the barrier fails and this worker exits anyway.
-  """
-  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.eager import context
-  try:
-    context.context().wait_at_barrier('distloop_exit', int(timeout * 1000))
-  except tf.errors.OpError as e:
-    logging.warning('not every worker reached the end of the run (%s); '
-                    'exiting anyway', str(e).splitlines()[0])
+  ending.exit_process(0, request)
 
 
 def prepare_model_dir(model_dir: str) -> None:
@@ -369,7 +333,18 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
     controller.train()
     on_trained()
     preemption.set_phase('the final evaluation')
-    if mode == 'train_and_eval':
+    # A rerun of a run already trained (or stopped early) reports the final
+    # evaluation its checkpoint has in eval/metrics.jsonl, not a second one;
+    # in one process (workers could read the file at different times).
+    recorded = ledger.step is None and not status.several_workers(
+        trainer.strategy) and summaries.eval_record(
+            model_dir, controller.step, options.eval_split)
+    if recorded:
+      logging.info('step %d was evaluated before (eval/metrics.jsonl): %s; '
+                   '--mode=eval evaluates it again', controller.step,
+                   progress.format_metrics(recorded))
+      metrics = recorded
+    elif mode == 'train_and_eval':
       if not controller.evals or controller.evals[-1][0] != controller.step:
         controller.evaluate_and_track()  # Not again after an early stop.
       metrics = controller.evals[-1][1]

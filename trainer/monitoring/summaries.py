@@ -315,20 +315,28 @@ def append_eval_record(model_dir: str, record: Mapping[str, Any]) -> None:
 def eval_recorded(model_dir: str, step: int, split: str) -> bool:
   """Whether model_dir/eval/metrics.jsonl has an evaluation of `split` at
   `step` (a line cut short by a crash is not one)."""
+  return eval_record(model_dir, step, split) is not None
+
+
+def eval_record(model_dir: str, step: int, split: str) -> dict | None:
+  """The metrics of the last evaluation of `split` at `step` in
+  model_dir/eval/metrics.jsonl, or None."""
   try:
     with open(os.path.join(model_dir, 'eval', 'metrics.jsonl')) as f:
       lines = f.read().splitlines()
   except FileNotFoundError:
-    return False
+    return None
+  found = None
   for line in lines:
     try:
       record = json.loads(line)
     except ValueError:
-      continue
+      continue  # Cut short by a crash.
     if (isinstance(record, dict) and record.get('step') == step and
         record.get('split') == split):
-      return True
-  return False
+      found = {k: v for k, v in record.items()
+               if k not in ('step', 'split')}
+  return found
 
 
 def flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
