@@ -131,8 +131,11 @@ def _missing_key(config, dotted: str):
     keys = list(node.keys()) if hasattr(node, 'keys') else []
     if part not in keys:
       where = f"under '{'.'.join(walked)}'" if walked else 'at the top level'
+      own = ('; a key of your own is declared in the config file first: '
+             f'config.{dotted} = DEFAULT in get_config(), then overridden'
+             if walked and walked[0] in schema.TRAINER_SECTIONS else '')
       return (f'config has no key {dotted!r} (no {part!r} {where}); valid '
-              f'there: {", ".join(sorted(keys))}')
+              f'there: {", ".join(sorted(keys))}{own}')
     node, walked = node[part], walked + [part]
   return None
 

@@ -65,7 +65,9 @@ def check_or_write(model_dir: str, record: dict, *, write: bool = True,
         keys = sorted(set(old[key]) | set(record[key]))
         sub = next(k for k in keys
                    if _jsonable(record[key].get(k)) != old[key].get(k))
-        what = f'{key} {sub!r}: {old[key].get(sub)!r} -> {record[key].get(sub)!r}'
+        before, after = (repr(d[sub]) if sub in d else '(not set)'
+                         for d in (old[key], record[key]))
+        what = f'{key} {sub!r}: {before} -> {after}'
         if key == 'model weights':
           what += " (the model's code or a model.* config key changed)"
       else:
@@ -118,12 +120,12 @@ def _changed(model_dir: str, what: str, reading: str = '') -> UserError:
   if reading:
     return UserError(
         f'--mode={reading} cannot read --model_dir={model_dir}: {what} '
-        f'since the run was trained ({RECORD}); restore the old value: the '
+        f'since the run was trained ({RECORD}); undo the change: the '
         'checkpoint holds the model it trained')
   # A run that saved nothing (a mistake or a NaN at its first steps) still
   # wrote its TensorBoard config, hparams and goodput: a changed start there
   # would mix two runs in them, but a new one loses nothing.
-  fix = ('restore the old value or use a new --model_dir' if any(
+  fix = ('undo the change or use a new --model_dir' if any(
       glob.glob(os.path.join(model_dir, *where, 'ckpt-*.index'))
       for where in ((), ('best',))) else 'it saved no checkpoint, so '
          'nothing is lost by starting over: use a new --model_dir, or remove '

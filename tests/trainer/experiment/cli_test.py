@@ -29,6 +29,10 @@ PROBE = textwrap.dedent('''
 
 @pytest.mark.parametrize('args, message', [
     (('--config.train.stepz=5',), "config has no key 'train.stepz'"),
+    (('--config.data.poison=5',), "config has no key 'data.poison' (no "
+     "'poison' under 'data'); valid there: auto_shard, name, pipeline, "
+     'service; a key of your own is declared in the config file first: '
+     'config.data.poison = DEFAULT in get_config(), then overridden'),
     (('--config.train.clip_norm=-1',), 'train.clip_norm=-1.0 must be >= 0'),
     (('--config.optimizer.learning_rate=-1',),
      'optimizer.learning_rate=-1.0 must be > 0'),
@@ -54,7 +58,7 @@ PROBE = textwrap.dedent('''
      "'/nonexistent/never-trained' does not exist"),
     (('--model_dir=gs://bucket/run1',), "flag --model_dir='gs://bucket/run1' "
      'is a URL; distloop writes model_dir through the local file system'),
-], ids=['key', 'value', 'learning_rate', 'int', 'bool', 'variant', 'mode', 'tpu', 'tpu_address',
+], ids=['key', 'own_key', 'value', 'learning_rate', 'int', 'bool', 'variant', 'mode', 'tpu', 'tpu_address',
         'worker_hosts',
         'profile', 'model_dir', 'export_without_run', 'model_dir_url'])
 def test_a_bad_flag_or_key_exits_2_without_importing_tensorflow(args,

@@ -277,6 +277,11 @@ def test_run_record_refuses_a_changed_setting(tmp_path):
   changed = dict(record, data=dict(record['data'], name='digits'))
   with pytest.raises(UserError, match="data 'name': 'synthetic' -> 'digits'"):
     run_record.check_or_write(str(tmp_path), changed)
+  # A key of the Trainer's own added since (not a None it had).
+  added = dict(record, data=dict(record['data'], poison=-1))
+  with pytest.raises(UserError, match=r"data 'poison': \(not set\) -> -1 "
+                     r'since the run started \(run.json\)'):
+    run_record.check_or_write(str(tmp_path), added)
   # Evaluation and export read the model only: its weights must match.
   run_record.check_or_write(str(tmp_path), changed, write=False,
                             reading='eval')

@@ -78,7 +78,7 @@ def test_a_changed_batch_is_refused_as_changed_on_any_layout(tmp_path):
           'replicas': replicas, 'workers': 1, 'pipeline': 'per_host'}, 65)
     assert str(e.value) == (
         f'cannot resume --model_dir={tmp_path}: train.global_batch_size: '
-        '64 -> 65 since the run started (run.json); restore the old value '
+        '64 -> 65 since the run started (run.json); undo the change '
         'or use a new --model_dir')
   run_record.check_layout(str(tmp_path), {
       'replicas': 2, 'workers': 1, 'pipeline': 'per_host'}, 64)  # Fine.
