@@ -775,6 +775,13 @@ class SignatureFewerThanServe(classifier.ClassifierTrainer):
     return {'outputs': self.model(features * scale, training=False)}
 
 
+class SignatureTooNarrow(classifier.ClassifierTrainer):
+  """A spec of 4 features for a model of 64: the default serve fails."""
+
+  def serving_input_signature(self):
+    return [tf.TensorSpec([None, 4], tf.float32, name='x')]
+
+
 class SignatureMoreThanServe(classifier.ClassifierTrainer):
 
   def serving_input_signature(self):

@@ -118,9 +118,15 @@ def _check_serving(trainer) -> None:
         "[tf.TensorSpec([None, 64], tf.float32, name='features')]")
   _check_serve_arity(trainer, len(signature))
   traced = []
-  _trace(trainer, f'{name} serving function', lambda: traced.append(
-      tf.function(trainer.serve, input_signature=signature
-                  ).get_concrete_function()))
+  try:
+    _trace(trainer, f'{name} serving function', lambda: traced.append(
+        tf.function(trainer.serve, input_signature=signature
+                    ).get_concrete_function()))
+  except UserError as e:  # Its inputs may be what does not fit.
+    specs = ', '.join(f'{x.name or "unnamed"} {x.shape} {x.dtype.name}'
+                      for x in signature)
+    raise UserError(f'{e} (serve was traced with the inputs {name}.'
+                    f'serving_input_signature() gives: {specs})') from e
   outputs = traced[0].structured_outputs
   if (not isinstance(outputs, dict) or not outputs or
       not all(isinstance(k, str) and tf.is_tensor(v)

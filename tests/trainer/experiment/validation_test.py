@@ -316,6 +316,12 @@ def test_evaluating_needs_only_the_eval_batch_to_divide(tmp_path):
      r'with shape \(64, 64\)$'),
     ('SignatureNotAList', r'^SignatureNotAList.serving_input_signature '
      r'returned TensorSpec\(.*\); return a list of tf.TensorSpec'),
+    # Blamed on serve alone before.
+    ('SignatureTooNarrow', r'^SignatureTooNarrow.serve \(the default\) raised '
+     r'ValueError while the serving function was traced: .*expected axis -1 '
+     r'of input shape to have value 64.* \(serve was traced with the inputs '
+     r'SignatureTooNarrow.serving_input_signature\(\) gives: x \(None, 4\) '
+     r'float32\)$'),
     ('SignatureFewerThanServe', r'^SignatureFewerThanServe.serving_input_'
      r'signature returned 1 TensorSpec\(s\) but SignatureFewerThanServe.serve '
      r'takes 2 input\(s\) \(features, scale\): return one spec per input '
