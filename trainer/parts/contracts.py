@@ -97,6 +97,11 @@ def _shape_hint(shape, size) -> str:
   if dims and len(dims) > 1 and dims[0] == size:
     return ('reduce the other axes per example, or return a per-example '
             'mean with its token count as weight')
+  if dims == []:
+    return ('a scalar or a mean is the wrong reduction: the Trainer reduces '
+            'over the global batch itself (a Keras loss object, even with '
+            'reduction=None, averages over the last axis: give it [B, 1] '
+            'values to get [B])')
   return ('a scalar or a mean is the wrong reduction: the Trainer reduces '
           'over the global batch itself; flattened per-token values belong '
           'in a per-example mean with its token count as weight')

@@ -91,7 +91,10 @@ def test_per_example_accepts_values_and_weight_pairs():
 @pytest.mark.parametrize('shape, hint', [
     ([4, 1], r'squeeze the last axis: tf.squeeze\(value, -1\)'),
     ([4, 7], 'reduce the other axes per example'),
-    ([], 'a scalar or a mean is the wrong reduction'),
+    # What tf.keras.losses.MeanSquaredError(reduction=None) gives on [B].
+    ([], r'a scalar or a mean is the wrong reduction: .* \(a Keras loss '
+     r'object, even with reduction=None, averages over the last axis: give it '
+     r'\[B, 1\] values to get \[B\]\)'),
     ([8], 'flattened per-token values belong in a per-example mean'),
 ])
 def test_a_wrong_shape_names_its_likely_cause(shape, hint):
