@@ -416,11 +416,15 @@ def test_patience_runs_out_on_a_metric_that_never_had_a_value(tmp_path,
     return best_lib.BestCheckpoint(str(tmp_path / 'best'), metric='mae',
                                    mode='min', patience=2)
   first = best()
-  assert not first.track(None, 10, {'mae': float('nan')})
   with caplog.at_level(logging.WARNING):
+    assert not first.track(None, 10, {'mae': float('nan')})
     assert first.track(None, 20, {'mae': float('nan')})
     assert best().stopped_early(20)
   assert 'Logging error' not in caplog.text
+  # Each NaN is said, not only the early stop it leads to.
+  assert ('eval.best_metric=mae is NaN at step 10 (its weights summed to 0 '
+          'over the split): not a best checkpoint; best/ keeps none yet'
+          ) in caplog.text
   assert ('early stop at step 20: mae has not improved on NaN (no evaluation '
           'has had a value) for 2 evals') in caplog.text
   assert 'already stopped early at step 20: mae has not improved on NaN' in (

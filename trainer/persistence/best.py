@@ -122,7 +122,12 @@ class BestCheckpoint:
     # stop, steps recomputed after a NaN rollback) counts once.
     self.evals_since = [s for s in self.evals_since if s < step]
     value = metrics[self.metric]
-    # NaN (a metric whose weights summed to 0) is never a best.
+    if value != value:  # NaN: its weights summed to 0. Never a best.
+      logging.warning('eval.best_metric=%s is NaN at step %d (its weights '
+                      'summed to 0 over the split): not a best checkpoint; '
+                      'best/ keeps %s', self.metric, step,
+                      f'step {self.step}' if self.step is not None else
+                      'none yet')
     better = value == value and (self.value is None or (
         value > self.value if self.mode == 'max' else value < self.value))
     if better:
