@@ -111,12 +111,9 @@ def export_saved_model(trainer, export_dir: str) -> str:
 def model_input_specs(model) -> list:
   """The default serving signature: the Keras model's inputs with a free
   batch dimension, named input_0, input_1, ...; a model whose inputs are a
-  dict gets one per key, named by it, in the dict's order."""
-  named = _input_dict(model)
-  pairs = (named.items() if named is not None else
-           ((f'input_{i}', x) for i, x in enumerate(model.inputs)))
+  dict gets one per key, named by it, in model.inputs' order (by key)."""
   return [tf.TensorSpec([None, *x.shape[1:]], x.dtype, name=name)
-          for name, x in pairs]
+          for name, x in _named_inputs(model)]
 
 
 def call_model(model, inputs) -> dict:
@@ -126,7 +123,7 @@ def call_model(model, inputs) -> dict:
   {'outputs_0': x0, ...} for a list."""
   named = _input_dict(model)
   if named is not None and len(inputs) == len(named):
-    features = dict(zip(named, inputs))
+    features = dict(zip((name for name, _ in _named_inputs(model)), inputs))
   else:
     features = inputs[0] if len(inputs) == 1 else list(inputs)
   outputs = model(features, training=False)
@@ -135,6 +132,15 @@ def call_model(model, inputs) -> dict:
   if isinstance(outputs, (list, tuple)):
     return {f'outputs_{i}': x for i, x in enumerate(outputs)}
   return {'outputs': outputs}
+
+
+def _named_inputs(model) -> list:
+  """[(name, KerasTensor)] in the order of model.inputs (for a dict of
+  inputs Keras sorts them by key, as before it named them input_0, ...)."""
+  named = _input_dict(model)
+  keys = {id(x): key for key, x in (named or {}).items()}
+  return [(keys.get(id(x), f'input_{i}'), x)
+          for i, x in enumerate(model.inputs)]
 
 
 def _input_dict(model):

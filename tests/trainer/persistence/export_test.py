@@ -281,6 +281,10 @@ def test_a_dict_input_model_is_served_by_input_name(tmp_path, trainer_class,
   the inputs to the model as a list, which a dict-input model refuses)."""
   trainer = trainer_class(config=make_config(data='digits'),
                           strategy=tf.distribute.get_strategy())
+  # Positionally in model.inputs' order, by key (as they were before they
+  # had names): a serve of one's own taking (item, user) keeps working.
+  assert [x.name for x in trainer.serving_input_signature()] == ['item',
+                                                                 'user']
   path = export.export_saved_model(trainer, str(tmp_path / 'export'))
   serve = tf.saved_model.load(path).signatures['serving_default']
   _, spec = serve.structured_input_signature
