@@ -59,8 +59,9 @@ def _from_path(name: str):
   try:
     module = importlib.import_module(module_name)
   except Exception as e:  # pylint: disable=broad-except
-    missing = getattr(e, 'name', None)  # Of a ModuleNotFoundError.
-    if missing and module_name.startswith(missing):
+    missing = e.name if isinstance(e, ModuleNotFoundError) else None
+    if missing and (module_name == missing or
+                    module_name.startswith(missing + '.')):
       raise UserError(
           f'config key trainer={name!r}: no module {missing!r} on the path '
           f'(working directory {os.getcwd()} and PYTHONPATH); check '

@@ -244,6 +244,8 @@ BROKEN = {  # A user's file that does not import, and the error's line.
                "ModuleNotFoundError: No module named 'no_such_package_here'", 2),
     'raises': ('def f():\n  return 1 / 0\n\nf()\n',
                'ZeroDivisionError: division by zero', 2),
+    # A NameError has a .name too: not 'no module broken' (its own name).
+    'name': ('x = broken + 1\n', "NameError: name 'broken' is not defined", 1),
 }
 
 
