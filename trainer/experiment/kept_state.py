@@ -3,9 +3,11 @@
 A weight, optimizer or variable the Trainer keeps but its checkpoint does
 not hold trains (or not) and is then lost: a resumed run, --mode=eval and
 the export would silently use its initial value. Each is one line naming
-the attribute and the fix (called by trainer/experiment/validation.py).
+the attribute and the fix (called by trainer/experiment/validation.py); a
+non-trainable variable, which may be a constant, is a warning.
 """
 
+from absl import logging
 import tensorflow as tf
 
 from trainer.errors import UserError
@@ -50,16 +52,24 @@ def check_kept_objects(trainer) -> None:
     values = (value.values() if isinstance(value, dict) else
               value if isinstance(value, (list, tuple)) else [value])
     for item in values:
-      if attr not in FRAMEWORK_VARIABLES and _lost_variables(item, kept):
+      lost = [] if attr in FRAMEWORK_VARIABLES else _lost_variables(item, kept)
+      fix = ("add it there: items = super().checkpoint_items(model_only), "
+             f"then items['{attr}'] = self.{attr} (also when model_only if "
+             'forward or serve reads it; a run with checkpoints already then '
+             'needs a new --model_dir)')
+      if any(v.trainable for v in lost):  # Neither trained nor saved.
         raise UserError(
-            f'{name}.{attr} holds tf.Variable(s) ('
-            f'{", ".join(_lost_variables(item, kept)[:3])}) that '
-            'checkpoint_items() does not return: a resumed run, --mode=eval '
-            'and the export would see their initial values, and the default '
-            "step trains only the model's weights; add it there: items = "
-            f"super().checkpoint_items(model_only), then items['{attr}'] = "
-            f'self.{attr} (also when model_only if forward or serve reads it)'
-            ', or make it a weight of the model')
+            f'{name}.{attr} holds trainable tf.Variable(s) ({_names(lost)}) '
+            "that checkpoint_items() does not return: the default step trains "
+            "only the model's weights, and a resumed run, --mode=eval and the "
+            f'export would see their initial values; make them weights of the '
+            f'model, or, if a train_step of your own trains them, {fix}')
+      if lost:  # A constant is fine; a state the step changes is lost.
+        logging.warning(
+            '%s.%s holds tf.Variable(s) (%s) that checkpoint_items() does not '
+            'return: if your step changes them, a resumed run, --mode=eval and '
+            'the export will see their initial values; if so, %s', name,
+            attr, _names(lost), fix)
       # By its weights: a view of self.model's layers (an encoder kept for
       # serving) is saved with them.
       if isinstance(item, tf.keras.layers.Layer) and any(
@@ -102,9 +112,9 @@ def _distributed(variables) -> bool:
       for v in variables)
 
 
-def _lost_variables(item, kept: set[int]) -> list[str]:
-  """The names of the variables `item` (a variable, or a tf.Module that is
-  not a Keras layer) holds that no checkpoint saves."""
+def _lost_variables(item, kept: set[int]) -> list:
+  """The variables `item` (a variable, or a tf.Module that is not a Keras
+  layer) holds that no checkpoint saves."""
   if isinstance(item, (tf.Variable, tf.keras.Variable)):
     variables = [item]
   elif isinstance(item, tf.Module) and not isinstance(
@@ -112,5 +122,9 @@ def _lost_variables(item, kept: set[int]) -> list[str]:
     variables = list(item.variables)
   else:
     return []
-  return [getattr(v, 'path', v.name) for v in variables
+  return [v for v in variables
           if id(v) not in kept and id(getattr(v, 'value', v)) not in kept]
+
+
+def _names(variables) -> str:
+  return ', '.join(getattr(v, 'path', v.name) for v in variables[:3])

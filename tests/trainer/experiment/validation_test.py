@@ -41,17 +41,13 @@ def config(trainer='SequenceTrainer', **eval_keys):
      r'weights a checkpoint would not save \(blocks/dense.*/kernel, .*, '
      r'\.\.\.\): Keras 3 does not track layers kept in a list'),
     # Trained on no step and saved in no checkpoint, silently.
-    # Silently trained with, then lost: eval read the initial 0.
-    ('RunningMeanOutsideCheckpoint', r'^RunningMeanOutsideCheckpoint.'
-     r'input_mean holds tf.Variable\(s\) \(Variable:0\) that '
-     r'checkpoint_items\(\) does not return: a resumed run, --mode=eval and '
-     r'the export would see their initial values, .*; add it there: items = '
-     r"super\(\).checkpoint_items\(model_only\), then items\['input_mean'\] = "
-     r'self.input_mean \(also when model_only if forward or serve reads it\), '
-     r'or make it a weight of the model$'),
-    ('ScaleOutsideModel', r'^ScaleOutsideModel.scales holds tf.Variable\(s\) '
-     r"\(temperature:0\) that .* the default step trains only the model's "
-     'weights'),
+    # Neither trained nor saved.
+    ('ScaleOutsideModel', r'^ScaleOutsideModel.scales holds trainable '
+     r"tf.Variable\(s\) \(temperature:0\) that checkpoint_items\(\) does not "
+     r"return: the default step trains only the model's weights, .*; make "
+     r'them weights of the model, or, if a train_step of your own trains '
+     r"them, add it there: items = super\(\).checkpoint_items\(model_only\), "
+     r"then items\['scales'\] = self.scales"),
     ('LayerOutsideModel', r"^LayerOutsideModel.extra is a layer \('extra'\) "
      r'with trainable weights that checkpoint_items\(\) does not return: they '
      'would be neither saved nor restored.*, or set its trainable = False if '
@@ -385,6 +381,22 @@ def test_layers_kept_beside_the_model_that_lose_nothing_pass(tmp_path,
   settings = config(trainer)
   experiment.run(settings, model_dir=str(tmp_path), strategy_name='default')
   assert (tmp_path / 'checkpoint').exists()
+
+
+def test_a_variable_the_step_changes_outside_the_checkpoint_is_warned_about(
+    tmp_path, caplog):
+  """A running mean the step updates and forward reads: trained with, then
+  lost (a resume or --mode=eval reads 0). Not trainable, so it may as well
+  be a constant (class weights): a warning, not a refusal."""
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    experiment.run(config('RunningMeanOutsideCheckpoint'),
+                   model_dir=str(tmp_path), strategy_name='default')
+  assert ("RunningMeanOutsideCheckpoint.input_mean holds tf.Variable(s) "
+          "(Variable:0) that checkpoint_items() does not return: if your step "
+          'changes them, a resumed run, --mode=eval and the export will see '
+          "their initial values; if so, add it there: items = "
+          "super().checkpoint_items(model_only), then items['input_mean'] = "
+          'self.input_mean') in caplog.text
 
 
 def test_a_variable_returned_by_checkpoint_items_is_saved_and_evaluated_with(
