@@ -40,7 +40,6 @@ from trainer.monitoring import goodput
 from trainer.monitoring import progress
 from trainer.monitoring import summaries
 from trainer.parts import sharding
-from trainer.parts import status
 from trainer.persistence import best as best_lib
 from trainer.persistence import checkpointing
 from trainer.persistence import run_lock
@@ -333,18 +332,7 @@ def _run_mode(config, mode, trainer, options, *, model_dir, write_dir,
     controller.train()
     on_trained()
     preemption.set_phase('the final evaluation')
-    # A rerun of a run already trained (or stopped early) reports the final
-    # evaluation its checkpoint has in eval/metrics.jsonl, not a second one;
-    # in one process (workers could read the file at different times).
-    recorded = ledger.step is None and not status.several_workers(
-        trainer.strategy) and summaries.eval_record(
-            model_dir, controller.step, options.eval_split)
-    if recorded:
-      logging.info('step %d was evaluated before (eval/metrics.jsonl): %s; '
-                   '--mode=eval evaluates it again', controller.step,
-                   progress.format_metrics(recorded))
-      metrics = recorded
-    elif mode == 'train_and_eval':
+    if mode == 'train_and_eval':
       if not controller.evals or controller.evals[-1][0] != controller.step:
         controller.evaluate_and_track()  # Not again after an early stop.
       metrics = controller.evals[-1][1]

@@ -33,14 +33,6 @@ def test_an_early_stop_is_evaluated_once(tmp_path, caplog):
   assert caplog.text.count('early stop at step 20') == 1, caplog.text
   best = json.loads((tmp_path / 'best' / 'record.json').read_text())
   assert (best['step'], best['evals_since']) == (10, [20])
-  # Run again: it stays stopped, and reports that evaluation again rather
-  # than evaluating step 20 a third time.
-  with caplog.at_level(logging.INFO, logger='absl'):
-    again = experiment.run(config, model_dir=str(tmp_path),
-                           strategy_name='default', mode='train_and_eval')
-  assert again == metrics
-  assert (tmp_path / 'eval' / 'metrics.jsonl').read_text().splitlines() == lines
-  assert 'step 20 was evaluated before (eval/metrics.jsonl)' in caplog.text
 
 
 @pytest.mark.parametrize('trainer, message, trained', [
