@@ -263,7 +263,8 @@ def test_continuous_eval_beside_training_evaluates_each_checkpoint_once(
   assert trained.returncode == 0, trained.stderr[-3000:]
   stdout, stderr = evaluator.communicate(timeout=180)
   assert evaluator.returncode == 0, stderr[-3000:]
-  assert ('TF_CONFIG names this process the evaluator task' in stderr) is (
+  assert ('TF_CONFIG (or CLUSTER_SPEC) names this process the evaluator '
+          'task' in stderr) is (
       by_tf_config)
   records = [json.loads(line) for line in
              (model_dir / 'eval' / 'metrics.jsonl').read_text().splitlines()]

@@ -229,9 +229,10 @@ def run_request(flag_values) -> RunRequest:
     mode = 'continuous_eval'
     for variable in tf_config.TASK_VARIABLES:  # Not for TensorFlow to read.
       os.environ.pop(variable, None)
-    logging.info('TF_CONFIG names this process the evaluator task: it '
-                 'evaluates each checkpoint of --model_dir as it appears '
-                 '(--mode=continuous_eval) and exits when training ends')
+    logging.info('TF_CONFIG (or CLUSTER_SPEC) names this process the '
+                 'evaluator task: it evaluates each checkpoint of --model_dir '
+                 'as it appears (--mode=continuous_eval) and exits when '
+                 'training ends')
   config = f.config
   schema.validate(config)
   return RunRequest(

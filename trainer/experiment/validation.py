@@ -137,8 +137,8 @@ def _check_serving(trainer) -> None:
             f'a {type(outputs).__name__}' if outputs is not None else 'None')
     default = type(trainer).serve is Trainer.serve
     raise UserError(
-        f'{name}.serve' + (" (the default: {'outputs': the model's outputs})"
-                           if default else '') +
+        f'{name}.serve' + (" (the default: the model's outputs, a dict as "
+                           "it is, else under 'outputs')" if default else '') +
         f' returned {kind}; {"override serve to " if default else ""}return '
         "a dict of tensors, e.g. {'prediction': self.model(features, "
         "training=False)}: its keys name the outputs of the exported "
